@@ -1,0 +1,231 @@
+"""Few-shot episodes (query + K supports [+ X auxiliary supports]) over a list of Samples.
+
+Train split: every sample is the query once per epoch; its supports come from an rng seeded by
+(seed, epoch, index), so an epoch is reproducible whatever the DataLoader worker order.
+Test split: a fixed episode list drawn from ``numpy.random.default_rng(seed)`` at construction.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+from .auxiliary import AuxiliarySupports
+from .samples import DatasetError, Sample, open_image, scan_samples
+
+__all__ = ["EpisodeDataset", "Sample", "DatasetError"]
+
+log = logging.getLogger(__name__)
+QUERY_SAMPLING = ("cycle", "class_balanced")
+
+
+def image_tensor(image: Image.Image, size: int) -> torch.Tensor:
+    """RGB PIL image -> float32 [3, size, size] in [0, 1] (bilinear resize)."""
+    if image.size != (size, size):
+        image = image.resize((size, size), Image.BILINEAR)
+    return torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1).contiguous()
+
+
+def mask_tensor(mask: np.ndarray, size: int) -> torch.Tensor:
+    """uint8 {0,1,255} mask -> int64 [size, size] (nearest resize keeps the label set)."""
+    if mask.shape != (size, size):
+        mask = np.asarray(Image.fromarray(mask).resize((size, size), Image.NEAREST))
+    return torch.from_numpy(mask.astype(np.int64))
+
+
+class EpisodeDataset(Dataset):
+    """Episodes of one split/fold. ``__getitem__`` returns the episode dict of the data contract."""
+
+    def __init__(self, samples: Sequence[Sample], class_ids: Sequence[int], class_names: dict[int, str], *,
+                 dataset_name: str = "custom", split: str = "train", training: bool | None = None,
+                 fold: int | None = None, shot: int = 1, episodes: int | None = None,
+                 default_episodes: int | None = 1000, seed: int = 0, image_size: int = 400,
+                 aux_shot: int = 0, auxiliary: AuxiliarySupports | None = None, skip_bad: bool = False,
+                 query_sampling: str = "cycle", skipped: Sequence[tuple[Path, str]] = ()):
+        if not isinstance(shot, (int, np.integer)) or shot < 1:
+            raise ValueError(f"shot must be an int >= 1, got {shot!r}")
+        if not isinstance(aux_shot, (int, np.integer)) or aux_shot < 0:
+            raise ValueError(f"aux_shot must be an int >= 0, got {aux_shot!r}")
+        if aux_shot and auxiliary is None:
+            raise ValueError(f"aux_shot={aux_shot} needs auxiliary=AuxiliarySupports(...)")
+        if episodes is not None and (not isinstance(episodes, (int, np.integer)) or episodes < 1):
+            raise ValueError(f"episodes must be an int >= 1 or None, got {episodes!r}")
+        if not isinstance(image_size, (int, np.integer)) or image_size < 1:
+            raise ValueError(f"image_size must be a positive int, got {image_size!r}")
+        if query_sampling not in QUERY_SAMPLING:
+            raise ValueError(f"query_sampling must be one of {QUERY_SAMPLING}, got {query_sampling!r}")
+        self.dataset_name = dataset_name
+        self.split = split
+        self.training = split in ("train", "trn") if training is None else bool(training)
+        self.fold = fold
+        self.shot, self.aux_shot = int(shot), int(aux_shot)
+        self.auxiliary = auxiliary
+        self.seed = int(seed)
+        self.image_size = int(image_size)
+        self.query_sampling = query_sampling
+        self.class_names = dict(class_names)
+        self.skipped: list[tuple[Path, str]] = list(skipped)
+        self.epoch = 0
+
+        wanted = set(int(c) for c in class_ids)
+        samples = [s for s in samples if s.class_id in wanted]
+        if skip_bad:
+            samples = self._drop_bad(samples)
+        self.samples: list[Sample] = samples
+        by_class: dict[int, list[int]] = {}
+        for i, s in enumerate(samples):
+            by_class.setdefault(s.class_id, []).append(i)
+        self.empty_classes = [int(c) for c in class_ids if int(c) not in by_class]
+        self.class_ids = [int(c) for c in class_ids if int(c) in by_class]
+        if not self.class_ids:
+            raise DatasetError(f"{dataset_name} {split} (fold {fold}) has no samples of classes {list(class_ids)}")
+        if self.empty_classes:
+            log.warning("%s %s: classes without samples left out: %s", dataset_name, split, self.empty_classes)
+        for c in self.class_ids:
+            if len(by_class[c]) < self.shot + 1:
+                raise DatasetError(
+                    f"{dataset_name} {split}: class {c} ({self.class_names.get(c, '?')}) has "
+                    f"{len(by_class[c])} image(s); shot={self.shot} needs at least {self.shot + 1}")
+        self._by_class = {c: np.asarray(v, dtype=np.int64) for c, v in by_class.items()}
+        self._position = {i: pos for v in by_class.values() for pos, i in enumerate(v)}
+
+        self._episodes: list[tuple[int, tuple[int, ...]]] = []
+        if not self.training:
+            n = episodes if episodes is not None else (default_episodes or len(samples))
+            self._episodes = self._draw_test_episodes(int(n))
+        self._check_auxiliary()
+
+    # ---- construction helpers -------------------------------------------------------------
+
+    def _drop_bad(self, samples: list[Sample]) -> list[Sample]:
+        problems = scan_samples(samples)
+        bad = [(s, p) for s, p in zip(samples, problems) if p is not None]
+        self.skipped.extend(p for _, p in bad)
+        if bad:
+            log.warning("%s: skipped %d bad sample(s), e.g. %s", self.dataset_name, len(bad), bad[0][1][1])
+        return [s for s, p in zip(samples, problems) if p is None]
+
+    def _supports_for(self, query: int, rng: np.random.Generator) -> tuple[int, ...]:
+        """``shot`` distinct same-class samples, never the query itself."""
+        pool = self._by_class[self.samples[query].class_id]
+        pick = rng.choice(len(pool) - 1, size=self.shot, replace=False)
+        pick = pick + (pick >= self._position[query])  # skip over the query's slot in the pool
+        return tuple(int(i) for i in pool[pick])
+
+    def _draw_test_episodes(self, n: int) -> list[tuple[int, tuple[int, ...]]]:
+        rng = np.random.default_rng(self.seed)
+        if self.query_sampling == "cycle":
+            # Each pass visits every sample once in a fresh random order (HSNet cycles its list).
+            passes = -(-n // len(self.samples))
+            queries = np.concatenate([rng.permutation(len(self.samples)) for _ in range(passes)])[:n]
+            return [(int(q), self._supports_for(int(q), rng)) for q in queries]
+        episodes = []  # class_balanced: uniform class, then uniform image (HSNet COCO-20i)
+        for _ in range(n):
+            c = self.class_ids[rng.integers(len(self.class_ids))]
+            q = int(self._by_class[c][rng.integers(len(self._by_class[c]))])
+            episodes.append((q, self._supports_for(q, rng)))
+        return episodes
+
+    def _check_auxiliary(self) -> None:
+        """Fail at construction, not mid-epoch, when a support lacks aux images."""
+        if not self.aux_shot:
+            return
+        aux = self.auxiliary
+        if self.training:  # any sample may be support 0, which needs the most
+            need = aux.max_needed(self.aux_shot, self.shot)
+            for s in self.samples:
+                aux.require(s.name, s.class_id, need)
+        else:
+            for _, supports in self._episodes:
+                for pos, i in enumerate(supports):
+                    s = self.samples[i]
+                    aux.require(s.name, s.class_id, aux.needed_per_support(self.aux_shot, self.shot, pos))
+
+    # ---- public API ---------------------------------------------------------------------------
+
+    def set_epoch(self, epoch: int) -> None:
+        """Train split: reseed support draws for ``epoch`` (call before each epoch)."""
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return len(self.samples) if self.training else len(self._episodes)
+
+    def episode_indices(self, index: int) -> tuple[int, tuple[int, ...]]:
+        """(query sample index, real support sample indices) of episode ``index``."""
+        if not 0 <= index < len(self):
+            raise IndexError(f"episode {index} out of range 0..{len(self) - 1}")
+        if not self.training:
+            return self._episodes[index]
+        rng = np.random.default_rng([self.seed, self.epoch, index])
+        return index, self._supports_for(index, rng)
+
+    def episode_list(self) -> list[tuple[str, list[str]]]:
+        """(query name, [real support names]) per episode (train: of the current epoch)."""
+        out = []
+        for k in range(len(self)):
+            q, sup = self.episode_indices(k)
+            out.append((self.samples[q].name, [self.samples[i].name for i in sup]))
+        return out
+
+    def __getitem__(self, index: int) -> dict:
+        q, support_ids = self.episode_indices(int(index))
+        query, supports = self.samples[q], [self.samples[i] for i in support_ids]
+        size = self.image_size
+        q_img, q_mask = query.load_pair()
+        images, masks, names = [], [], []
+        for s in supports:
+            img, mask = s.load_pair()
+            images.append(image_tensor(img, size))
+            masks.append(mask_tensor(mask, size))
+            names.append(s.name)
+        for j in range(self.aux_shot):  # aux j comes from real support j % K, its (j // K)-th image
+            real = supports[j % self.shot]
+            path = self.auxiliary.require(real.name, real.class_id, j // self.shot + 1)[j // self.shot]
+            images.append(image_tensor(open_image(path, "RGB"), size))
+            masks.append(masks[j % self.shot].clone())
+            names.append(self.auxiliary.name_of(path))
+        is_aux = torch.zeros(len(images), dtype=torch.bool)
+        is_aux[self.shot:] = True
+        return {
+            "query_image": image_tensor(q_img, size),
+            "query_mask": mask_tensor(q_mask, size),
+            "support_images": torch.stack(images),
+            "support_masks": torch.stack(masks),
+            "support_is_aux": is_aux,
+            "class_id": query.class_id,
+            "class_name": query.class_name,
+            "query_name": query.name,
+            "support_names": names,
+        }
+
+    def problems(self) -> list[tuple[Path, str]]:
+        """(bad file, reason) for every sample (and aux image) that cannot be loaded."""
+        found = [p for p in scan_samples(self.samples) if p is not None]
+        if self.aux_shot:
+            seen = set()
+            for s in self.samples:
+                for path in self.auxiliary.for_support(s.name, s.class_id):
+                    if path not in seen:
+                        seen.add(path)
+                        if not path.is_file():
+                            found.append((path, f"missing auxiliary image: {path}"))
+        return found
+
+    def validate(self) -> None:
+        """Decode every file; raise a DatasetError naming the first bad one (and how many there are)."""
+        found = self.problems()
+        if found:
+            path, reason = found[0]
+            more = f" (and {len(found) - 1} more bad file(s))" if len(found) > 1 else ""
+            raise DatasetError(f"{reason}{more}", path)
+
+    def __repr__(self) -> str:
+        return (f"EpisodeDataset({self.dataset_name}, split={self.split}, fold={self.fold}, shot={self.shot}, "
+                f"aux_shot={self.aux_shot}, samples={len(self.samples)}, classes={len(self.class_ids)}, "
+                f"episodes={len(self)}, skipped={len(self.skipped)})")

@@ -1,0 +1,58 @@
+"""Few-shot segmentation models: the "prototype" baseline and PFENet.
+
+``build_model(name, backbone, pretrained, **kw)`` makes one, ``load_model(dir)`` reloads a
+``save_pretrained`` directory. See ``base.FewShotSegmenter`` for the forward/encode/decode contract.
+"""
+
+from __future__ import annotations
+
+import os
+
+from .backbone import BACKBONES, Backbone, build_backbone
+from .base import (
+    MODEL_REGISTRY,
+    FewShotSegmenter,
+    QueryDecoder,
+    SupportEncoder,
+    register_model,
+    segmentation_loss,
+)
+from .pfenet import PFENet
+from .prototype import PrototypeNet
+
+__all__ = [
+    "BACKBONES",
+    "MODEL_REGISTRY",
+    "Backbone",
+    "FewShotSegmenter",
+    "PFENet",
+    "PrototypeNet",
+    "QueryDecoder",
+    "SupportEncoder",
+    "build_backbone",
+    "build_model",
+    "load_model",
+    "register_model",
+    "segmentation_loss",
+]
+
+
+def build_model(
+    name: str, backbone: str = "resnet50", pretrained: str | os.PathLike | None = None, **kwargs
+) -> FewShotSegmenter:
+    """Build a model by name ("prototype" or "pfenet").
+
+    ``pretrained``: None (random init, backbone trained), a path to a torchvision ResNet
+    state_dict, or "imagenet" (torchvision download; connected machines only); pretrained
+    backbones are frozen. ``kwargs`` go to the model (e.g. ``hidden_dim``, ``dropout``).
+    """
+    if name not in MODEL_REGISTRY:
+        raise ValueError(f"unknown model {name!r}; expected one of {', '.join(sorted(MODEL_REGISTRY))}")
+    if backbone not in BACKBONES:
+        raise ValueError(f"unknown backbone {backbone!r}; expected one of {', '.join(BACKBONES)}")
+    return MODEL_REGISTRY[name](backbone=backbone, pretrained=pretrained, **kwargs)
+
+
+def load_model(directory: str | os.PathLike, map_location: str = "cpu") -> FewShotSegmenter:
+    """Load a model written by ``FewShotSegmenter.save_pretrained`` (eval mode)."""
+    return FewShotSegmenter.from_pretrained(directory, map_location=map_location)

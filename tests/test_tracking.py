@@ -1,0 +1,149 @@
+"""W&B run tracking: offline runs written to a tmp folder and read back, disabled and null trackers."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from diffss.tracking import NullTracker, RunTracker, read_offline_run, resolve_mode, start_tracker
+
+
+@pytest.fixture(autouse=True)
+def _wandb_env(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wandb-root"))
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "wandb-config"))
+    monkeypatch.setenv("WANDB_CACHE_DIR", str(tmp_path / "wandb-cache"))
+    monkeypatch.setenv("WANDB_DATA_DIR", str(tmp_path / "wandb-data"))
+    monkeypatch.setenv("WANDB_ERROR_REPORTING", "false")
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+
+
+@dataclasses.dataclass
+class FakeTrainConfig:
+    lr: float = 1e-3
+    shot: int = 1
+    out_dir: Path = Path("data/checkpoints/x")
+
+
+def test_offline_run_records_metrics_table_images_artifacts(tmp_path):
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    (ckpt / "config.json").write_text("{}")
+    (ckpt / "model.safetensors").write_bytes(b"\0" * 64)
+    onnx_file = tmp_path / "segmenter.onnx"
+    onnx_file.write_bytes(b"onnx")
+    per_class = pd.DataFrame({"class_name": ["aeroplane", "bicycle"], "iou": [41.5, 12.25]}).set_index("class_name")
+
+    with RunTracker.start(
+        project="diffss-test",
+        name="fold0-1shot",
+        config=FakeTrainConfig(),
+        job_type="train",
+        tags=["fold0", "test"],
+    ) as tracker:
+        assert tracker.mode == "offline"  # no WANDB_MODE, no API key
+        assert tracker.url is None
+        run_dir = tracker.run_dir
+        assert run_dir.parent == tmp_path / "wandb-root" / "wandb"  # WANDB_DIR is the root folder
+        assert run_dir.name.startswith("offline-run-") and run_dir.name.endswith(tracker.run_id)
+        for step in range(3):
+            tracker.log({"loss": 1.0 / (step + 1), "lr": np.float32(0.5)}, step=step)
+        tracker.log_table("per_class_iou", per_class, step=3)
+        tracker.log_images(
+            "examples",
+            [
+                (Image.new("RGB", (8, 8), "red"), "query"),
+                (np.random.rand(8, 8, 3).astype(np.float32), "prediction"),
+                (np.zeros((8, 8), dtype=np.uint8), "mask"),
+            ],
+            step=3,
+        )
+        assert tracker.log_artifact(ckpt, "checkpoint-fold0", "model") == "checkpoint-fold0"
+        tracker.log_artifact(onnx_file, "segmenter-onnx", "onnx", metadata={"opset": 17})
+        tracker.update_summary({"miou": 26.875, "fbiou": 55.0})
+
+    assert tracker.finished
+    with pytest.raises(RuntimeError, match="finished"):
+        tracker.log({"late": 1})
+
+    offline = read_offline_run(run_dir)
+    assert offline.run_id == tracker.run_id
+    assert (offline.project, offline.name, offline.job_type) == ("diffss-test", "fold0-1shot", "train")
+    assert offline.tags == ["fold0", "test"]
+    assert offline.config == {"lr": 1e-3, "shot": 1, "out_dir": "data/checkpoints/x"}
+    losses = [row["loss"] for row in offline.history if "loss" in row]
+    assert losses == pytest.approx([1.0, 0.5, 1 / 3])
+    assert [row["_step"] for row in offline.history if "loss" in row] == [0, 1, 2]
+    assert offline.summary["miou"] == 26.875 and offline.summary["fbiou"] == 55.0
+    assert offline.summary["loss"] == pytest.approx(1 / 3)
+    assert offline.summary["per_class_iou"]["_type"] == "table-file"
+    assert offline.summary["examples"]["count"] == 3
+    logged = {(a["name"], a["type"]) for a in offline.artifacts}
+    assert {("checkpoint-fold0", "model"), ("segmenter-onnx", "onnx")} <= logged
+
+    # The table's rows, as written to the run's media folder, keep the class-name index.
+    table_file = next((run_dir / "files").rglob("per_class_iou*.table.json"))
+    table = pd.read_json(table_file, typ="series")
+    assert table["columns"] == ["class_name", "iou"]
+    assert table["data"] == [["aeroplane", 41.5], ["bicycle", 12.25]]
+    assert len(list((run_dir / "files").rglob("examples*.png"))) == 3
+
+
+def test_bad_inputs_are_named(tmp_path):
+    with RunTracker.start(project="p", dir=tmp_path / "root", mode="offline") as tracker:
+        assert tracker.run_dir.parent == tmp_path / "root" / "wandb"  # dir= beats WANDB_DIR
+        with pytest.raises(FileNotFoundError, match="missing.onnx"):
+            tracker.log_artifact(tmp_path / "missing.onnx", "seg", "onnx")
+        with pytest.raises(ValueError, match="bad name"):
+            tracker.log_artifact(tmp_path, "bad name", "model")
+        with pytest.raises(TypeError, match="DataFrame"):
+            tracker.log_table("t", {"a": [1]})
+    with pytest.raises(ValueError, match="WANDB_MODE='sometimes'"):
+        import os
+
+        os.environ["WANDB_MODE"] = "sometimes"
+        try:
+            resolve_mode()
+        finally:
+            del os.environ["WANDB_MODE"]
+
+
+def test_mode_resolution(monkeypatch):
+    assert resolve_mode() == "offline"
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    assert resolve_mode() == "online"
+    monkeypatch.setenv("WANDB_MODE", "dryrun")
+    assert resolve_mode() == "offline"
+    assert resolve_mode("disabled") == "disabled"
+    with pytest.raises(ValueError, match="mode='loud'"):
+        resolve_mode("loud")
+
+
+def test_disabled_mode_and_null_tracker_write_nothing(tmp_path):
+    root = tmp_path / "disabled-root"
+    with RunTracker.start(project="p", name="n", config={"a": 1}, dir=root, mode="disabled") as tracker:
+        assert (tracker.run_id, tracker.url, tracker.run_dir) == (None, None, None)
+        tracker.log({"loss": 1.0}, step=0)
+        tracker.log_table("t", pd.DataFrame({"a": [1]}))
+        tracker.log_images("imgs", [(np.zeros((4, 4, 3), np.uint8), "c")])
+        assert tracker.log_artifact(tmp_path, "ckpt", "model") == "ckpt"
+        tracker.update_summary({"miou": 1.0})
+    assert not root.exists()
+    assert not (tmp_path / "wandb-root").exists()
+
+    null = start_tracker(enabled=False, project="p")
+    assert isinstance(null, NullTracker)
+    with null as t:
+        t.log({"x": 1}, step=0)
+        t.log_table("t", pd.DataFrame({"a": [1]}))
+        t.log_images("i", [])
+        assert t.log_artifact("anything", "n", "model") == "n"
+        t.update_summary({"m": 1})
+    assert (null.run_id, null.url, null.run_dir, null.finished) == (None, None, None, True)
