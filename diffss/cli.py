@@ -86,18 +86,24 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _dataset_dir(base: str | None, default: str, args: argparse.Namespace) -> str:
+    # Outputs of different datasets never share a folder.
+    return base or f"{default}/{args.dataset}"
+
+
 def cmd_conditions(args: argparse.Namespace) -> int:
     from diffss.conditions import run_conditions
 
+    out = _dataset_dir(args.output, "data/conditions", args)
     table = run_conditions(
         _dataset_kwargs(args),
         kinds=args.kinds,
-        out_dir=args.output,
+        out_dir=out,
         resolution=args.resolution,
-        hed_model=args.hed_model,
-        device=args.device,
+        hed=args.hed_model,
+        progress=not args.quiet,
     )
-    print(f"{len(table)} conditions under {args.output}")
+    print(f"{len(table)} conditions under {out}")
     return 0
 
 
@@ -105,17 +111,34 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from diffss.generation import GenerationConfig, run_generation
 
     config = GenerationConfig.from_json(args.generation_config) if args.generation_config else GenerationConfig()
-    overrides = {k: v for k, v in {"base_model": args.base_model, "steps": args.steps, "resolution": args.resolution, "device": args.device}.items() if v is not None}
-    config = dataclasses.replace(config, **overrides)
+    overrides = {
+        "base_model": args.base_model,
+        "num_inference_steps": args.steps,
+        "resolution": args.resolution,
+        "device": args.device,
+        "seed": args.seed,
+    }
+    config = dataclasses.replace(config, **{k: v for k, v in overrides.items() if v is not None})
     table = run_generation(
         _dataset_kwargs(args),
         condition=args.condition,
         out_dir=args.output,
         config=config,
         num_aux=args.num_aux,
-        seed=args.seed,
+        conditions_dir=_dataset_dir(args.conditions_dir, "data/conditions", args),
+        progress=not args.quiet,
     )
-    print(f"{len(table)} auxiliary images under {args.output}")
+    print(f"{len(table)} auxiliary images under {args.output}/{args.dataset}/{args.condition}")
+    return 0
+
+
+def cmd_tiny_models(args: argparse.Namespace) -> int:
+    from diffss.generation import build_tiny_diffusion
+
+    config = build_tiny_diffusion(args.output, seed=args.seed)
+    config_path = Path(args.output) / "generation_config.json"
+    config.to_json(config_path)
+    print(f"tiny random SD + ControlNet under {args.output}; use it with --generation-config {config_path}")
     return 0
 
 
@@ -149,24 +172,29 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("conditions", help="seg / hed / scribble control conditions for every support")
     _dataset_options(p)
     p.add_argument("--kinds", nargs="+", default=["seg", "hed", "scribble"])
-    p.add_argument("--output", default="data/conditions")
+    p.add_argument("--output", default=None, help="default data/conditions/<dataset>")
     p.add_argument("--resolution", type=int, default=512)
     p.add_argument("--hed-model", default="lllyasviel/Annotators", help="hub id or local directory of HED weights")
-    p.add_argument("--device", default="auto")
     p.set_defaults(func=cmd_conditions)
 
     p = sub.add_parser("generate", help="auxiliary supports with Stable Diffusion + ControlNet")
     _dataset_options(p)
-    p.add_argument("--condition", default="seg", help="seg | hed | scribble")
+    p.add_argument("--condition", default="seg", help="seg | hed | scribble, or several joined by + (multi-ControlNet)")
     p.add_argument("--num-aux", type=int, default=4, help="auxiliary images per support")
     p.add_argument("--output", default="data/auxiliary")
-    p.add_argument("--generation-config", help="GenerationConfig as JSON")
+    p.add_argument("--conditions-dir", default=None, help="where `diffss conditions` wrote them (default data/conditions/<dataset>)")
+    p.add_argument("--generation-config", help="GenerationConfig as JSON (e.g. written by `diffss tiny-models`)")
     p.add_argument("--base-model", default=None, help="hub id or local directory of Stable Diffusion 1.5")
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--resolution", type=int, default=None)
     p.add_argument("--device", default=None)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=None, help="global seed of the per-image seeds")
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("tiny-models", help="write tiny random SD + ControlNet models (tests, demo, offline trials)")
+    p.add_argument("--output", default="data/models/tiny-sd")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_tiny_models)
 
     p = sub.add_parser("export", help="ONNX model repository (Triton layout) from a checkpoint")
     p.add_argument("checkpoint")

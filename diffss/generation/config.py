@@ -1,0 +1,119 @@
+"""Generation settings (JSON round-trip) and the per-image seed rule."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+DEFAULT_BASE_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+DEFAULT_CONTROLNETS = {
+    "seg": "lllyasviel/sd-controlnet-seg",
+    "hed": "lllyasviel/control_v11p_sd15_softedge",
+    "scribble": "lllyasviel/control_v11p_sd15_scribble",
+}
+# ControlNet's own default negative prompt for its SD 1.5 demos.
+DEFAULT_NEGATIVE_PROMPT = ("longbody, lowres, bad anatomy, bad hands, missing fingers, extra digit, "
+                           "fewer digits, cropped, worst quality, low quality")
+
+
+@dataclass
+class GenerationConfig:
+    """What to generate with and how. Fields in :data:`OUTPUT_FIELDS` determine the images;
+    the rest (device, dtype, compile, channels_last, batching, offline loading) only how fast
+    they come (fp16 vs fp32 moves pixels by float noise, not content)."""
+
+    base_model: str = DEFAULT_BASE_MODEL
+    controlnets: dict[str, str] = field(default_factory=lambda: dict(DEFAULT_CONTROLNETS))
+    hed_model: str = "lllyasviel/Annotators"
+    prompt_template: str = "a real shot photo of {class_name}"
+    quality_suffix: str = ", best quality, extremely detailed"
+    negative_prompt: str = DEFAULT_NEGATIVE_PROMPT
+    scheduler: str = "UniPCMultistepScheduler"
+    num_inference_steps: int = 20
+    guidance_scale: float = 9.0
+    resolution: int = 512
+    controlnet_conditioning_scale: float = 1.0
+    seed: int = 0
+    # Runtime-only settings.
+    device: str | None = None
+    dtype: str | None = None
+    compile: bool = False
+    channels_last: bool = False
+    supports_per_call: int = 1
+    local_files_only: bool = False
+
+    OUTPUT_FIELDS = ("base_model", "controlnets", "prompt_template", "quality_suffix", "negative_prompt",
+                     "scheduler", "num_inference_steps", "guidance_scale", "resolution",
+                     "controlnet_conditioning_scale", "seed")
+
+    def __post_init__(self):
+        if "{class_name}" not in self.prompt_template:
+            raise ValueError(f"prompt_template must contain '{{class_name}}', got {self.prompt_template!r}")
+        if int(self.num_inference_steps) < 1:
+            raise ValueError(f"num_inference_steps must be >= 1, got {self.num_inference_steps}")
+        if int(self.resolution) < 8 or int(self.resolution) % 8:
+            raise ValueError(f"resolution must be a positive multiple of 8, got {self.resolution}")
+        if int(self.supports_per_call) < 1:
+            raise ValueError(f"supports_per_call must be >= 1, got {self.supports_per_call}")
+        if self.dtype not in (None, "float16", "bfloat16", "float32"):
+            raise ValueError(f"dtype must be float16, bfloat16, float32 or null, got {self.dtype!r}")
+        if not isinstance(self.controlnets, dict):
+            raise ValueError(f"controlnets must map condition kind -> model id, got {self.controlnets!r}")
+
+    def prompt(self, class_name: str) -> str:
+        # FSS-1000 class folders are snake_case ("assult_rifle").
+        return self.prompt_template.format(class_name=str(class_name).replace("_", " ")) + self.quality_suffix
+
+    def model_ids(self, kinds) -> str:
+        return json.dumps({"base": self.base_model, "controlnet": {k: self.controlnets[k] for k in kinds}},
+                          sort_keys=True)
+
+    def output_signature(self) -> dict:
+        return {name: getattr(self, name) for name in self.OUTPUT_FIELDS}
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict, source: str = "GenerationConfig") -> "GenerationConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"{source}: unknown field(s) {unknown}; known: {sorted(known)}")
+        return cls(**data)
+
+    def to_json(self, path: str | os.PathLike | None = None) -> str:
+        text = json.dumps(self.to_dict(), indent=2, sort_keys=True)
+        if path is not None:
+            from diffss.atomic import write_text_atomic
+
+            write_text_atomic(path, text + "\n")
+        return text
+
+    @classmethod
+    def from_json(cls, path_or_text: str | os.PathLike) -> "GenerationConfig":
+        """From a JSON file path or a JSON string."""
+        text, source = str(path_or_text), "GenerationConfig JSON"
+        if not text.lstrip().startswith("{"):
+            path = Path(path_or_text)
+            if not path.is_file():
+                raise FileNotFoundError(f"generation config not found: {path}")
+            text, source = path.read_text(), str(path)
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{source}: invalid JSON ({exc})") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"{source}: expected a JSON object")
+        return cls.from_dict(data, source)
+
+
+def aux_seed(dataset: str, support_name: str, class_id: int, aux_index: int, global_seed: int = 0) -> int:
+    """Seed of one auxiliary image: a hash of its identity, so it does not depend on batch
+    composition, order or which other images already exist (63-bit, valid for torch)."""
+    key = "\x1f".join(map(str, (dataset, support_name, int(class_id), int(aux_index), int(global_seed))))
+    return int.from_bytes(hashlib.blake2b(key.encode("utf-8"), digest_size=8).digest(), "big") & (2**63 - 1)

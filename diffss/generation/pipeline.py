@@ -1,0 +1,116 @@
+"""SD 1.5 + ControlNet (one or several) behind one batched ``generate`` call."""
+
+from __future__ import annotations
+
+import importlib.util
+import time
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from diffss.conditions import parse_kinds
+from diffss.generation.config import GenerationConfig
+
+_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+class AuxiliaryGenerator:
+    """Loads the pipeline for ``condition`` ("seg", "hed", "scribble" or e.g. "seg+hed", which
+    uses diffusers' MultiControlNet) and generates batches of images.
+
+    fp16 on CUDA, float32 on CPU (unless ``config.dtype`` says otherwise); attention through
+    PyTorch SDPA; optional ``torch.compile`` and channels_last for UNet and ControlNet(s).
+    """
+
+    def __init__(self, config: GenerationConfig, condition: str | Sequence[str]):
+        import diffusers
+        from diffusers import ControlNetModel, MultiControlNetModel, StableDiffusionControlNetPipeline
+        from diffusers.models.attention_processor import AttnProcessor2_0
+
+        self.config = config
+        self.kinds = parse_kinds(condition)
+        missing = [k for k in self.kinds if k not in config.controlnets]
+        if missing:
+            raise ValueError(f"GenerationConfig.controlnets has no model for condition(s) {missing}")
+        self.device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.dtype = _DTYPES[config.dtype] if config.dtype else (
+            torch.float16 if self.device.type == "cuda" else torch.float32)
+        scheduler_cls = getattr(diffusers, config.scheduler, None)
+        if scheduler_cls is None or not hasattr(scheduler_cls, "from_config"):
+            raise ValueError(f"GenerationConfig.scheduler {config.scheduler!r} is not a diffusers scheduler")
+
+        # low_cpu_mem_usage needs accelerate; without it diffusers would warn on every load.
+        load = dict(dtype=self.dtype, local_files_only=config.local_files_only,
+                    low_cpu_mem_usage=importlib.util.find_spec("accelerate") is not None)
+        nets = [ControlNetModel.from_pretrained(config.controlnets[k], **load) for k in self.kinds]
+        controlnet = nets[0] if len(nets) == 1 else MultiControlNetModel(nets)
+        pipe = StableDiffusionControlNetPipeline.from_pretrained(
+            config.base_model, controlnet=controlnet, safety_checker=None, feature_extractor=None,
+            requires_safety_checker=False, **load)
+        pipe.scheduler = scheduler_cls.from_config(pipe.scheduler.config)
+        pipe.unet.set_attn_processor(AttnProcessor2_0())
+        for net in nets:
+            net.set_attn_processor(AttnProcessor2_0())
+        pipe.to(self.device)
+        if config.channels_last:
+            pipe.unet.to(memory_format=torch.channels_last)
+            for net in nets:
+                net.to(memory_format=torch.channels_last)
+        if config.compile:
+            pipe.unet = torch.compile(pipe.unet)
+            pipe.controlnet = torch.compile(pipe.controlnet)
+        pipe.set_progress_bar_config(disable=True)
+        self.pipe = pipe
+        self.images_generated = 0
+
+    @property
+    def model_ids(self) -> str:
+        return self.config.model_ids(self.kinds)
+
+    def generate(self, controls: Sequence[Image.Image | Sequence[Image.Image]], class_names: Sequence[str],
+                 seeds: Sequence[int]) -> np.ndarray:
+        """One pipeline call for ``len(seeds)`` images; returns ``[N,R,R,3]`` float32 in [0,1].
+
+        ``controls[i]``: the condition image of item i (one per kind, in ``self.kinds`` order,
+        for several kinds). Item i starts from noise drawn by its own CPU generator seeded with
+        ``seeds[i]``, so its result does not depend on the rest of the batch (up to float
+        rounding) nor on the device.
+        """
+        n = len(seeds)
+        if not (len(controls) == len(class_names) == n) or n == 0:
+            raise ValueError(f"controls ({len(controls)}), class_names ({len(class_names)}) and seeds ({n}) "
+                             "must have the same, non-zero length")
+        cfg = self.config
+        if len(self.kinds) == 1:
+            image = [c if isinstance(c, Image.Image) else c[0] for c in controls]
+            scale: float | list[float] = float(cfg.controlnet_conditioning_scale)
+        else:
+            image = [list(c) for c in controls]
+            if any(len(c) != len(self.kinds) for c in image):
+                raise ValueError(f"each item needs {len(self.kinds)} control images ({'+'.join(self.kinds)})")
+            scale = [float(cfg.controlnet_conditioning_scale)] * len(self.kinds)
+        generators = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
+        with torch.inference_mode():
+            out = self.pipe(prompt=[cfg.prompt(c) for c in class_names], negative_prompt=[cfg.negative_prompt] * n,
+                            image=image, height=cfg.resolution, width=cfg.resolution,
+                            num_inference_steps=cfg.num_inference_steps, guidance_scale=cfg.guidance_scale,
+                            generator=generators, controlnet_conditioning_scale=scale, output_type="np")
+        self.images_generated += n
+        return np.asarray(out.images, dtype=np.float32)
+
+    def timed_generate(self, controls, class_names, seeds) -> tuple[np.ndarray, float]:
+        """``generate`` plus wall seconds per image."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        start = time.perf_counter()
+        images = self.generate(controls, class_names, seeds)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return images, (time.perf_counter() - start) / len(seeds)
+
+
+def to_pil(image: np.ndarray) -> Image.Image:
+    """``HxWx3`` float [0,1] -> RGB PIL image (rounded, not truncated)."""
+    return Image.fromarray(np.clip(np.rint(np.asarray(image) * 255.0), 0, 255).astype(np.uint8))

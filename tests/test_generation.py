@@ -1,0 +1,295 @@
+"""Auxiliary generation with the tiny random SD + ControlNet: seeds, batching, resuming."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from diffss.conditions import HedConditioner, is_valid_image  # noqa: E402
+from diffss.generation import (  # noqa: E402
+    TABLE_COLUMNS,
+    AuxiliaryGenerator,
+    GenerationConfig,
+    aux_seed,
+    build_tiny_diffusion,
+    drift_score,
+    generate_auxiliary,
+    run_generation,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass
+class FakeSample:
+    """The ``diffss.data.Sample`` contract, reading a 0/255 mask PNG."""
+
+    name: str
+    class_id: int
+    class_name: str
+    image_path: Path
+    mask_path: Path
+
+    def load_image(self) -> Image.Image:
+        return Image.open(self.image_path).convert("RGB")
+
+    def load_mask(self) -> np.ndarray:
+        return (np.asarray(Image.open(self.mask_path).convert("L")) >= 128).astype(np.uint8)
+
+
+def write_supports(folder: Path, n: int) -> list[FakeSample]:
+    folder.mkdir(parents=True, exist_ok=True)
+    samples = []
+    for i in range(n):
+        rng = np.random.default_rng(i)
+        w, h = 40 + 4 * i, 36
+        img = (rng.random((h, w, 3)) * 90).astype(np.uint8)
+        mask = np.zeros((h, w), np.uint8)
+        mask[8:28, 10 + i:30 + i] = 255
+        img[mask > 0] = (200, 60 + 20 * i, 40)
+        Image.fromarray(img).save(folder / f"{i}.png")
+        Image.fromarray(mask).save(folder / f"{i}_mask.png")
+        samples.append(FakeSample(f"shapes/{i}", 1 + i % 2, ("cat", "red car")[i % 2], folder / f"{i}.png",
+                                  folder / f"{i}_mask.png"))
+    return samples
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # Tiny models on a shared 2-core machine: one intra-op thread avoids oversubscription stalls.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> GenerationConfig:
+    return build_tiny_diffusion(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(scope="module")
+def seg_generator(tiny) -> AuxiliaryGenerator:
+    return AuxiliaryGenerator(tiny, "seg")
+
+
+def test_config_json_round_trip_and_errors(tmp_path, tiny):
+    cfg = GenerationConfig(guidance_scale=7.5, controlnets={"seg": "a", "hed": "b"}, seed=3)
+    path = tmp_path / "gen.json"
+    cfg.to_json(path)
+    assert GenerationConfig.from_json(path) == cfg
+    assert GenerationConfig.from_json(cfg.to_json()) == cfg
+    assert cfg.prompt("assult_rifle") == "a real shot photo of assult rifle, best quality, extremely detailed"
+    path.write_text(json.dumps({**cfg.to_dict(), "stepz": 3}))
+    with pytest.raises(ValueError, match=r"gen\.json.*stepz"):
+        GenerationConfig.from_json(path)
+    with pytest.raises(ValueError, match="resolution"):
+        GenerationConfig(resolution=100)
+    # The tiny set is saved in the diffusers layout and loaded through from_pretrained.
+    sd = Path(tiny.base_model)
+    for part in ("unet", "vae", "text_encoder", "tokenizer", "scheduler", "model_index.json"):
+        assert (sd / part).exists()
+    assert {Path(p).name for p in tiny.controlnets.values()} == {"controlnet-seg", "controlnet-hed",
+                                                                   "controlnet-scribble"}
+    before = (sd / "unet" / "config.json").stat().st_mtime_ns
+    assert build_tiny_diffusion(sd.parent) == tiny  # idempotent: reused, not rebuilt
+    assert (sd / "unet" / "config.json").stat().st_mtime_ns == before
+
+
+def test_seed_depends_on_identity_only():
+    s = aux_seed("pascal5i", "2007_000033", 1, 0, 0)
+    assert s == aux_seed("pascal5i", "2007_000033", 1, 0, 0) and 0 <= s < 2**63
+    others = {aux_seed("pascal5i", "2007_000033", 1, 1, 0), aux_seed("pascal5i", "2007_000033", 2, 0, 0),
+              aux_seed("coco20i", "2007_000033", 1, 0, 0), aux_seed("pascal5i", "2007_000033", 1, 0, 1)}
+    assert s not in others and len(others) == 4
+
+
+def test_single_image_equals_its_batched_twin(seg_generator):
+    rng = np.random.default_rng(0)
+    controls = [Image.fromarray((rng.random((64, 64, 3)) * 255).astype(np.uint8)) for _ in range(2)]
+    items = [controls[0]] * 2 + [controls[1]] * 2
+    names = ["cat", "cat", "dog", "dog"]
+    seeds = [aux_seed("toy", "s", 1, k) for k in range(4)]
+    start = time.perf_counter()
+    batched = seg_generator.generate(items, names, seeds)
+    assert time.perf_counter() - start < 5.0  # tiny: a 4-image 64 px call is well under a second idle
+    assert batched.shape == (4, 64, 64, 3) and batched.dtype == np.float32
+    assert batched.std() > 0.01 and np.abs(batched[0] - batched[1]).max() > 0.01  # seeds differ
+    for k in (1, 2):
+        alone = seg_generator.generate([items[k]], [names[k]], [seeds[k]])[0]
+        np.testing.assert_allclose(alone, batched[k], atol=1e-4)
+
+
+def test_generate_writes_layout_and_table_then_is_idempotent(tmp_path, tiny, seg_generator):
+    samples = write_supports(tmp_path / "data", 2)
+    out = tmp_path / "aux"
+    table = generate_auxiliary(samples, "seg", out, tiny, num_aux=2, dataset_name="toy",
+                               generator=seg_generator, progress=False)
+    root = out / "toy" / "seg"
+    assert list(table.columns) == TABLE_COLUMNS and len(table) == 4
+    stored = pd.read_parquet(root / "auxiliary.parquet")
+    pd.testing.assert_frame_equal(stored, table)
+    for row in table.itertuples():
+        path = root / row.path
+        assert path.is_file() and row.path == f"{row.class_id}/{Path(row.path).parts[1]}/{row.aux_index}.png"
+        assert Image.open(path).size == (row.width, row.height)
+        support = samples[int(row.support_name.split("/")[1])]
+        assert (row.width, row.height) == support.load_image().size  # resized to the support
+        assert row.seed == aux_seed("toy", row.support_name, row.class_id, row.aux_index, tiny.seed)
+        assert 0.0 <= row.drift <= 1.0 and row.seconds > 0 and row.condition == "seg"
+        assert json.loads(row.model_ids)["controlnet"] == {"seg": tiny.controlnets["seg"]}
+    assert table.prompt.iloc[0].startswith("a real shot photo of ")
+
+    # Several supports per pipeline call: same images (seeds are per image, not per batch).
+    wide = GenerationConfig(**{**tiny.to_dict(), "supports_per_call": 2})
+    other = generate_auxiliary(samples, "seg", tmp_path / "aux2", wide, num_aux=2, dataset_name="toy",
+                               generator=seg_generator, progress=False)
+    for a, b in zip(table.path, other.path):
+        diff = np.abs(np.asarray(Image.open(root / a), dtype=np.int16)
+                      - np.asarray(Image.open(tmp_path / "aux2" / "toy" / "seg" / b), dtype=np.int16))
+        assert diff.max() <= 2
+
+    made = seg_generator.images_generated
+    mtimes = {p: p.stat().st_mtime_ns for p in root.rglob("*.png")}
+    again = generate_auxiliary(samples, "seg", out, tiny, num_aux=2, dataset_name="toy",
+                               generator=seg_generator, progress=False)
+    assert seg_generator.images_generated == made
+    assert {p: p.stat().st_mtime_ns for p in root.rglob("*.png")} == mtimes
+    pd.testing.assert_frame_equal(again, table)
+
+    # Corrupt file -> only it is regenerated, equal to the original up to rounding.
+    victim = root / table.path.iloc[1]
+    original = np.asarray(Image.open(victim), dtype=np.int16)
+    data = victim.read_bytes()
+    victim.write_bytes(data[: len(data) // 3])
+    generate_auxiliary(samples, "seg", out, tiny, num_aux=2, dataset_name="toy", generator=seg_generator,
+                       progress=False)
+    assert seg_generator.images_generated == made + 1 and is_valid_image(victim)
+    assert np.abs(np.asarray(Image.open(victim), dtype=np.int16) - original).max() <= 2
+
+    # Different output settings in the same folder are refused, naming the config file.
+    with pytest.raises(ValueError, match="generation_config.json.*guidance_scale"):
+        generate_auxiliary(samples, "seg", out, GenerationConfig(**{**tiny.to_dict(), "guidance_scale": 3.0}),
+                           num_aux=2, dataset_name="toy", progress=False)
+
+
+SUBPROCESS = """
+import sys, time, numpy as np, torch
+from dataclasses import dataclass
+from pathlib import Path
+from PIL import Image
+from diffss.generation import GenerationConfig, generate_auxiliary
+from diffss.generation.pipeline import AuxiliaryGenerator
+torch.set_num_threads(1)
+folder, out, cfg_json = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
+
+@dataclass
+class S:
+    name: str
+    class_id: int
+    class_name: str
+    image_path: Path
+    mask_path: Path
+    def load_image(self):
+        return Image.open(self.image_path).convert("RGB")
+    def load_mask(self):
+        return (np.asarray(Image.open(self.mask_path).convert("L")) >= 128).astype(np.uint8)
+
+samples = [S(f"shapes/{i}", 1 + i % 2, ("cat", "red car")[i % 2], folder / f"{i}.png", folder / f"{i}_mask.png")
+           for i in range(6)]
+slow = AuxiliaryGenerator.generate
+def generate_slowly(self, *args, **kwargs):
+    images = slow(self, *args, **kwargs)
+    time.sleep(0.7)  # leave time to be killed between (and during) writes
+    return images
+AuxiliaryGenerator.generate = generate_slowly
+generate_auxiliary(samples, "seg", out, GenerationConfig.from_json(cfg_json), num_aux=2, dataset_name="toy",
+                   progress=False)
+"""
+
+
+def test_killed_run_resumes_without_partial_files(tmp_path, tiny, seg_generator):
+    samples = write_supports(tmp_path / "data", 6)
+    out = tmp_path / "aux"
+    root = out / "toy" / "seg"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen([sys.executable, "-c", SUBPROCESS, str(tmp_path / "data"), str(out), tiny.to_json()],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 120
+        while not [p for p in root.rglob("*.png") if not p.name.startswith(".")]:
+            assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+            assert time.monotonic() < deadline, "no image appeared"
+            time.sleep(0.02)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    # A stray temporary, as a kill inside a write would leave.
+    (root / "2").mkdir(parents=True, exist_ok=True)
+    (root / "2" / ".0.png.abc123.tmp.png").write_bytes(b"\x89PNG partial")
+
+    done = {p: p.stat().st_mtime_ns for p in root.rglob("*.png") if not p.name.startswith(".")}
+    assert 1 <= len(done) < 12
+    made = seg_generator.images_generated
+    table = generate_auxiliary(samples, "seg", out, tiny, num_aux=2, dataset_name="toy",
+                               generator=seg_generator, progress=False)
+    assert seg_generator.images_generated - made == 12 - len(done)  # only the missing ones
+    assert len(table) == 12 and table[["support_name", "aux_index"]].drop_duplicates().shape[0] == 12
+    assert all(is_valid_image(root / p) for p in table.path)
+    assert all(p.stat().st_mtime_ns == t for p, t in done.items())  # finished images kept as they were
+    assert not [p for p in out.rglob("*") if ".tmp" in p.name]
+    # Rows the killed run never recorded are rebuilt (seconds unknown); the rest keep their timing.
+    assert table.seconds.notna().sum() >= 12 - len(done)
+
+
+def test_multicontrolnet_seg_plus_hed(tmp_path, tiny):
+    samples = write_supports(tmp_path / "data", 1)
+    table = generate_auxiliary(samples, "seg+hed", tmp_path / "aux", tiny, num_aux=1, dataset_name="toy",
+                               hed=HedConditioner.random(device="cpu"), progress=False)
+    assert len(table) == 1 and table.condition.iloc[0] == "seg+hed"
+    assert set(json.loads(table.model_ids.iloc[0])["controlnet"]) == {"seg", "hed"}
+    assert (tmp_path / "aux" / "toy" / "conditions" / "hed").is_dir()
+    assert is_valid_image(tmp_path / "aux" / "toy" / "seg+hed" / table.path.iloc[0])
+
+
+def test_drift_is_low_when_aligned_and_high_when_shifted():
+    h = w = 96
+    yy, xx = np.mgrid[:h, :w]
+    mask = (np.hypot(yy - 40, xx - 40) < 20).astype(np.uint8)
+    rng = np.random.default_rng(0)
+
+    def scene(cy, cx):
+        img = np.full((h, w, 3), 50.0) + rng.normal(0, 10, (h, w, 3))
+        img[np.hypot(yy - cy, xx - cx) < 20] += (150, 120, 30)
+        return np.clip(img, 0, 255).astype(np.uint8)
+
+    support = scene(40, 40)
+    aligned, shifted, far = scene(40, 40), scene(40, 52), scene(72, 72)
+    d_aligned, d_shifted, d_far = (drift_score(x, mask, reference=support) for x in (aligned, shifted, far))
+    assert d_aligned < 0.2 < d_shifted < d_far and d_far > 0.9
+    assert drift_score(np.zeros((h, w, 3), np.uint8), mask) == 1.0  # no edges: unverifiable
+
+
+def test_run_generation_on_demo_dataset(tmp_path, tiny):
+    kwargs = dict(name="demo", root=tmp_path / "demo", fold=0, split="test", num_classes=4, per_class=2)
+    table = run_generation(kwargs, "seg", tmp_path / "aux", tiny, num_aux=1, progress=False)
+    assert len(table) == 2 and set(table.dataset) == {"demo"}
+    from diffss.data import AuxiliarySupports
+
+    aux = AuxiliarySupports.from_table(tmp_path / "aux" / "demo" / "seg" / "auxiliary.parquet")
+    row = table.iloc[0]
+    assert [p.name for p in aux.for_support(row.support_name, int(row.class_id))] == ["0.png"]
