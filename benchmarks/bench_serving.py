@@ -1,0 +1,316 @@
+"""Serving benchmarks: ONNX vs eager PyTorch, cached supports, server vs in-process throughput.
+
+``run() -> dict[str, float]`` (see benchmarks/run.py). Both real models (PFENet, the pipeline's
+default, and the prototype baseline; small backbone, random init: speed does not depend on the
+weights) are exported once at the usual 473x473 resolution. Headline keys are PFENet's; the
+prototype's carry a ``_prototype`` suffix. Every figure compares like with like in one process
+and one run; latencies are the best of several interleaved runs (the run least disturbed by
+other processes on the machine).
+
+- ``onnx_speedup_vs_torch_cpu``: eager PyTorch time / onnxruntime time for one 1-shot episode
+  (batch 1) through the full graph, same weights and inputs. Measured with one thread per
+  available core for both (``*_allcores``) and with one thread each (``*_1thread``); the
+  headline is the lower of the two. On a busy machine PyTorch's OpenMP threads degrade far
+  more than onnxruntime's pool, which inflates the all-core figure; one thread each is the
+  like-for-like compute comparison.
+- ``cached_support_query_time_ratio``: through the server's people's routes (PNG in, PNG out),
+  segmenting a query against a registered 5-shot support set vs the full 5-shot episode
+  (``/diffss/segment``).
+- ``served_vs_inprocess_throughput_ratio``: requests/s of 4 concurrent tritonclient clients
+  (binary tensors, 1-shot PFENet episodes) over requests/s of back-to-back in-process
+  ``session.run`` calls with the server's session settings; rounds alternate to share drift.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+IMAGE_SIZE = 473
+HEADLINE = "pfenet"  # the pipeline's default model; the prototype baseline gets *_prototype keys
+CACHED_SHOTS = 5
+REPEATS = 8
+CLIENTS = 4
+REQUESTS_PER_CLIENT = 5
+ROUNDS = 2
+
+
+def _cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def _interleaved_best(functions: dict[str, callable], repeats: int = REPEATS) -> dict[str, float]:
+    """Best (minimum) wall time of each function; runs alternate so they share the same load."""
+    for fn in functions.values():
+        fn()
+    times = {name: [] for name in functions}
+    for _ in range(repeats):
+        for name, fn in functions.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: min(values) for name, values in times.items()}
+
+
+def _export(repo: Path) -> dict[str, object]:
+    import torch
+
+    from diffss.export import export_model_repository
+    from diffss.models import build_model
+
+    models = {}
+    for family in ("pfenet", "prototype"):
+        torch.manual_seed(0)
+        model = build_model(family, backbone="small").eval()
+        export_model_repository(model, repo, name=family, sample_size=64, image_size=IMAGE_SIZE, parity_cases=[(1, 1, 96, 96)])
+        models[family] = model
+    return models
+
+
+def _episode(shots: int, seed: int = 0):
+    from diffss.export.graphs import sample_episode
+
+    return sample_episode(1, shots, IMAGE_SIZE, IMAGE_SIZE, seed=seed)
+
+
+def _speedups(models: dict, repo: Path) -> dict[str, float]:
+    import torch
+
+    from deploy.runtime import load_model
+
+    query, support_images, support_masks = _episode(1)
+    feeds = {"query": query.numpy(), "support_images": support_images.numpy(), "support_masks": support_masks.numpy()}
+    results = {}
+    default_threads = torch.get_num_threads()
+    try:
+        for threads, suffix in ((_cores(), "_allcores"), (1, "_1thread")):
+            torch.set_num_threads(threads)
+            for family, model in models.items():
+                session = load_model(repo / f"{family}_segmenter", ["CPUExecutionProvider"], intra_op_threads=threads)
+
+                def eager(model=model):
+                    with torch.inference_mode():
+                        model(query, support_images, support_masks)
+
+                best = _interleaved_best({"torch": eager, "onnx": lambda s=session: s.run(feeds)})
+                results[f"onnx_speedup_vs_torch_cpu_{family}{suffix}"] = best["torch"] / best["onnx"]
+                results[f"torch_cpu_ms_{family}{suffix}"] = best["torch"] * 1000
+                results[f"onnx_cpu_ms_{family}{suffix}"] = best["onnx"] * 1000
+    finally:
+        torch.set_num_threads(default_threads)
+    for family in models:
+        # the claim is the lower of the two thread settings
+        key = "onnx_speedup_vs_torch_cpu" + ("" if family == HEADLINE else f"_{family}")
+        results[key] = min(results[f"onnx_speedup_vs_torch_cpu_{family}{s}"] for s in ("_allcores", "_1thread"))
+    return results
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class _Server:
+    def __init__(self, repo: Path, log_path: Path):
+        self.port = _free_port()
+        self.url = f"127.0.0.1:{self.port}"
+        self._log = open(log_path, "wb")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "deploy.server", "--model-repository", str(repo), "--port", str(self.port),
+             "--device", "cpu", "--log-level", "warning", "--max-body-bytes", str(256 << 20)],
+            cwd=ROOT, stdout=self._log, stderr=subprocess.STDOUT,
+        )
+        import tritonclient.http as triton
+
+        client = triton.InferenceServerClient(self.url)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited: {log_path.read_text()}")
+            try:
+                if client.is_server_ready():
+                    return
+            except Exception:  # not listening yet
+                time.sleep(0.3)
+        raise RuntimeError("server did not come up")
+
+    def post(self, path: str, body: bytes, headers: dict) -> bytes:
+        import http.client
+
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=300)
+        try:
+            conn.request("POST", path, body=body, headers=headers)
+            response = conn.getresponse()
+            data = response.read()
+            if response.status >= 300:
+                raise RuntimeError(f"{path}: {response.status} {data[:200]!r}")
+            return data
+        finally:
+            conn.close()
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self._log.close()
+
+
+def _multipart(files: list[tuple[str, bytes]], fields: dict[str, str]) -> tuple[bytes, dict]:
+    boundary = uuid.uuid4().hex
+    parts = [f'--{boundary}\r\nContent-Disposition: form-data; name="{k}"\r\n\r\n{v}\r\n'.encode() for k, v in fields.items()]
+    for index, (name, data) in enumerate(files):
+        parts.append(
+            f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"; filename="{index}.png"\r\n'
+            f"Content-Type: image/png\r\n\r\n".encode() + data + b"\r\n"
+        )
+    return b"".join(parts) + f"--{boundary}--\r\n".encode(), {"Content-Type": f"multipart/form-data; boundary={boundary}"}
+
+
+def _png(array: np.ndarray) -> bytes:
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _cached_ratio(server: _Server) -> dict[str, float]:
+    import json
+
+    rng = np.random.default_rng(0)
+    mask = np.zeros((IMAGE_SIZE, IMAGE_SIZE), np.uint8)
+    mask[100:300, 150:350] = 255
+    supports = []
+    for _ in range(CACHED_SHOTS):
+        supports += [("support_image", _png(rng.integers(0, 256, (IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8))),
+                     ("support_mask", _png(mask))]
+    query = ("query", _png(rng.integers(0, 256, (IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8)))
+    results = {}
+    for family in ("pfenet", "prototype"):
+        body, headers = _multipart(supports, {"model": family})
+        support_id = json.loads(server.post("/diffss/supports", body, headers))["support_id"]
+        full_body, full_headers = _multipart([query, *supports], {"model": family})
+        cached_body, cached_headers = _multipart([query], {})
+        best = _interleaved_best(
+            {
+                "full": lambda: server.post("/diffss/segment", full_body, full_headers),
+                "cached": lambda: server.post(f"/diffss/supports/{support_id}/segment", cached_body, cached_headers),
+            }
+        )
+        suffix = "" if family == HEADLINE else f"_{family}"
+        results[f"cached_support_query_time_ratio{suffix}"] = best["cached"] / best["full"]
+        results[f"cached_support_query_ms{suffix}"] = best["cached"] * 1000
+        results[f"full_episode_query_ms{suffix}"] = best["full"] * 1000
+    return results
+
+
+def _throughput(server: _Server, repo: Path) -> dict[str, float]:
+    import tritonclient.http as triton
+
+    from deploy.runtime import load_model
+
+    query, support_images, support_masks = _episode(1, seed=2)
+    feeds = {"query": query.numpy(), "support_images": support_images.numpy(), "support_masks": support_masks.numpy()}
+    session = load_model(repo / "pfenet_segmenter", ["CPUExecutionProvider"])
+    total = CLIENTS * REQUESTS_PER_CLIENT
+
+    def inprocess() -> float:
+        start = time.perf_counter()
+        for _ in range(total):
+            session.run(feeds)
+        return total / (time.perf_counter() - start)
+
+    def inputs():
+        tensors = []
+        for name, array in feeds.items():
+            tensor = triton.InferInput(name, list(array.shape), "FP32" if array.dtype == np.float32 else "INT64")
+            tensor.set_data_from_numpy(array, binary_data=True)
+            tensors.append(tensor)
+        return tensors
+
+    def served() -> float:
+        errors: list[BaseException] = []
+        ready = threading.Barrier(CLIENTS + 1)
+
+        def worker():
+            # one client per thread: tritonclient.http runs on gevent, whose hub is per thread
+            try:
+                client = triton.InferenceServerClient(server.url, network_timeout=300)
+                client.is_server_live()  # connection open before the clock starts
+            except BaseException as exc:
+                errors.append(exc)
+            ready.wait()
+            try:
+                for _ in range(REQUESTS_PER_CLIENT):
+                    client.infer("pfenet_segmenter", inputs()).as_numpy("logits")
+            except BaseException as exc:
+                errors.append(exc)
+
+        threads = [threading.Thread(target=worker) for _ in range(CLIENTS)]
+        for t in threads:
+            t.start()
+        ready.wait()
+        start = time.perf_counter()
+        for t in threads:
+            t.join()
+        elapsed = time.perf_counter() - start
+        if errors:
+            raise RuntimeError(f"served requests failed: {errors[0]}")
+        return total / elapsed
+
+    session.run(feeds)
+    inproc_rates, served_rates = [], []
+    for _ in range(ROUNDS):
+        inproc_rates.append(inprocess())
+        served_rates.append(served())
+    inproc, serv = float(np.mean(inproc_rates)), float(np.mean(served_rates))
+    return {
+        "served_vs_inprocess_throughput_ratio": serv / inproc,
+        "served_requests_per_s": serv,
+        "inprocess_requests_per_s": inproc,
+    }
+
+
+def run() -> dict[str, float]:
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    load_before = os.getloadavg()[0]
+    with tempfile.TemporaryDirectory(prefix="bench_serving_") as tmp:
+        repo = Path(tmp) / "repo"
+        models = _export(repo)
+        results = _speedups(models, repo)
+        server = _Server(repo, Path(tmp) / "server.log")
+        try:
+            results.update(_cached_ratio(server))
+            results.update(_throughput(server, repo))
+        finally:
+            server.stop()
+    # Other processes on the machine distort all of the above; the 1-minute load average
+    # (before, after) says how busy it was.
+    results["loadavg_1min_before"] = load_before
+    results["loadavg_1min_after"] = os.getloadavg()[0]
+    results["cpu_cores"] = float(_cores())
+    return results
+
+
+if __name__ == "__main__":
+    for key, value in sorted(run().items()):
+        print(f"{key:<50} {value:10.3f}")

@@ -1,0 +1,417 @@
+"""The HTTP application: Open Inference Protocol (v2 REST) routes plus the people's routes.
+
+v2 (Triton/KServe clients, e.g. ``tritonclient.http``):
+    GET  /v2, /v2/health/live, /v2/health/ready, /v2/models
+    GET  /v2/models/{name}[/versions/{v}], /v2/models/{name}[/versions/{v}]/ready
+    GET  /v2/models[/{name}[/versions/{v}]]/stats          (Triton statistics extension)
+    POST /v2/models/{name}[/versions/{v}]/infer            (JSON or binary tensor data)
+    POST /v2/repository/index
+People (multipart/form-data in, PNG out; see deploy/README.md):
+    GET    /diffss/models
+    POST   /diffss/segment                      query + support_image(s) + support_mask(s) -> PNG
+    POST   /diffss/supports                     support_image(s) + support_mask(s) -> {"support_id"}
+    POST   /diffss/supports/{support_id}/segment   query -> PNG (supports not encoded again)
+    DELETE /diffss/supports/{support_id}
+
+Every refused request gets a 4xx and ``{"error": "..."}``; a bearer token, when set, guards
+all routes but the two health probes.
+"""
+
+from __future__ import annotations
+
+import functools
+import hmac
+import json
+import logging
+import zlib
+from dataclasses import dataclass
+
+import anyio
+import numpy as np
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from deploy import images
+from deploy.errors import ApiError, bad_request, not_found
+from deploy.runtime import OnnxModel
+from deploy.support_cache import SupportCache, SupportSet
+from deploy.v2 import INFERENCE_HEADER, encode_infer_response, parse_infer_request
+
+log = logging.getLogger("diffss.serve")
+
+SERVER_NAME = "diffss-serve"
+SERVER_VERSION = "0.1.0"
+OPEN_ROUTES = ("/v2/health/live", "/v2/health/ready")
+ROLES = ("segmenter", "support_encoder", "query_decoder")
+DEFAULT_IMAGE_SIZE = 473
+
+try:  # onnxruntime's errors for inputs the graph cannot run on (inconsistent shapes, ...)
+    from onnxruntime.capi.onnxruntime_pybind11_state import Fail, InvalidArgument, RuntimeException
+
+    ORT_INPUT_ERRORS: tuple[type[BaseException], ...] = (Fail, InvalidArgument, RuntimeException)
+except ImportError:  # pragma: no cover - layout of onnxruntime's private module changed
+    ORT_INPUT_ERRORS = (RuntimeError,)
+
+
+def error_response(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status, headers=headers)
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+class GuardMiddleware:
+    """Bearer-token check and request body limit, before any route reads the body.
+
+    The limit applies to the declared Content-Length and to the bytes actually received
+    (chunked uploads have no Content-Length).
+    """
+
+    def __init__(self, app, max_body_bytes: int, token: str | None):
+        self.app = app
+        self.max_body_bytes = max_body_bytes
+        self.token = token.encode() if token else None
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = dict(scope["headers"])
+        if self.token is not None and scope["path"] not in OPEN_ROUTES:
+            supplied = headers.get(b"authorization", b"")
+            scheme, _, credential = supplied.partition(b" ")
+            if scheme.lower() != b"bearer" or not hmac.compare_digest(credential.strip(), self.token):
+                response = error_response(401, "missing or wrong bearer token", {"WWW-Authenticate": "Bearer"})
+                return await response(scope, receive, send)
+        declared = headers.get(b"content-length")
+        if declared is not None:
+            try:
+                declared_length = int(declared)
+            except ValueError:
+                return await error_response(400, "Content-Length is not an integer")(scope, receive, send)
+            if declared_length > self.max_body_bytes:
+                message = f"request body of {declared_length} bytes exceeds the limit of {self.max_body_bytes} bytes"
+                return await error_response(413, message)(scope, receive, send)
+
+        received = 0
+        started = False
+
+        async def limited_receive():
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_body_bytes:
+                    raise _BodyTooLarge()
+            return message
+
+        async def tracking_send(message):
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, limited_receive, tracking_send)
+        except _BodyTooLarge:
+            if not started:
+                message = f"request body exceeds the limit of {self.max_body_bytes} bytes"
+                await error_response(413, message)(scope, receive, send)
+
+
+@dataclass
+class Family:
+    """The three graphs of one exported diffss model, for the people's routes."""
+
+    name: str
+    segmenter: OnnxModel
+    support_encoder: OnnxModel
+    query_decoder: OnnxModel
+    image_size: int
+
+
+def find_families(models: dict[str, OnnxModel]) -> dict[str, Family]:
+    by_family: dict[str, dict[str, OnnxModel]] = {}
+    for model in models.values():
+        if model.family and model.role in ROLES:
+            by_family.setdefault(model.family, {})[model.role] = model
+    families = {}
+    for name, roles in by_family.items():
+        if set(roles) != set(ROLES):
+            log.warning("family %s lacks graphs %s; people's routes will not offer it", name, set(ROLES) - set(roles))
+            continue
+        try:
+            size = int(roles["segmenter"].metadata.get("diffss.image_size", DEFAULT_IMAGE_SIZE))
+        except ValueError:
+            size = DEFAULT_IMAGE_SIZE
+        families[name] = Family(name, roles["segmenter"], roles["support_encoder"], roles["query_decoder"], size)
+    return families
+
+
+class Server:
+    """Routes and state (models, support cache, inference limiter) of one ``diffss-serve``."""
+
+    def __init__(
+        self,
+        models: dict[str, OnnxModel],
+        support_cache: SupportCache | None = None,
+        max_concurrency: int = 1,
+        max_shots: int = 32,
+        max_body_bytes: int = 64 << 20,
+    ):
+        self.models = models
+        self.max_body_bytes = max_body_bytes
+        self.families = find_families(models)
+        self.cache = support_cache or SupportCache()
+        self.max_shots = max_shots
+        # Runs of onnxruntime are serialised (by default): one run already uses every core,
+        # and running several at once on CPU only makes each slower.
+        self.limiter = anyio.CapacityLimiter(max_concurrency)
+
+    # -- helpers --------------------------------------------------------------------------
+    def model(self, name: str, version: str | None = None) -> OnnxModel:
+        model = self.models.get(name)
+        if model is None:
+            raise not_found(f"unknown model {name!r}; served models are {sorted(self.models)}")
+        if version is not None and version != model.version:
+            raise not_found(f"model {name!r} has no version {version!r}; served version is {model.version}")
+        return model
+
+    @staticmethod
+    async def offload(fn, *args):
+        """CPU-bound request work (JSON, images) in a worker thread, off the event loop."""
+        return await anyio.to_thread.run_sync(functools.partial(fn, *args))
+
+    async def run(self, model: OnnxModel, feeds: dict[str, np.ndarray], outputs: list[str] | None = None):
+        try:
+            return await anyio.to_thread.run_sync(functools.partial(model.run, feeds, outputs), limiter=self.limiter)
+        except ORT_INPUT_ERRORS as exc:
+            raise bad_request(f"model {model.name!r} cannot run on these inputs: {exc}") from None
+
+    def family(self, name: str | None) -> Family:
+        if not self.families:
+            raise not_found("this repository has no diffss model (segmenter + support_encoder + query_decoder)")
+        if name:
+            if name not in self.families:
+                raise not_found(f"unknown model family {name!r}; available: {sorted(self.families)}")
+            return self.families[name]
+        if len(self.families) == 1:
+            return next(iter(self.families.values()))
+        raise bad_request(f"several model families are served, choose one with the 'model' field: {sorted(self.families)}")
+
+    # -- v2 -------------------------------------------------------------------------------
+    async def server_metadata(self):
+        return {"name": SERVER_NAME, "version": SERVER_VERSION, "extensions": ["binary_tensor_data", "model_repository", "statistics"]}
+
+    async def live(self):
+        return {"live": True}
+
+    async def ready(self):
+        return {"ready": bool(self.models)}
+
+    async def list_models(self):
+        return {"models": sorted(self.models)}
+
+    async def repository_index(self):
+        return [{"name": m.name, "version": m.version, "state": "READY"} for m in self.models.values()]
+
+    async def model_metadata(self, model_name: str, model_version: str | None = None):
+        model = self.model(model_name, model_version)
+        return {
+            "name": model.name,
+            "versions": [model.version],
+            "platform": "onnxruntime_onnx",
+            "inputs": [t.metadata() for t in model.inputs],
+            "outputs": [t.metadata() for t in model.outputs],
+        }
+
+    async def model_stats(self, model_name: str | None = None, model_version: str | None = None):
+        models = [self.model(model_name, model_version)] if model_name else list(self.models.values())
+        return {"model_stats": [m.stats.as_triton(m.name, m.version) for m in models]}
+
+    async def model_ready(self, model_name: str, model_version: str | None = None):
+        model = self.model(model_name, model_version)
+        return {"name": model.name, "ready": True}
+
+    async def infer(self, request: Request, model_name: str, model_version: str | None = None):
+        model = self.model(model_name, model_version)
+        body = await request.body()
+        encoding = request.headers.get("content-encoding")
+        if encoding:
+            body = await self.offload(self._decompress, body, encoding)
+        infer_request = await self.offload(parse_infer_request, body, request.headers.get(INFERENCE_HEADER), model)
+        arrays = await self.run(model, infer_request.inputs, [name for name, _ in infer_request.outputs])
+        content, headers = await self.offload(encode_infer_response, model, infer_request, arrays)
+        return Response(content=content, headers=headers)
+
+    def _decompress(self, body: bytes, encoding: str | None) -> bytes:
+        """gzip/deflate request bodies (tritonclient's request_compression_algorithm), bounded
+        by the same size limit as plain bodies."""
+        if not encoding or encoding.lower() == "identity":
+            return body
+        wbits = {"gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}.get(encoding.lower())
+        if wbits is None:
+            raise ApiError(415, f"Content-Encoding {encoding!r} is not supported (gzip, deflate)")
+        limit = self.max_body_bytes
+        inflater = zlib.decompressobj(wbits)
+        try:
+            out = inflater.decompress(body, limit + 1)
+        except zlib.error as exc:
+            raise bad_request(f"body is not valid {encoding} data: {exc}") from None
+        if len(out) > limit or inflater.unconsumed_tail:
+            raise ApiError(413, f"decompressed request body exceeds the limit of {limit} bytes")
+        if not inflater.eof:
+            raise bad_request(f"body is truncated {encoding} data")
+        return out
+
+    # -- people ---------------------------------------------------------------------------
+    def _form(self, request: Request):
+        """The multipart form, as a context manager that closes its spooled files."""
+        content_type = request.headers.get("content-type", "")
+        if not content_type.lower().startswith("multipart/form-data"):
+            raise ApiError(415, "send multipart/form-data (fields: query, support_image, support_mask, model)")
+        return request.form(max_files=2 * self.max_shots + 1, max_fields=16)
+
+    @staticmethod
+    async def _files(form, field: str) -> list[bytes]:
+        out = []
+        for index, item in enumerate(form.getlist(field)):
+            if not isinstance(item, UploadFile):
+                raise bad_request(f"{field}[{index}] must be a file upload, not a text field")
+            out.append(await item.read())
+        return out
+
+    async def _supports(self, form, family: Family) -> tuple[np.ndarray, np.ndarray]:
+        """[1,K,3,S,S] float32 images and [1,K,S,S] int64 masks from the form."""
+        image_files = await self._files(form, "support_image")
+        mask_files = await self._files(form, "support_mask")
+        if not image_files:
+            raise bad_request("at least one support_image (with its support_mask) is required")
+        if len(image_files) != len(mask_files):
+            raise bad_request(f"{len(image_files)} support_image files but {len(mask_files)} support_mask files")
+        if len(image_files) > self.max_shots:
+            raise bad_request(f"{len(image_files)} supports exceed the limit of {self.max_shots}")
+        return await self.offload(images.support_tensors, image_files, mask_files, family.image_size)
+
+    async def _query(self, form, family: Family) -> tuple[tuple[int, int], np.ndarray]:
+        files = await self._files(form, "query")
+        if len(files) != 1:
+            raise bad_request(f"exactly one query image is required, got {len(files)}")
+        return await self.offload(images.query_tensor, files[0], family.image_size)
+
+    @staticmethod
+    def _model_field(form) -> str | None:
+        value = form.get("model")
+        if value is not None and not isinstance(value, str):
+            raise bad_request("'model' must be a text field")
+        return value or None
+
+    async def list_families(self):
+        return {
+            "models": [
+                {"name": f.name, "image_size": f.image_size, "graphs": [f.segmenter.name, f.support_encoder.name, f.query_decoder.name]}
+                for f in self.families.values()
+            ]
+        }
+
+    async def segment(self, request: Request):
+        async with self._form(request) as form:
+            family = self.family(self._model_field(form))
+            query_size, query = await self._query(form, family)
+            support_images, support_masks = await self._supports(form, family)
+        (logits,) = await self.run(
+            family.segmenter,
+            {"query": query, "support_images": support_images, "support_masks": support_masks},
+            ["logits"],
+        )
+        return Response(await self.offload(images.mask_png, logits[0], *query_size), media_type="image/png")
+
+    async def register_supports(self, request: Request):
+        async with self._form(request) as form:
+            family = self.family(self._model_field(form))
+            support_images, support_masks = await self._supports(form, family)
+        encoder = family.support_encoder
+        names = [t.name for t in encoder.outputs]
+        features = await self.run(encoder, {"support_images": support_images, "support_masks": support_masks}, names)
+        support = SupportSet(family.name, int(support_images.shape[1]), dict(zip(names, features)))
+        try:
+            support_id = self.cache.add(support)
+        except ValueError as exc:
+            raise ApiError(413, str(exc)) from None
+        return JSONResponse(
+            {"support_id": support_id, "model": family.name, "shots": support.shots}, status_code=201
+        )
+
+    async def segment_with_supports(self, request: Request, support_id: str):
+        support = self.cache.get(support_id)
+        if support is None:
+            raise not_found(f"unknown support id {support_id!r} (never registered, or evicted from the cache)")
+        family = self.families[support.family]
+        async with self._form(request) as form:
+            query_size, query = await self._query(form, family)
+        (logits,) = await self.run(family.query_decoder, {"query": query, **support.features}, ["logits"])
+        return Response(await self.offload(images.mask_png, logits[0], *query_size), media_type="image/png")
+
+    async def delete_supports(self, support_id: str):
+        if not self.cache.remove(support_id):
+            raise not_found(f"unknown support id {support_id!r}")
+        return {"support_id": support_id, "deleted": True}
+
+
+def create_app(
+    models: dict[str, OnnxModel],
+    max_body_bytes: int = 64 << 20,
+    token: str | None = None,
+    support_cache: SupportCache | None = None,
+    max_concurrency: int = 1,
+    max_shots: int = 32,
+) -> FastAPI:
+    if max_body_bytes < 1:
+        raise ValueError("max_body_bytes must be positive")
+    server = Server(models, support_cache, max_concurrency, max_shots, max_body_bytes)
+    app = FastAPI(title=SERVER_NAME, version=SERVER_VERSION, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.server = server
+
+    get, post = ["GET"], ["POST"]
+    routes = [
+        ("/v2", server.server_metadata, get),
+        ("/v2/health/live", server.live, get),
+        ("/v2/health/ready", server.ready, get),
+        ("/v2/models", server.list_models, get),
+        ("/v2/repository/index", server.repository_index, post),
+        ("/v2/models/stats", server.model_stats, get),  # before {model_name}, which would match "stats"
+        ("/v2/models/{model_name}/stats", server.model_stats, get),
+        ("/v2/models/{model_name}/versions/{model_version}/stats", server.model_stats, get),
+        ("/v2/models/{model_name}", server.model_metadata, get),
+        ("/v2/models/{model_name}/versions/{model_version}", server.model_metadata, get),
+        ("/v2/models/{model_name}/ready", server.model_ready, get),
+        ("/v2/models/{model_name}/versions/{model_version}/ready", server.model_ready, get),
+        ("/v2/models/{model_name}/infer", server.infer, post),
+        ("/v2/models/{model_name}/versions/{model_version}/infer", server.infer, post),
+        ("/diffss/models", server.list_families, get),
+        ("/diffss/segment", server.segment, post),
+        ("/diffss/supports", server.register_supports, post),
+        ("/diffss/supports/{support_id}/segment", server.segment_with_supports, post),
+        ("/diffss/supports/{support_id}", server.delete_supports, ["DELETE"]),
+    ]
+    for path, endpoint, methods in routes:
+        app.add_api_route(path, endpoint, methods=methods)
+
+    @app.exception_handler(ApiError)
+    async def _api_error(request: Request, exc: ApiError):
+        return error_response(exc.status, exc.message)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException):
+        # unknown routes (404), wrong methods (405), malformed multipart bodies (400)
+        return error_response(exc.status_code, str(exc.detail), getattr(exc, "headers", None))
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, exc: RequestValidationError):
+        return error_response(400, f"invalid request: {json.dumps(exc.errors(), default=str)}")
+
+    app.add_middleware(GuardMiddleware, max_body_bytes=max_body_bytes, token=token)
+    return app

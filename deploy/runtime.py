@@ -1,0 +1,222 @@
+"""onnxruntime sessions for every model of a Triton-layout repository.
+
+``<repo>/<model>/<version>/model.onnx`` (highest numeric version wins, as in Triton); the
+``config.pbtxt`` beside it is for Triton and is not needed here: tensor names, types and
+shapes come from the ONNX graph, and the diffss role/family/image size from its metadata.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+log = logging.getLogger("diffss.serve")
+
+MODEL_FILE = "model.onnx"
+
+# ONNX element type (as onnxruntime spells it) -> Open Inference Protocol datatype.
+ORT_TO_V2 = {
+    "tensor(float)": "FP32",
+    "tensor(float16)": "FP16",
+    "tensor(double)": "FP64",
+    "tensor(int64)": "INT64",
+    "tensor(int32)": "INT32",
+    "tensor(int16)": "INT16",
+    "tensor(int8)": "INT8",
+    "tensor(uint8)": "UINT8",
+    "tensor(uint16)": "UINT16",
+    "tensor(uint32)": "UINT32",
+    "tensor(uint64)": "UINT64",
+    "tensor(bool)": "BOOL",
+}
+V2_TO_NUMPY = {
+    "FP32": np.dtype(np.float32),
+    "FP16": np.dtype(np.float16),
+    "FP64": np.dtype(np.float64),
+    "INT64": np.dtype(np.int64),
+    "INT32": np.dtype(np.int32),
+    "INT16": np.dtype(np.int16),
+    "INT8": np.dtype(np.int8),
+    "UINT8": np.dtype(np.uint8),
+    "UINT16": np.dtype(np.uint16),
+    "UINT32": np.dtype(np.uint32),
+    "UINT64": np.dtype(np.uint64),
+    "BOOL": np.dtype(np.bool_),
+}
+NUMPY_TO_V2 = {dtype: name for name, dtype in V2_TO_NUMPY.items()}
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One graph input/output. ``dims``: an int for a fixed axis, a name (or None) for a dynamic one."""
+
+    name: str
+    datatype: str
+    dims: tuple[int | str | None, ...]
+
+    @property
+    def v2_shape(self) -> list[int]:
+        return [d if isinstance(d, int) else -1 for d in self.dims]
+
+    def metadata(self) -> dict:
+        return {"name": self.name, "datatype": self.datatype, "shape": self.v2_shape}
+
+
+class RunStats:
+    """Counters in the shape of Triton's statistics extension (GET /v2/models/{name}/stats)."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self.success_count = self.success_ns = self.fail_count = self.fail_ns = 0
+        self.inference_count = 0  # samples (batch rows) inferred
+        self.last_inference_ms = 0
+
+    def record(self, ok: bool, elapsed_ns: int, batch: int) -> None:
+        with self._lock:
+            if ok:
+                self.success_count += 1
+                self.success_ns += elapsed_ns
+                self.inference_count += batch
+            else:
+                self.fail_count += 1
+                self.fail_ns += elapsed_ns
+            self.last_inference_ms = int(time.time() * 1000)
+
+    def as_triton(self, name: str, version: str) -> dict:
+        with self._lock:
+            return {
+                "name": name,
+                "version": version,
+                "last_inference": self.last_inference_ms,
+                "inference_count": self.inference_count,
+                "execution_count": self.success_count,
+                "inference_stats": {
+                    "success": {"count": self.success_count, "ns": self.success_ns},
+                    "fail": {"count": self.fail_count, "ns": self.fail_ns},
+                },
+            }
+
+
+@dataclass
+class OnnxModel:
+    name: str
+    version: str
+    path: Path
+    session: ort.InferenceSession
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+    metadata: dict[str, str] = field(default_factory=dict)
+    stats: RunStats = field(default_factory=RunStats)
+
+    @property
+    def role(self) -> str | None:
+        """``segmenter``/``support_encoder``/``query_decoder`` for diffss exports, else None."""
+        return self.metadata.get("diffss.role")
+
+    @property
+    def family(self) -> str | None:
+        return self.metadata.get("diffss.family")
+
+    @property
+    def providers(self) -> list[str]:
+        return self.session.get_providers()
+
+    def input(self, name: str) -> TensorSpec | None:
+        return next((t for t in self.inputs if t.name == name), None)
+
+    def run(self, feeds: dict[str, np.ndarray], output_names: list[str] | None = None) -> list[np.ndarray]:
+        start = time.perf_counter_ns()
+        ok = False
+        try:
+            outputs = self.session.run(output_names or [t.name for t in self.outputs], feeds)
+            ok = True
+            return outputs
+        finally:
+            batch = next((a.shape[0] for a in feeds.values() if a.ndim), 1)
+            self.stats.record(ok, time.perf_counter_ns() - start, int(batch))
+
+
+def _specs(args) -> list[TensorSpec]:
+    specs = []
+    for arg in args:
+        datatype = ORT_TO_V2.get(arg.type)
+        if datatype is None:
+            raise ValueError(f"tensor {arg.name!r} has type {arg.type}, which this server does not handle")
+        specs.append(TensorSpec(arg.name, datatype, tuple(d if isinstance(d, int) else d for d in arg.shape)))
+    return specs
+
+
+def cuda_usable() -> bool:
+    """CUDA provider compiled in and an NVIDIA device present.
+
+    onnxruntime-gpu lists CUDAExecutionProvider even on machines without a GPU and then logs
+    an error while falling back, so the device node is checked first.
+    """
+    return "CUDAExecutionProvider" in ort.get_available_providers() and os.path.exists("/dev/nvidiactl")
+
+
+def select_providers(device: str = "auto") -> list[str]:
+    if device not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"device must be auto, cpu or cuda, got {device!r}")
+    if device == "cpu" or (device == "auto" and not cuda_usable()):
+        return ["CPUExecutionProvider"]
+    return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+
+
+def session_options(intra_op_threads: int = 0) -> ort.SessionOptions:
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    # 0 lets onnxruntime use one thread per physical core; the server runs one session at a
+    # time by default (--max-concurrency), so a run may use all of them.
+    options.intra_op_num_threads = intra_op_threads
+    options.inter_op_num_threads = 1
+    return options
+
+
+def latest_version(model_dir: Path) -> str | None:
+    versions = [p.name for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit() and (p / MODEL_FILE).is_file()]
+    return max(versions, key=int) if versions else None
+
+
+def load_model(model_dir: Path, providers: list[str], intra_op_threads: int = 0) -> OnnxModel:
+    version = latest_version(model_dir)
+    if version is None:
+        raise FileNotFoundError(f"{model_dir}: no <version>/{MODEL_FILE}")
+    path = model_dir / version / MODEL_FILE
+    session = ort.InferenceSession(str(path), session_options(intra_op_threads), providers=providers)
+    return OnnxModel(
+        name=model_dir.name,
+        version=version,
+        path=path,
+        session=session,
+        inputs=_specs(session.get_inputs()),
+        outputs=_specs(session.get_outputs()),
+        metadata=dict(session.get_modelmeta().custom_metadata_map),
+    )
+
+
+def load_repository(repo_dir: str | os.PathLike, device: str = "auto", intra_op_threads: int = 0) -> dict[str, OnnxModel]:
+    """Every ``<repo>/<model>/`` that holds a ``<version>/model.onnx``; folders without one are skipped."""
+    repo_dir = Path(repo_dir)
+    if not repo_dir.is_dir():
+        raise FileNotFoundError(f"model repository not found: {repo_dir}")
+    providers = select_providers(device)
+    models = {}
+    for model_dir in sorted(p for p in repo_dir.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        if latest_version(model_dir) is None:
+            log.warning("skipping %s: no <version>/%s inside", model_dir, MODEL_FILE)
+            continue
+        model = load_model(model_dir, providers, intra_op_threads)
+        log.info("loaded %s v%s from %s on %s", model.name, model.version, model.path, model.providers)
+        models[model.name] = model
+    if not models:
+        raise FileNotFoundError(f"{repo_dir}: no model folders with <version>/{MODEL_FILE} (Triton layout)")
+    return models

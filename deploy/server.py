@@ -1,0 +1,78 @@
+"""``diffss-serve``: serve an exported model repository (Triton layout) with onnxruntime.
+
+    diffss-serve --model-repository models/repo [--host 127.0.0.1] [--port 8080]
+                 [--max-body-bytes 67108864] [--token SECRET]
+
+The token may also come from the DIFFSS_SERVE_TOKEN environment variable (keeps it out of
+``ps`` output). See deploy/README.md for the routes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 8080
+DEFAULT_MAX_BODY_BYTES = 64 << 20
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="diffss-serve", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model-repository", required=True, help="folder in Triton layout (<model>/<version>/model.onnx)")
+    parser.add_argument("--host", default=DEFAULT_HOST, help="address to bind (default %(default)s; 0.0.0.0 in containers)")
+    parser.add_argument("--port", type=int, default=DEFAULT_PORT, help="port (default %(default)s)")
+    parser.add_argument("--max-body-bytes", type=positive_int, default=DEFAULT_MAX_BODY_BYTES,
+                        help="largest accepted request body, after decompression (default %(default)s)")
+    parser.add_argument("--token", default=os.environ.get("DIFFSS_SERVE_TOKEN") or None,
+                        help="bearer token required on every route but /v2/health/* (default: $DIFFSS_SERVE_TOKEN, else none)")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                        help="auto: CUDAExecutionProvider where a GPU is usable, else CPU")
+    parser.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads (0: one per physical core)")
+    parser.add_argument("--max-concurrency", type=positive_int, default=1,
+                        help="onnxruntime runs executing at once (default %(default)s: each run uses all cores)")
+    parser.add_argument("--support-cache-size", type=positive_int, default=256, help="registered support sets kept (LRU)")
+    parser.add_argument("--support-cache-bytes", type=positive_int, default=1 << 30, help="memory bound of that cache")
+    parser.add_argument("--max-shots", type=positive_int, default=32, help="most support images per request")
+    parser.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    import uvicorn
+
+    from deploy.app import create_app
+    from deploy.runtime import load_repository
+    from deploy.support_cache import SupportCache
+
+    try:
+        models = load_repository(args.model_repository, device=args.device, intra_op_threads=args.threads)
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"diffss-serve: {exc}", file=sys.stderr)
+        return 2
+    app = create_app(
+        models,
+        max_body_bytes=args.max_body_bytes,
+        token=args.token,
+        support_cache=SupportCache(args.support_cache_size, args.support_cache_bytes),
+        max_concurrency=args.max_concurrency,
+        max_shots=args.max_shots,
+    )
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, access_log=False,
+                timeout_keep_alive=65)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

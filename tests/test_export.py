@@ -1,0 +1,231 @@
+"""ONNX export: checker, opset, Triton layout, parity with PyTorch, dynamic batch/shots/size.
+
+Both real models (prototype, PFENet; small backbone, random init) are exported once per module.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+from diffss.export import (
+    MAX_ABS_LOGIT_DIFF,
+    MIN_ARGMAX_AGREEMENT,
+    export_graphs,
+    export_model_repository,
+    load_parity,
+    measure_parity,
+)
+from diffss.export.graphs import sample_episode
+from diffss.export.optimize import reduce_max_over_last_axis
+from diffss.models import build_model
+
+ROLES = ("segmenter", "support_encoder", "query_decoder")
+SAMPLE = 64  # PFENet needs >= 64 px (feature stride 8, coarsest pyramid scale 1/8)
+
+
+@pytest.fixture(scope="module", params=["prototype", "pfenet"])
+def exported(request, tmp_path_factory):
+    torch.manual_seed(0)
+    model = build_model(request.param, backbone="small").eval()
+    repo = tmp_path_factory.mktemp(f"repo_{request.param}")
+    if request.param == "prototype":  # from a checkpoint folder, as the pipeline does
+        source = model.save_pretrained(tmp_path_factory.mktemp("ckpt") / "prototype")
+    else:
+        source = model
+    result = export_model_repository(source, repo, name="diffss", sample_size=SAMPLE, shots=2, image_size=64)
+    return request.param, model, repo, result
+
+
+def _session(path):
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
+def test_triton_layout(exported):
+    _, _, repo, result = exported
+    assert sorted(p.name for p in repo.iterdir() if p.is_dir()) == [f"diffss_{r}" for r in sorted(ROLES)]
+    for role in ROLES:
+        model_dir = repo / f"diffss_{role}"
+        assert (model_dir / "1" / "model.onnx").is_file()
+        config = (model_dir / "config.pbtxt").read_text()
+        assert f'name: "diffss_{role}"' in config
+        assert 'backend: "onnxruntime"' in config and "max_batch_size: 0" in config
+        assert result["models"][role]["onnx"] == str(model_dir / "1" / "model.onnx")
+        for tensor in result["models"][role]["inputs"] + result["models"][role]["outputs"]:
+            assert f'name: "{tensor}"' in config
+    decoder_config = (repo / "diffss_query_decoder" / "config.pbtxt").read_text()
+    assert "dims: [ -1, 3, -1, -1 ]" in decoder_config and "TYPE_FP32" in decoder_config
+    assert "TYPE_INT64" in (repo / "diffss_segmenter" / "config.pbtxt").read_text()
+
+
+def test_checker_opset_and_dynamic_axes(exported):
+    _, _, repo, result = exported
+    for role in ROLES:
+        proto = onnx.load(result["models"][role]["onnx"])
+        onnx.checker.check_model(proto, full_check=True)
+        assert {o.domain: o.version for o in proto.opset_import}[""] == 17
+        meta = {p.key: p.value for p in proto.metadata_props}
+        assert meta["diffss.role"] == role and meta["diffss.family"] == "diffss"
+        assert meta["diffss.image_size"] == "64"
+        dims = {v.name: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim] for v in proto.graph.input}
+        if "query" in dims:
+            assert dims["query"] == ["batch", 3, "height", "width"]
+        if "support_images" in dims:
+            assert dims["support_images"] == ["batch", "shots", 3, "support_height", "support_width"]
+            assert dims["support_masks"] == ["batch", "shots", "support_height", "support_width"]
+        assert result["models"][role]["trace_warnings"] == []
+    # PFENet's prior (max over support pixels of a MatMul) is rewritten to reduce the last axis
+    name = exported[0]
+    expected = {"segmenter": 1, "support_encoder": 0, "query_decoder": 1} if name == "pfenet" else dict.fromkeys(ROLES, 0)
+    assert {role: result["models"][role]["rewrites"] for role in ROLES} == expected
+
+
+def test_parity_recorded_and_within_thresholds(exported):
+    _, _, repo, result = exported
+    parity = result["parity"]
+    assert load_parity(repo, "diffss") == json.loads((repo / "parity.json").read_text())["diffss"] == parity
+    assert parity["passed"] is True
+    assert parity["max_abs_logit_diff"] <= MAX_ABS_LOGIT_DIFF == 1e-4
+    assert parity["argmax_agreement"] >= MIN_ARGMAX_AGREEMENT == 0.999
+    shapes = {(c["batch"], c["shots"], c["height"], c["width"]) for c in parity["cases"]}
+    assert len(shapes) == 3 and all(s[2:] != (SAMPLE, SAMPLE) for s in shapes)
+    assert {c["shots"] for c in parity["cases"]} == {1, 3, 5}
+
+
+@pytest.mark.parametrize("batch,shots,height,width", [(3, 1, 72, 64), (2, 6, 64, 80)])
+def test_dynamic_batch_shots_and_size_match_torch(exported, batch, shots, height, width):
+    """K-shot fusion in the graph stays correct for K never seen at export (dynamic K axis)."""
+    _, model, _, result = exported
+    query, support_images, support_masks = sample_episode(batch, shots, height, width, seed=7)
+    with torch.no_grad():
+        reference = model(query, support_images, support_masks).numpy()
+    feeds = {"support_images": support_images.numpy(), "support_masks": support_masks.numpy()}
+    full = _session(result["models"]["segmenter"]["onnx"]).run(None, {"query": query.numpy(), **feeds})[0]
+    encoder = _session(result["models"]["support_encoder"]["onnx"])
+    names = [o.name for o in encoder.get_outputs()]
+    features = dict(zip(names, encoder.run(names, feeds)))
+    split = _session(result["models"]["query_decoder"]["onnx"]).run(None, {"query": query.numpy(), **features})[0]
+    assert full.shape == split.shape == reference.shape == (batch, 2, height, width)
+    assert np.abs(full - reference).max() <= MAX_ABS_LOGIT_DIFF
+    assert np.abs(split - reference).max() <= MAX_ABS_LOGIT_DIFF
+    assert (full.argmax(1) == reference.argmax(1)).mean() >= MIN_ARGMAX_AGREEMENT
+
+
+def test_parity_detects_a_diverging_model(exported):
+    """The parity check has teeth: weights changed after export make it fail."""
+    name, _, repo, _ = exported
+    torch.manual_seed(123)
+    other = build_model(name, backbone="small").eval()
+    parity = measure_parity(other, repo, cases=[(1, 2, SAMPLE, SAMPLE)])
+    assert parity["passed"] is False
+    assert parity["max_abs_logit_diff"] > MAX_ABS_LOGIT_DIFF
+
+
+def test_later_opset_is_written_exactly(tmp_path):
+    torch.manual_seed(0)
+    model = build_model("prototype", backbone="small").eval()
+    path = tmp_path / "support_encoder.onnx"
+    export_graphs(model, {"support_encoder": path}, opset=18, sample_size=SAMPLE)
+    proto = onnx.load(str(path))
+    onnx.checker.check_model(proto, full_check=True)
+    assert {o.domain: o.version for o in proto.opset_import}[""] == 18
+    _, support_images, support_masks = sample_episode(1, 3, 80, 48, seed=3)
+    with torch.no_grad():
+        reference = [t.numpy() for t in model.encode_support(support_images, support_masks)]
+    out = _session(path).run(None, {"support_images": support_images.numpy(), "support_masks": support_masks.numpy()})
+    assert len(out) == len(reference) == 2
+    assert max(np.abs(a - b).max() for a, b in zip(out, reference)) <= MAX_ABS_LOGIT_DIFF
+
+
+@pytest.mark.parametrize("opset,keepdims", [(17, 1), (18, 1), (18, 0)])
+def test_reduce_max_rewrite_is_exact(opset, keepdims):
+    from onnx import TensorProto, helper
+
+    a = helper.make_tensor_value_info("a", TensorProto.FLOAT, [2, 3, 4, 5])
+    b = helper.make_tensor_value_info("b", TensorProto.FLOAT, [2, 1, 5, 6])
+    out = helper.make_tensor_value_info("out", TensorProto.FLOAT, [2, 3, 1, 6] if keepdims else [2, 3, 6])
+    nodes = [helper.make_node("MatMul", ["a", "b"], ["ab"])]
+    initializers = []
+    if opset >= 18:
+        initializers.append(helper.make_tensor("axes", TensorProto.INT64, [1], [2]))
+        nodes.append(helper.make_node("ReduceMax", ["ab", "axes"], ["out"], keepdims=keepdims))
+    else:
+        nodes.append(helper.make_node("ReduceMax", ["ab"], ["out"], axes=[-2], keepdims=keepdims))
+    graph = helper.make_graph(nodes, "g", [a, b], [out], initializer=initializers)
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=8)
+    feeds = {"a": np.random.rand(2, 3, 4, 5).astype(np.float32), "b": np.random.rand(2, 1, 5, 6).astype(np.float32)}
+    before = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+    assert reduce_max_over_last_axis(proto) == 1
+    onnx.checker.check_model(proto, full_check=True)
+    assert [n.op_type for n in proto.graph.node].count("MatMul") == 1
+    after = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+    assert after.shape == before.shape == ((2, 3, 1, 6) if keepdims else (2, 3, 6))
+    np.testing.assert_array_equal(after, before)
+
+
+class _UndeclaredFeatures(torch.nn.Module):
+    """A contract-following model without ``support_feature_axes``: one prototype per episode
+    and the per-shot feature maps, whose dynamic axes the exporter must find by itself."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 8, 3, stride=2, padding=1)
+
+    def encode_support(self, support_images, support_masks):
+        feats = self.conv(support_images.flatten(0, 1))
+        fg = torch.nn.functional.interpolate((support_masks == 1).float().flatten(0, 1)[:, None], size=feats.shape[-2:])
+        proto = (feats * fg).sum((2, 3)) / (fg.sum((2, 3)) + 1e-3)
+        return proto.reshape(support_images.shape[0], -1, 8).mean(1), feats.reshape(support_images.shape[:2] + feats.shape[1:])
+
+    def decode_query(self, query, prototype, shot_features):
+        feats = self.conv(query)
+        score = (feats * prototype[:, :, None, None]).sum(1, keepdim=True) + shot_features.mean((1, 2, 3, 4))[:, None, None, None]
+        logits = torch.cat([-score, score], dim=1)
+        return torch.nn.functional.interpolate(logits, size=query.shape[-2:], mode="bilinear")
+
+    def forward(self, query, support_images, support_masks):
+        return self.decode_query(query, *self.encode_support(support_images, support_masks))
+
+
+def test_undeclared_support_features_get_discovered_axes(tmp_path):
+    torch.manual_seed(0)
+    model = _UndeclaredFeatures().eval()
+    paths = {role: tmp_path / f"{role}.onnx" for role in ROLES}
+    graphs = export_graphs(model, paths, sample_size=32)
+    assert graphs["support_encoder"].outputs == ["support_feat_0", "support_feat_1"]
+    assert graphs["support_encoder"].dynamic_axes["support_feat_0"] == {0: "batch"}
+    assert set(graphs["support_encoder"].dynamic_axes["support_feat_1"]) == {0, 1, 3, 4}  # B, K, h, w; not C
+    query, support_images, support_masks = sample_episode(3, 5, 40, 24, seed=9)
+    with torch.no_grad():
+        reference = model(query, support_images, support_masks).numpy()
+    feeds = {"support_images": support_images.numpy(), "support_masks": support_masks.numpy()}
+    features = _session(paths["support_encoder"]).run(None, feeds)
+    decoded = _session(paths["query_decoder"]).run(
+        None, {"query": query.numpy(), "support_feat_0": features[0], "support_feat_1": features[1]}
+    )[0]
+    full = _session(paths["segmenter"]).run(None, {"query": query.numpy(), **feeds})[0]
+    assert np.abs(decoded - reference).max() <= MAX_ABS_LOGIT_DIFF
+    assert np.abs(full - reference).max() <= MAX_ABS_LOGIT_DIFF
+
+
+def test_bad_arguments_are_named(tmp_path):
+    model = build_model("prototype", backbone="small")
+    for opset in (16, 21):
+        with pytest.raises(ValueError, match="opset"):
+            export_model_repository(model, tmp_path / "r", opset=opset)
+    with pytest.raises(FileNotFoundError, match="no_such_checkpoint"):
+        export_model_repository(tmp_path / "no_such_checkpoint", tmp_path / "r")
+    with pytest.raises(ValueError, match="name"):
+        export_model_repository(model, tmp_path / "r", name="bad/name")
+    with pytest.raises(ValueError, match="graph roles"):
+        export_graphs(model, {"decoder": tmp_path / "x.onnx"})
+    with pytest.raises(FileNotFoundError, match="parity"):
+        load_parity(tmp_path)
+    (tmp_path / "parity.json").write_text('{"other": {}}')
+    with pytest.raises(KeyError, match="diffss"):
+        load_parity(tmp_path, "diffss")
