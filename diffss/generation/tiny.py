@@ -111,6 +111,8 @@ def _tiny_models(vocab_size: int, bos_id: int, eos_id: int, conditions: Iterable
                                 up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), **common)
     controlnets = {kind: ControlNetModel(in_channels=4, conditioning_embedding_out_channels=(8, 8, 16), **common)
                    for kind in conditions}
+    for controlnet in controlnets.values():
+        _unzero(controlnet)
     vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 8, 16),
                         down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
                         layers_per_block=1, norm_num_groups=4, sample_size=64)
@@ -123,6 +125,19 @@ def _tiny_models(vocab_size: int, bos_id: int, eos_id: int, conditions: Iterable
                               num_train_timesteps=1000, skip_prk_steps=True, steps_offset=1,
                               set_alpha_to_one=False)
     return unet, controlnets, vae, text_encoder, scheduler
+
+
+def _unzero(controlnet) -> None:
+    """A fresh ControlNet's output convolutions are zero (training starts from the plain UNet),
+    so every condition would paint the same image. Random weights there make the condition
+    reach the UNet, so seg, hed and scribble runs differ as they do with trained models."""
+    import torch
+
+    zero_convs = [*controlnet.controlnet_down_blocks, controlnet.controlnet_mid_block,
+                  controlnet.controlnet_cond_embedding.conv_out]
+    with torch.no_grad():
+        for conv in zero_convs:
+            torch.nn.init.normal_(conv.weight, std=0.2)
 
 
 def _complete(path: Path, marker: str) -> bool:

@@ -1,0 +1,1 @@
+"""Assets, one module per stage: data -> generation -> training -> evaluation -> delivery."""
