@@ -24,7 +24,7 @@ import hmac
 import json
 import logging
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import anyio
 import numpy as np
@@ -37,6 +37,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from deploy import images
 from deploy.errors import ApiError, bad_request, not_found
 from deploy.runtime import OnnxModel
+from deploy.set_features import compact_features, parse_set_valued
 from deploy.support_cache import SupportCache, SupportSet
 from deploy.v2 import INFERENCE_HEADER, encode_infer_response, parse_infer_request
 
@@ -131,6 +132,8 @@ class Family:
     support_encoder: OnnxModel
     query_decoder: OnnxModel
     image_size: int
+    # decoder inputs read only as sets of vectors, compacted once when supports are registered
+    set_valued: dict[str, int] = field(default_factory=dict)
 
 
 def find_families(models: dict[str, OnnxModel]) -> dict[str, Family]:
@@ -147,7 +150,9 @@ def find_families(models: dict[str, OnnxModel]) -> dict[str, Family]:
             size = int(roles["segmenter"].metadata.get("diffss.image_size", DEFAULT_IMAGE_SIZE))
         except ValueError:
             size = DEFAULT_IMAGE_SIZE
-        families[name] = Family(name, roles["segmenter"], roles["support_encoder"], roles["query_decoder"], size)
+        decoder = roles["query_decoder"]
+        set_valued = parse_set_valued(decoder.metadata, {t.name: len(t.dims) for t in decoder.inputs}, decoder.name)
+        families[name] = Family(name, roles["segmenter"], roles["support_encoder"], decoder, size, set_valued)
     return families
 
 
@@ -336,7 +341,10 @@ class Server:
         encoder = family.support_encoder
         names = [t.name for t in encoder.outputs]
         features = await self.run(encoder, {"support_images": support_images, "support_masks": support_masks}, names)
-        support = SupportSet(family.name, int(support_images.shape[1]), dict(zip(names, features)))
+        features = dict(zip(names, features))
+        if family.set_valued:  # paid once here instead of on every query against the set
+            features = await self.offload(compact_features, features, family.set_valued)
+        support = SupportSet(family.name, int(support_images.shape[1]), features)
         try:
             support_id = self.cache.add(support)
         except ValueError as exc:

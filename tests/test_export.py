@@ -229,3 +229,89 @@ def test_bad_arguments_are_named(tmp_path):
     (tmp_path / "parity.json").write_text('{"other": {}}')
     with pytest.raises(KeyError, match="diffss"):
         load_parity(tmp_path, "diffss")
+
+
+# -- set-valued support features (exact compaction of cached support sets) ---------------------
+def _varied_masks(size: int) -> torch.Tensor:
+    """Five shots from all to almost no foreground: [1,5,size,size] int64."""
+    masks = torch.zeros(1, 5, size, size, dtype=torch.int64)
+    masks[0, 0] = 1  # all foreground
+    masks[0, 1, : size * 2 // 3, : size * 2 // 3] = 1  # ~40%
+    masks[0, 2, size // 2 :, size // 4 : size // 2] = 1  # ~12%
+    masks[0, 2, size // 2, size // 4 : size // 2] = 255  # ignore border
+    masks[0, 3, 5:8, 40:43] = 1  # empty-ish: a few pixels
+    return masks  # shot 4 stays empty
+
+
+def test_set_valued_support_features_compact_exactly(exported):
+    """The decoder metadata names the model's set-valued inputs, and compacting them (as the
+    server does on registration) leaves the decoder's logits unchanged, for any mix of
+    foreground fractions, including an all-foreground shot (nothing to drop) and empty ones."""
+    from deploy.set_features import SET_VALUED_METADATA, compact_set_valued
+
+    name, model, _, result = exported
+    decoder = _session(result["models"]["query_decoder"]["onnx"])
+    meta = decoder.get_modelmeta().custom_metadata_map
+    declared = json.loads(meta.get(SET_VALUED_METADATA, "{}"))
+    assert declared == model.set_valued_support_features == ({"support_high": 2} if name == "pfenet" else {})
+    encoder = _session(result["models"]["support_encoder"]["onnx"])
+    names = [o.name for o in encoder.get_outputs()]
+    query, support_images, _ = sample_episode(1, 5, 72, 80, seed=3)
+    masks = _varied_masks(SAMPLE)
+    images = torch.rand(1, 5, 3, SAMPLE, SAMPLE, generator=torch.Generator().manual_seed(4))
+    # shot sets: all five (the all-foreground one leaves nothing to drop) and the last four
+    for shots, shrinks in ((slice(0, 5), False), (slice(1, 5), True)):
+        feeds = {"support_images": images[:, shots].numpy(), "support_masks": masks[:, shots].numpy()}
+        features = dict(zip(names, encoder.run(names, feeds)))
+        compacted = {n: compact_set_valued(f, declared[n]) if n in declared else f for n, f in features.items()}
+        for n in declared:
+            if shrinks:
+                assert compacted[n].shape[:3] == features[n].shape[:3] and compacted[n].shape[4:] == (1,)
+                assert compacted[n].shape[3] < np.prod(features[n].shape[3:]) / 2
+            else:
+                assert compacted[n] is features[n]
+        reference = decoder.run(None, {"query": query.numpy(), **features})[0]
+        fast = decoder.run(None, {"query": query.numpy(), **compacted})[0]
+        assert np.abs(fast - reference).max() <= 1e-5
+
+
+def test_compact_set_valued_keeps_each_set():
+    from deploy.set_features import compact_set_valued
+
+    rng = np.random.default_rng(0)
+    features = rng.standard_normal((2, 3, 4, 5, 6)).astype(np.float32)  # [B,K,C,h,w]
+    features[..., 0, :] = 0  # at most 24 of 30 positions non-zero
+    features[0, 0, :, :, 2:] = 0  # 8 non-zero
+    features[0, 1] = 0  # empty
+    features[1, 0, :, 3, 4] = np.nan  # NaN is kept, not taken for zero
+    out = compact_set_valued(features, 2)
+    assert out.shape == (2, 3, 4, 25, 1) and out.dtype == features.dtype  # widest: 24 non-zero + a zero
+    for b in range(2):
+        for k in range(3):
+            before = {tuple(v) for v in features[b, k].reshape(4, -1).T.tolist()}
+            after = {tuple(v) for v in out[b, k].reshape(4, -1).T.tolist()}
+            same = lambda s: {tuple("nan" if x != x else x for x in v) for v in s}  # noqa: E731
+            assert same(after) == same(before)
+    full = features.copy()
+    full[np.isnan(full)] = 1.0
+    full[full == 0] = 1.0
+    assert compact_set_valued(full, 2) is full  # nothing to drop
+    with pytest.raises(ValueError, match="vector axis"):
+        compact_set_valued(features, 4)
+
+
+def test_bad_set_valued_declarations_are_named():
+    from diffss.export.graphs import set_valued_features
+
+    class Declares(torch.nn.Module):
+        set_valued_support_features = {}
+
+    specs = [("prototype", {0: "batch"}), ("support_high", {0: "batch", 1: "shots", 3: "h", 4: "w"})]
+    features = [torch.zeros(2, 8), torch.zeros(2, 3, 8, 4, 4)]
+    model = Declares()
+    model.set_valued_support_features = {"support_high": 2}
+    assert set_valued_features(model, specs, features) == {"support_high": 2}
+    for bad, words in (({"nope": 2}, "nope"), ({"prototype": 0}, "dynamic"), ({"support_high": 4}, "vector axis")):
+        model.set_valued_support_features = bad
+        with pytest.raises(ValueError, match=words):
+            set_valued_features(model, specs, features)

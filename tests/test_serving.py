@@ -304,6 +304,39 @@ def test_people_segment_and_registered_supports(server, client):
     assert_client_error(status, raw, 404, "support id")
 
 
+def test_pfenet_registered_supports_are_compacted_and_answer_like_the_full_route(server, repo):
+    """PFENet declares its masked support features set-valued: registration keeps only the
+    pixels that matter (deploy.set_features), and the cached route still answers like the
+    full episode graph, for shots from all to no foreground."""
+    from deploy.app import find_families
+    from deploy.runtime import load_repository
+
+    families = find_families(load_repository(repo, device="cpu"))
+    assert families["pfenet"].set_valued == {"support_high": 2} and families["proto"].set_valued == {}
+
+    masks = [np.full((48, 40), 255, np.uint8), blob_mask(48, 40), np.zeros((48, 40), np.uint8)]
+    masks[2][3:6, 30:33] = 255  # a few pixels
+    supports = []
+    for k, mask in enumerate(masks):
+        supports += [("support_image", png(picture(48, 40, 20 + k))), ("support_mask", png(mask))]
+    query_png = png(picture(56, 60, 3))
+    for shots in (supports, supports[2:]):  # with and without the all-foreground shot
+        body, headers = multipart(shots, {"model": "pfenet"})
+        status, _, raw = request(server, "POST", "/diffss/supports", body, headers)
+        assert status == 201, raw
+        support_id = json.loads(raw)["support_id"]
+        body, headers = multipart([("query", query_png), *shots], {"model": "pfenet"})
+        status, _, full_bytes = request(server, "POST", "/diffss/segment", body, headers)
+        assert status == 200
+        body, headers = multipart([("query", query_png)])
+        status, _, cached_bytes = request(server, "POST", f"/diffss/supports/{support_id}/segment", body, headers)
+        assert status == 200
+        full = np.asarray(Image.open(io.BytesIO(full_bytes)))
+        cached = np.asarray(Image.open(io.BytesIO(cached_bytes)))
+        assert cached.shape == full.shape == (56, 60)
+        assert (cached == full).mean() >= 0.999
+
+
 def test_people_route_needs_model_choice_when_several(server):
     body, headers = multipart([("query", png(picture(32, 32, 2))), *_support_files(1)])
     status, _, raw = request(server, "POST", "/diffss/segment", body, headers)

@@ -36,6 +36,10 @@ SUPPORT_IMAGES = "support_images"
 SUPPORT_MASKS = "support_masks"
 LOGITS = "logits"
 FEATURE_PREFIX = "support_feat_"
+# query_decoder metadata: JSON {input name: vector axis} of the model's set-valued support
+# features (FewShotSegmenter.set_valued_support_features); servers compact those when caching.
+# deploy/set_features.py spells the same key (the server must not import torch, so not this).
+SET_VALUED_METADATA = "diffss.set_valued_inputs"
 
 # The TorchScript-based exporter: it writes the requested opset exactly (17 to 20) with named
 # dynamic axes. The torch.export-based one emits opset 18 natively, cannot always convert down
@@ -152,6 +156,30 @@ def support_feature_specs(
     return specs
 
 
+def set_valued_features(
+    model: nn.Module, feature_specs: list[tuple[str, dict[int, str]]], features: Sequence[torch.Tensor]
+) -> dict[str, int]:
+    """The model's ``set_valued_support_features`` (name -> vector axis), checked against the
+    features it exports: each must be one of them, with a vector axis followed by at least one
+    axis, all of which are dynamic (a server changes their lengths)."""
+    declared = dict(getattr(model, "set_valued_support_features", None) or {})
+    ranks = {name: f.dim() for (name, _), f in zip(feature_specs, features)}
+    axes_of = dict(feature_specs)
+    where = f"{type(model).__name__}.set_valued_support_features"
+    checked = {}
+    for name, axis in declared.items():
+        if name not in ranks:
+            raise ValueError(f"{where} names {name!r}, which is not a support feature ({sorted(ranks)})")
+        rank = ranks[name]
+        if not isinstance(axis, int) or not 0 <= axis <= rank - 2:
+            raise ValueError(f"{where}[{name!r}] must be a vector axis in [0, {rank - 2}] of the rank-{rank} feature, got {axis!r}")
+        fixed = [a for a in range(axis + 1, rank) if a not in axes_of[name]]
+        if fixed:
+            raise ValueError(f"{where}[{name!r}]: set axes {fixed} after vector axis {axis} must be dynamic in support_feature_axes")
+        checked[name] = axis
+    return checked
+
+
 def _export_one(
     module: nn.Module,
     args: tuple[torch.Tensor, ...],
@@ -257,6 +285,7 @@ def export_graphs(
             f"but encode_support returns {len(features)}"
         )
     logits_shape = (batch, 2, height, width)
+    set_valued = set_valued_features(model, feature_specs, features)
 
     specs = {
         "segmenter": (
@@ -296,6 +325,8 @@ def export_graphs(
         shapes.update({n: tuple(f.shape) for n, f in zip(feat_names, features)})
         shapes[LOGITS] = logits_shape
         graph_meta = {"diffss.role": role, "diffss.support_features": json.dumps(feat_names), **(metadata or {})}
+        if role == "query_decoder" and set_valued:
+            graph_meta[SET_VALUED_METADATA] = json.dumps(set_valued, sort_keys=True)
         rewrites = _finish_graph(path, axes, shapes, graph_meta)
         results[role] = ExportedGraph(role, path, inputs, outputs, axes, caught, rewrites)
     return results

@@ -107,10 +107,18 @@ class FewShotSegmenter(nn.Module):
 
     ``support_feature_axes``: for each tensor ``encode_support`` returns, its name and its dynamic
     axes (ONNX input/output names and ``dynamic_axes`` for the two exported graphs).
+
+    ``set_valued_support_features``: support features that ``decode_query`` uses only as a *set*
+    of vectors, name -> vector axis. The tensor is read as independent sets (the axes before the
+    vector axis), each holding one vector per position of the axes after it (all dynamic); the
+    decoder's output must not depend on the order of those positions, on repeats, or on the
+    spatial layout, only on which distinct vectors occur. A server may then shrink a cached
+    support set to the distinct vectors it needs (``deploy.set_features``) with the same result.
     """
 
     model_name: ClassVar[str] = ""
     support_feature_axes: ClassVar[dict[str, dict[int, str]]] = {}
+    set_valued_support_features: ClassVar[dict[str, int]] = {}
 
     def __init__(self):
         super().__init__()

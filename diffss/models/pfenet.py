@@ -96,6 +96,12 @@ class PFENet(FewShotSegmenter):
         "prototype": {0: "batch"},
         "support_high": {0: "batch", 1: "shots", 3: "support_feat_h", 4: "support_feat_w"},
     }
+    # The decoder reads ``support_high`` only through ``prior_mask``: flatten the pixels, then
+    # the max over them of each pixel's cosine with a query pixel. A max over pixels depends
+    # only on the set of distinct C-vectors [B,K,C,*]; since the features are zero outside
+    # the support mask, a registered support set can be cut to its foreground pixels (plus
+    # one zero pixel where the shot had any), which makes the prior several times cheaper.
+    set_valued_support_features = {"support_high": 2}
 
     def __init__(
         self,
