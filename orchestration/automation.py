@@ -13,12 +13,20 @@ from pathlib import Path
 
 import dagster as dg
 
-from orchestration.assets.data import file_listing, fold_splits, listing_digest, listing_key, raw_dataset, sample_files
+from orchestration.assets.data import (
+    file_listing,
+    fold_splits,
+    listing_digest,
+    listing_key,
+    raw_dataset,
+    same_file,
+    sample_files,
+)
 from orchestration.assets.delivery import dvc_snapshot, onnx_segmenter
 from orchestration.assets.evaluation import auxiliary_evaluation, baseline_evaluation, evaluation_table, xshot_study
 from orchestration.assets.generation import auxiliary_supports, auxiliary_table_path, control_conditions
 from orchestration.assets.training import auxiliary_checkpoint, baseline_checkpoint
-from orchestration.assets.common import load_split
+from orchestration.assets.common import dataset_of, load_split
 from orchestration.partitions import SPLIT_KEYS, condition_key
 from orchestration.resources import ExperimentResource, StorageResource
 
@@ -47,6 +55,9 @@ publish_job = dg.define_asset_job("publish_job", selection=[dvc_snapshot], descr
 JOBS = [fold_data_job, supports_job, retrain_baseline_job, retrain_auxiliary_job, fold_summary_job, publish_job]
 
 WEEKLY = "0 3 * * 1"  # Mondays 03:00
+# A scheduled retrain trains from scratch: not the up-to-date checkpoint (retrain), not an
+# interrupted one (resume).
+RETRAIN = {"retrain": True, "resume": False}
 
 
 def _stamp(context: dg.ScheduleEvaluationContext) -> str:
@@ -71,7 +82,7 @@ def weekly_retrain_baseline(context: dg.ScheduleEvaluationContext, storage: Stor
     stamp = _stamp(context)
     return [
         dg.RunRequest(run_key=f"retrain-{stamp}-{split}", partition_key=split,
-                      run_config={"ops": {"baseline_checkpoint": {"config": {"resume": False}}}},
+                      run_config={"ops": {"baseline_checkpoint": {"config": RETRAIN}}},
                       tags={"diffss/trigger": "weekly_retrain"})
         for split in splits
     ]
@@ -88,7 +99,7 @@ def weekly_retrain_auxiliary(context: dg.ScheduleEvaluationContext, storage: Sto
             if auxiliary_table_path(storage, split, condition).is_file():
                 requests.append(dg.RunRequest(
                     run_key=f"retrain-{stamp}-{split}-{condition}", partition_key=condition_key(split, condition),
-                    run_config={"ops": {"auxiliary_checkpoint": {"config": {"resume": False}}}},
+                    run_config={"ops": {"auxiliary_checkpoint": {"config": RETRAIN}}},
                     tags={"diffss/trigger": "weekly_retrain"},
                 ))
     return requests or dg.SkipReason("no (fold, condition) has auxiliary supports yet")
@@ -112,14 +123,15 @@ def folder_digest(root: Path) -> str:
 
 
 def changed_samples(storage: StorageResource, experiment: ExperimentResource, split: str, manifest: dict) -> dict[str, list[str]]:
-    """Samples of ``split`` whose image or mask is new or differs from the last indexed manifest."""
-    root = Path(manifest["root"])
+    """Samples of ``split`` whose image or mask is new or differs by content from the last indexed
+    manifest (a file with a new mtime but the same bytes, e.g. restored by ``dvc pull``, is not)."""
+    _, _, root = dataset_of(storage, split)  # this deployment's root: the manifest may come from another clone
     known = manifest["files"]
     changed: dict[str, list[str]] = {}
     for name in ("train", "test"):
         samples = load_split(storage, experiment, split, name).samples
-        now = file_listing(sample_files(samples), root)
-        touched = {path for path, stat in now.items() if known.get(path) != stat}
+        now = file_listing(sample_files(samples), root, previous=known)
+        touched = {path for path, entry in now.items() if not same_file(known.get(path), entry)}
         names = [s.name for s in samples if any(listing_key(p, root) in touched for p in sample_files([s]))]
         if names:
             changed[name] = names
@@ -140,7 +152,7 @@ def raw_data_sensor(context: dg.SensorEvaluationContext, storage: StorageResourc
     requests: list[dg.RunRequest] = []
     for split in splits:
         manifest = json.loads((storage.root / split / "raw" / "manifest.json").read_text())
-        root = manifest["root"]
+        root = str(dataset_of(storage, split)[2])
         if root not in digests:
             digests[root] = folder_digest(Path(root))
         if cursor.get(root) == digests[root]:

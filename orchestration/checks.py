@@ -151,7 +151,7 @@ def onnx_parity(context: dg.AssetCheckExecutionContext, storage: StorageResource
 
     split, _ = keys_of(context)
     source = export_source(storage, split)
-    model = load_model(source["checkpoint"])
+    model = load_model(source["checkpoint"])  # resolved against this clone's data root
     parity = measure_parity(model, Layout.of(storage, split).model_repository, name=source["name"], size=experiment.image_size)
     return dg.AssetCheckResult(
         passed=bool(parity["passed"]),

@@ -6,6 +6,10 @@ small segmenter, CPU) for ``demo_fold0``; ``--config`` takes a Dagster run confi
 and ``--partition`` another (dataset, fold). Dagster runs one partitioning per run, so the graph
 goes as: fold data + baseline -> one run per condition -> results table + ONNX -> DVC publish.
 
+Assets whose outputs are up to date (their stamps under data/ match: see
+orchestration.assets.stamps) are reused, not recomputed, so a second run, or a run on a clone
+whose data/ was restored with ``dvc pull``, takes seconds; the report marks those stages reused.
+
 Runs are recorded in the Dagster instance of ``DAGSTER_HOME`` when it is set (``make demo``
 points it at .dagster_home/, so ``dagster dev`` shows them afterwards), else in a throwaway one.
 Exit status: 0 on success, 1 when a step or an error-severity check failed, 2 for a bad config.
@@ -107,6 +111,16 @@ def failed_checks(result: dg.ExecuteInProcessResult) -> tuple[list[str], list[st
     return errors, warnings
 
 
+def reuse_of(result: dg.ExecuteInProcessResult) -> tuple[list[str], list[str]]:
+    """(assets that reused their outputs, assets that did work) in a run."""
+    reused, made = [], []
+    for event in result.get_asset_materialization_events():
+        materialization = event.event_specific_data.materialization
+        flag = materialization.metadata.get("reused")
+        (reused if flag is not None and flag.value else made).append(materialization.asset_key.to_user_string())
+    return reused, made
+
+
 def first_error(result: dg.ExecuteInProcessResult) -> str:
     """The user's exception behind a failed run (step failure or resource initialisation)."""
     for event in result.all_events:
@@ -149,19 +163,32 @@ def materialize_partition(split: str = DEMO_SPLIT, conditions: Sequence[str] | N
         log(f"[demo] {label} ...")
         result = run_stage(ALL_ASSETS + ALL_CHECKS, names, key, resources, run_config, instance, tags)
         seconds = time.monotonic() - started
-        summary["stages"].append({"stage": label, "seconds": round(seconds, 1), "run_id": result.run_id, "success": result.success})
+        reused, made = reuse_of(result)
+        summary["stages"].append({"stage": label, "seconds": round(seconds, 1), "run_id": result.run_id, "success": result.success,
+                                  "reused": reused, "materialised": made})
         if not result.success:
             raise StageFailed(f"{label}: {first_error(result)} (run {result.run_id})")
         errors, warnings = failed_checks(result)
         summary["check_errors"] += errors
         summary["check_warnings"] += warnings
-        log(f"[demo]   done in {seconds:.1f} s" + (f"; check warnings: {warnings}" if warnings else "") + (f"; FAILED checks: {errors}" if errors else ""))
+        log(f"[demo]   done in {seconds:.1f} s ({stage_reuse(summary['stages'][-1])})" + (f"; check warnings: {warnings}" if warnings else "")
+            + (f"; FAILED checks: {errors}" if errors else ""))
     storage = resources["storage"]
     summary["tiny_diffusion"] = resources["diffusion"].is_tiny
     summary["data_root"] = str(storage.root.resolve())
     summary["results_csv"] = str((storage.root / split / "evaluation" / "summary" / "results.csv").resolve())
     summary["model_repository"] = str((storage.root / split / "model_repository").resolve())
     return summary
+
+
+def stage_reuse(stage: dict[str, Any]) -> str:
+    """``reused`` (nothing recomputed), ``materialised`` or the mix, for one stage of the report."""
+    reused, made = stage.get("reused", []), stage.get("materialised", [])
+    if reused and not made:
+        return "reused"
+    if made and not reused:
+        return "materialised"
+    return f"reused {', '.join(reused) or 'nothing'}; materialised {', '.join(made) or 'nothing'}"
 
 
 def print_report(summary: dict[str, Any], total_seconds: float) -> None:
@@ -183,7 +210,10 @@ def print_report(summary: dict[str, Any], total_seconds: float) -> None:
     if os.environ.get("DAGSTER_HOME"):
         print(f"  Dagster runs (open with `dagster dev`): {os.environ['DAGSTER_HOME']}")
     for stage in summary["stages"]:
-        print(f"  {stage['seconds']:7.1f} s  {stage['stage']}")
+        print(f"  {stage['seconds']:7.1f} s  {stage['stage']}  [{stage_reuse(stage)}]")
+    reused = sum(len(stage.get("reused", [])) for stage in summary["stages"])
+    total = reused + sum(len(stage.get("materialised", [])) for stage in summary["stages"])
+    print(f"Reused (up to date, nothing recomputed): {reused} of {total} materialisations")
     if summary["check_warnings"]:
         print(f"Check warnings: {', '.join(summary['check_warnings'])}")
     print(f"Total: {total_seconds:.1f} s")

@@ -193,6 +193,17 @@ class DiffusionResource(dg.ConfigurableResource):
             return HedConditioner.random(seed=0, device=device)
         return HedConditioner(self.hed_model, device=device)
 
+    def output_settings(self) -> dict[str, Any]:
+        """The fields that change the painted images (not device, dtype, batching or download policy)."""
+        return {
+            "base_model": self.base_model,
+            "controlnets": dict(sorted(self.controlnets.items())),
+            "hed_model": self.hed_model,
+            "num_inference_steps": self.num_inference_steps,
+            "resolution": self.resolution,
+            "guidance_scale": self.guidance_scale,
+        }
+
     def describe(self) -> dict[str, str]:
         return {
             "base_model": self.base_model,

@@ -267,6 +267,9 @@ def test_weekly_retrain_schedules(demo_run, tmp_path):
         auxiliary = weekly_retrain_auxiliary(context)
     assert [r.partition_key for r in baseline] == ["demo_fold0"]
     assert baseline[0].run_config["ops"]["baseline_checkpoint"]["config"]["resume"] is False
+    # an up-to-date checkpoint would be reused: the weekly retrain asks for a new one explicitly
+    assert baseline[0].run_config["ops"]["baseline_checkpoint"]["config"]["retrain"] is True
+    assert all(r.run_config["ops"]["auxiliary_checkpoint"]["config"]["retrain"] is True for r in auxiliary)
     assert baseline[0].run_key == "retrain-2026-11-30-demo_fold0"
     assert {str(r.partition_key) for r in auxiliary} == {str(condition_key("demo_fold0", c)) for c in TEST_CONDITIONS}
     assert weekly_retrain_baseline.cron_schedule == weekly_retrain_auxiliary.cron_schedule == "0 3 * * 1"
@@ -315,6 +318,24 @@ def test_sensor_fires_on_new_raw_data_only_and_generates_for_the_new_support(tmp
     assert result.success
     table = pd.read_parquet(tmp_path / "data" / "demo_fold0" / "seg" / "auxiliary" / "demo" / "seg" / "auxiliary.parquet")
     assert set(table["support_name"]) == {f"{folder}/6"} and len(table) == 1
+
+
+def test_raw_files_with_new_mtimes_but_the_same_bytes_are_not_new(tmp_path):
+    """What ``dvc pull`` does on another clone: same content, new mtimes. Neither the sensor nor
+    raw_dataset treat that as new data."""
+    resources = resources_from_run_config(small_run_config(tmp_path, conditions=["seg"]))
+    assets = ALL_ASSETS + ALL_CHECKS
+    assert dg.materialize(assets, selection=keys("raw_dataset"), partition_key="demo_fold0", resources=resources).success
+    for path in (tmp_path / "data" / "raw" / "demo").rglob("*"):
+        if path.is_file():
+            stat = path.stat()
+            os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    with dg.build_sensor_context(resources={"storage": resources["storage"], "experiment": resources["experiment"]}) as context:
+        tick = raw_data_sensor(context)
+    assert not tick.run_requests and "unchanged" in tick.skip_reason.skip_message
+    result = dg.materialize(assets, selection=keys("raw_dataset"), partition_key="demo_fold0", resources=resources)
+    metadata = result.get_asset_materialization_events()[0].event_specific_data.materialization.metadata
+    assert metadata["reused"].value is True
 
 
 # ----------------------------------------------------------------------------- partitions side by side
@@ -477,3 +498,57 @@ def test_example_run_config_is_well_formed():
         job = defs.resolve_job_def(name)
         ops = {node.name for node in job.nodes_in_topological_order}
         dg.validate_run_config(job, {**config, "ops": {k: v for k, v in config["ops"].items() if k in ops}})
+
+
+# ----------------------------------------------------------------------------- reuse (runs last: it reruns demo_run)
+
+
+def _snapshot(root: Path) -> dict[str, tuple[str, int]]:
+    from diffss.versioning import file_md5
+
+    return {p.relative_to(root).as_posix(): (file_md5(p, memo=False), p.stat().st_mtime_ns)
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_a_second_run_reuses_everything_and_touches_no_file(demo_run, capsys):
+    from orchestration.demo import print_report
+
+    tmp, instance, _ = demo_run
+    before = _snapshot(tmp / "data")
+    started = time.monotonic()
+    summary = materialize_partition("demo_fold0", run_config=small_run_config(tmp), instance=instance, log=lambda *_: None)
+    seconds = time.monotonic() - started
+    assert [stage["materialised"] for stage in summary["stages"]] == [[]] * len(summary["stages"])
+    assert {name for stage in summary["stages"] for name in stage["reused"]} == {a.key.to_user_string() for a in ALL_ASSETS}
+    assert _snapshot(tmp / "data") == before
+    # the same data versions as the first materialisation, metadata read back from the stamps
+    for key in ("raw_dataset", "baseline_checkpoint", "auxiliary_supports", "evaluation_table", "onnx_segmenter"):
+        by_partition: dict[str, list] = {}
+        for record in instance.fetch_materializations(dg.AssetKey(key), limit=10).records:  # newest first
+            by_partition.setdefault(record.partition_key, []).append(record.asset_materialization)
+        for partition, (new, old) in by_partition.items():
+            assert new.metadata["reused"].value is True and old.metadata["reused"].value is False, (key, partition)
+            assert new.tags["dagster/data_version"] == old.tags["dagster/data_version"], (key, partition)
+    table = _metadata(instance, "evaluation_table")
+    assert "miou_with_aux" in table["results"].value and table["miou_plot"].value.startswith("![")
+    assert Path(table["results_csv"].value) == tmp / "data" / "demo_fold0" / "evaluation" / "summary" / "results.csv"
+    print_report(summary, seconds)
+    out = capsys.readouterr().out
+    assert "[reused]" in out and "[materialised]" not in out
+    total = sum(len(stage["reused"]) for stage in summary["stages"])
+    assert f"Reused (up to date, nothing recomputed): {total} of {total} materialisations" in out
+
+
+def test_forced_incremental_steps_report_reused_when_nothing_was_missing(demo_run):
+    """Conditions and auxiliary supports keep existing files: forced to look, they find nothing to make."""
+    tmp, _, _ = demo_run
+    run_config = small_run_config(tmp)
+    run_config["ops"] = {name: {"config": {"force": True}} for name in ("control_conditions", "auxiliary_supports")}
+    result = dg.materialize(ALL_ASSETS + ALL_CHECKS, selection=keys("control_conditions", "auxiliary_supports"),
+                            partition_key=condition_key("demo_fold0", "seg"), resources=resources_from_run_config(run_config),
+                            run_config={"ops": run_config["ops"]})
+    assert result.success
+    for event in result.get_asset_materialization_events():
+        metadata = event.event_specific_data.materialization.metadata
+        assert metadata["reuse_check"].value == "forced by the run config"
+        assert metadata["generated"].value == 0 and metadata["reused"].value is True

@@ -47,6 +47,13 @@ class Layout:
             raise ValueError(f"partition {self.split} has no condition")
         return self.split_dir / self.condition
 
+    def stamp(self, asset: str) -> Path:
+        """Stamp of ``asset`` in this partition (see orchestration.assets.stamps)."""
+        from orchestration.assets.stamps import STAMP_DIR
+
+        folder = self.condition_dir if self.condition is not None else self.split_dir
+        return folder / STAMP_DIR / f"{asset}.json"
+
     # fold level
     @property
     def manifest(self) -> Path:
@@ -139,3 +146,20 @@ def replace_dir(new: Path, target: Path) -> None:
         os.replace(target, old)
     os.replace(new, target)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def upstream_versions(storage: StorageResource, split: str, assets: list[str], condition: str | None = None) -> dict[str, str | None]:
+    """``{asset (or asset[condition]): data version its stamp records}`` of upstream partitions."""
+    from orchestration.assets.stamps import stamped_version
+
+    label = (lambda a: f"{a}[{condition}]") if condition else (lambda a: a)
+    return {label(a): stamped_version(Layout.of(storage, split, condition).stamp(a)) for a in assets}
+
+
+def provenance(context, storage: StorageResource, split: str, condition: str | None, config: dict[str, Any],
+               inputs: dict[str, str | None], outputs: list[Path], optional: list[Path] = ()):
+    """The :class:`~orchestration.assets.stamps.Provenance` of the asset being materialised."""
+    from orchestration.assets.stamps import Provenance
+
+    stamp = Layout.of(storage, split, condition).stamp(context.asset_key.path[-1])
+    return Provenance(context, stamp, storage.root, config, inputs, list(outputs), list(optional))

@@ -10,8 +10,9 @@ import pandas as pd
 from PIL import Image
 
 from diffss.atomic import atomic_path
-from orchestration.assets.common import Layout, dataset_of, load_split, write_json
-from orchestration.configs import RawDatasetConfig
+from diffss.versioning import file_md5
+from orchestration.assets.common import Layout, dataset_of, load_split, provenance, upstream_versions, write_json
+from orchestration.configs import RawDatasetConfig, RecomputeConfig
 from orchestration.partitions import split_partitions
 from orchestration.resources import DiffusionResource, ExperimentResource, SegmenterResource, StorageResource
 from orchestration.visuals import image_metadata, labelled_grid, table_markdown
@@ -24,17 +25,53 @@ def listing_key(path: Path, root: Path) -> str:
         return Path(path).as_posix()
 
 
-def file_listing(paths: list[Path], root: Path) -> dict[str, list[int]]:
-    """``{path relative to root: [size, mtime_ns]}``: cheap to recompute, changes with the files."""
+def file_listing(paths: list[Path], root: Path, previous: dict[str, list] | None = None) -> dict[str, list]:
+    """``{path relative to root: [size, mtime_ns, md5]}``.
+
+    A file whose size and mtime match its entry in ``previous`` (the last manifest) keeps that
+    md5 unread, so an unchanged dataset costs one ``stat`` per file; a copy restored elsewhere
+    (new mtimes) is read once and compared by content.
+    """
+    previous = previous or {}
     listing = {}
     for path in sorted(set(paths)):
         stat = path.stat()
-        listing[listing_key(path, root)] = [stat.st_size, stat.st_mtime_ns]
+        key = listing_key(path, root)
+        old = previous.get(key)
+        if old is not None and len(old) >= 3 and list(old[:2]) == [stat.st_size, stat.st_mtime_ns]:
+            md5 = old[2]
+        else:
+            md5 = file_md5(path)
+        listing[key] = [stat.st_size, stat.st_mtime_ns, md5]
     return listing
 
 
-def listing_digest(listing: dict[str, list[int]]) -> str:
+def listing_digest(listing: dict[str, list]) -> str:
     return hashlib.sha256(json.dumps(listing, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def content_version(listing: dict[str, list]) -> str:
+    """Hash of the listed files' paths and md5s (not their mtimes: a restored copy has the same)."""
+    contents = {path: entry[2] for path, entry in listing.items()}
+    return hashlib.md5(json.dumps(contents, sort_keys=True).encode(), usedforsecurity=False).hexdigest()
+
+
+def same_file(old: list | None, new: list) -> bool:
+    """Whether a manifest entry still describes a file: same size and md5 (manifests written
+    before md5s were recorded: same size and mtime)."""
+    if old is None:
+        return False
+    if len(old) >= 3:
+        return old[0] == new[0] and old[2] == new[2]
+    return list(old[:2]) == list(new[:2])
+
+
+def manifest_files(path: Path) -> dict[str, list]:
+    """The file listing of a manifest, or ``{}`` when there is none (or it is unreadable)."""
+    try:
+        return dict(json.loads(path.read_text())["files"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
 
 
 def sample_files(samples) -> list[Path]:
@@ -58,9 +95,10 @@ def _overlay(sample) -> Image.Image:
     partitions_def=split_partitions,
     group_name="data",
     kinds={"dataset"},
+    code_version="1",
     description="The raw benchmark for this (dataset, fold): located (the demo is built on first use), "
-    "checked file by file, and recorded in a manifest of files, sizes and mtimes that the raw-data sensor "
-    "compares against.",
+    "checked file by file, and recorded in a manifest of files, sizes, mtimes and md5s that the raw-data "
+    "sensor compares against. Its data version is the content hash of those files.",
 )
 def raw_dataset(
     context: dg.AssetExecutionContext,
@@ -83,14 +121,23 @@ def raw_dataset(
 
     train = load_split(storage, experiment, split, "train")
     test = load_split(storage, experiment, split, "test")
+    layout = Layout.of(storage, split)
+    listing = file_listing(sample_files(train.samples) + sample_files(test.samples), root, manifest_files(layout.manifest))
+    content = content_version(listing)
+    examples_png = layout.split_dir / "raw" / "examples.png"
+    settings = {"dataset": dataset, "fold": fold, "verify_files": config.verify_files}
+    if dataset == "demo":
+        settings["demo_images_per_class"] = storage.demo_images_per_class
+    record = provenance(context, storage, split, None, settings, {"raw_files": content}, [layout.manifest, examples_png])
+    reused = record.reused(force=config.force)
+    if reused is not None:
+        return reused
+
     if config.verify_files:
         train.validate()
         test.validate()
-    listing = file_listing(sample_files(train.samples) + sample_files(test.samples), root)
-    layout = Layout.of(storage, split)
     write_json(layout.manifest, {
-        "dataset": dataset, "fold": fold, "root": str(root), "files": listing,
-        "digest": listing_digest(listing),
+        "dataset": dataset, "fold": fold, "root": str(root), "files": listing, "digest": content,
     })
 
     by_class = {}
@@ -98,8 +145,8 @@ def raw_dataset(
         by_class.setdefault(s.class_name, s)
     preview = list(by_class.values())[:4]
     grid = labelled_grid([[s.load_image(), _overlay(s)] for s in preview], [s.class_name for s in preview], ["image", "mask"])
-    return dg.MaterializeResult(
-        metadata={
+    return record.record(
+        {
             "dataset": dataset,
             "fold": fold,
             "root": dg.MetadataValue.path(str(root)),
@@ -108,9 +155,9 @@ def raw_dataset(
             "train_samples": len(train.samples),
             "test_samples": len(test.samples),
             "test_classes": dg.MetadataValue.json({str(k): v for k, v in test.class_names.items() if k in test.class_ids}),
-            **image_metadata("examples", grid, layout.split_dir / "raw" / "examples.png", "test images and masks"),
+            **image_metadata("examples", grid, examples_png, "test images and masks"),
         },
-        data_version=dg.DataVersion(listing_digest(listing)),
+        data_version_=content,
     )
 
 
@@ -119,18 +166,28 @@ def raw_dataset(
     group_name="data",
     deps=[raw_dataset],
     kinds={"pandas"},
-    description="Train (base classes) and test (novel classes) samples of the fold, and the exact test "
-    "episodes each evaluation seed draws (query and support names).",
+    description="Train (base classes) and test (novel classes) samples of the fold (image paths relative to "
+    "the dataset root), and the exact test episodes each evaluation seed draws (query and support names).",
+    code_version="1",
 )
-def fold_splits(context: dg.AssetExecutionContext, storage: StorageResource, experiment: ExperimentResource) -> dg.MaterializeResult:
+def fold_splits(context: dg.AssetExecutionContext, config: RecomputeConfig, storage: StorageResource,
+                experiment: ExperimentResource) -> dg.MaterializeResult:
     split = context.partition_key
     layout = Layout.of(storage, split)
+    dataset, fold, root = dataset_of(storage, split)
+    settings = {"dataset": dataset, "fold": fold, "shot": experiment.shot, "seed": experiment.seed,
+                "eval_episodes": experiment.eval_episodes, "eval_seeds": list(experiment.eval_seeds)}
+    record = provenance(context, storage, split, None, settings, upstream_versions(storage, split, ["raw_dataset"]),
+                        [layout.splits_dir])
+    reused = record.reused(force=config.force)
+    if reused is not None:
+        return reused
     counts = []
     frames = {}
     for name in ("train", "test"):
         data = load_split(storage, experiment, split, name)
         frame = pd.DataFrame(
-            [{"name": s.name, "class_id": s.class_id, "class_name": s.class_name, "image_path": str(s.image_path)} for s in data.samples]
+            [{"name": s.name, "class_id": s.class_id, "class_name": s.class_name, "image_path": listing_key(s.image_path, root)} for s in data.samples]
         )
         frames[name] = frame
         with atomic_path(layout.splits_dir / f"{name}.csv") as tmp:
@@ -155,8 +212,8 @@ def fold_splits(context: dg.AssetExecutionContext, storage: StorageResource, exp
         "seeds": list(experiment.eval_seeds),
     })
     count_frame = pd.DataFrame(counts)
-    return dg.MaterializeResult(
-        metadata={
+    return record.record(
+        {
             "train_samples": len(frames["train"]),
             "test_samples": len(frames["test"]),
             "test_class_ids": dg.MetadataValue.json(test_classes),

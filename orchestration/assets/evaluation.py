@@ -6,9 +6,11 @@ import dagster as dg
 import pandas as pd
 
 from diffss.atomic import atomic_path
-from orchestration.assets.common import GPU_OP_TAGS, GPU_POOL, Layout, dataset_of, read_json, write_json
+from orchestration.assets.common import GPU_OP_TAGS, GPU_POOL, Layout, dataset_of, provenance, read_json, upstream_versions, write_json
 from orchestration.assets.generation import auxiliary_table_path
+from orchestration.assets.stamps import effective
 from orchestration.assets.training import auxiliary_checkpoint, baseline_checkpoint
+from orchestration.configs import RecomputeConfig
 from orchestration.partitions import keys_of, split_condition_partitions, split_partitions
 from orchestration.resources import ExperimentResource, SegmenterResource, StorageResource, TrackerResource
 from orchestration.visuals import grouped_bar_plot, image_metadata, line_plot, stack_vertically, table_markdown
@@ -59,6 +61,15 @@ def run_evaluation(checkpoint: Path, cfg, out_dir: Path, tracker: TrackerResourc
     return metadata
 
 
+def condition_inputs(storage: StorageResource, split: str, condition: str, with_auxiliary: bool) -> dict[str, str | None]:
+    """Upstream versions of an evaluation of the checkpoint trained with auxiliary supports."""
+    inputs = {**upstream_versions(storage, split, ["raw_dataset", "fold_splits"]),
+              **upstream_versions(storage, split, ["auxiliary_checkpoint"], condition)}
+    if with_auxiliary:  # the episodes also draw auxiliary images
+        inputs.update(upstream_versions(storage, split, ["auxiliary_supports"], condition))
+    return inputs
+
+
 @dg.asset(
     partitions_def=split_partitions,
     group_name="evaluation",
@@ -66,10 +77,12 @@ def run_evaluation(checkpoint: Path, cfg, out_dir: Path, tracker: TrackerResourc
     pool=GPU_POOL,
     op_tags=GPU_OP_TAGS,
     kinds={"pytorch"},
+    code_version="1",
     description="mIoU / FB-IoU of the baseline checkpoint on the fold's test episodes, real supports only.",
 )
 def baseline_evaluation(
     context: dg.AssetExecutionContext,
+    config: RecomputeConfig,
     storage: StorageResource,
     segmenter: SegmenterResource,
     experiment: ExperimentResource,
@@ -78,8 +91,14 @@ def baseline_evaluation(
     split = context.partition_key
     layout = Layout.of(storage, split)
     cfg = eval_config(storage, segmenter, experiment, split, 0, None, None)
+    record = provenance(context, storage, split, None, effective(cfg.to_dict()),
+                        upstream_versions(storage, split, ["raw_dataset", "fold_splits", "baseline_checkpoint"]),
+                        [layout.baseline_evaluation])
+    reused = record.reused(force=config.force)
+    if reused is not None:
+        return reused
     metadata = run_evaluation(layout.baseline_checkpoint, cfg, layout.baseline_evaluation, tracker, f"{split}-baseline-eval", "baseline")
-    return dg.MaterializeResult(metadata=metadata)
+    return record.record(metadata)
 
 
 @dg.asset(
@@ -91,9 +110,11 @@ def baseline_evaluation(
     kinds={"pytorch"},
     description="mIoU / FB-IoU of the checkpoint trained with auxiliary supports, evaluated with "
     "`eval_aux_shot` auxiliary supports of this condition per episode.",
+    code_version="1",
 )
 def auxiliary_evaluation(
     context: dg.AssetExecutionContext,
+    config: RecomputeConfig,
     storage: StorageResource,
     segmenter: SegmenterResource,
     experiment: ExperimentResource,
@@ -103,9 +124,15 @@ def auxiliary_evaluation(
     layout = Layout.of(storage, split, condition)
     table = auxiliary_table_path(storage, split, condition)
     cfg = eval_config(storage, segmenter, experiment, split, experiment.eval_aux_shot, table, condition)
+    record = provenance(context, storage, split, condition, effective(cfg.to_dict()),
+                        condition_inputs(storage, split, condition, with_auxiliary=cfg.aux_shot > 0),
+                        [layout.auxiliary_evaluation])
+    reused = record.reused(force=config.force)
+    if reused is not None:
+        return reused
     metadata = run_evaluation(layout.auxiliary_checkpoint, cfg, layout.auxiliary_evaluation, tracker,
                               f"{split}-{condition}-eval", condition)
-    return dg.MaterializeResult(metadata=metadata)
+    return record.record(metadata)
 
 
 @dg.asset(
@@ -117,9 +144,11 @@ def auxiliary_evaluation(
     kinds={"pytorch"},
     description="The X-shot study: mIoU of the checkpoint trained with auxiliary supports as the number of "
     "auxiliary images per episode grows (ExperimentResource.xshot_shots, e.g. 0, 1, 2, 4), same test episodes.",
+    code_version="1",
 )
 def xshot_study(
     context: dg.AssetExecutionContext,
+    config: RecomputeConfig,
     storage: StorageResource,
     segmenter: SegmenterResource,
     experiment: ExperimentResource,
@@ -131,13 +160,23 @@ def xshot_study(
     layout = Layout.of(storage, split, condition)
     table = auxiliary_table_path(storage, split, condition)
     checkpoint = layout.auxiliary_checkpoint
+    configs = []
+    for shots in sorted(set(experiment.xshot_shots)):
+        cfg = eval_config(storage, segmenter, experiment, split, shots, table, condition)
+        cfg.num_examples = 0
+        configs.append(cfg)
+    record = provenance(context, storage, split, condition, {"evaluations": [effective(c.to_dict()) for c in configs]},
+                        condition_inputs(storage, split, condition, with_auxiliary=any(c.aux_shot for c in configs)),
+                        [layout.xshot])
+    reused = record.reused(force=config.force)
+    if reused is not None:
+        return reused
     if not (checkpoint / "model.safetensors").is_file():
         raise FileNotFoundError(f"{checkpoint} holds no trained model: materialise auxiliary_checkpoint first")
     rows = []
     with tracker.start(name=f"{split}-{condition}-xshot", job_type="xshot", config={"shots": list(experiment.xshot_shots)}, group=split) as run:
-        for shots in sorted(set(experiment.xshot_shots)):
-            cfg = eval_config(storage, segmenter, experiment, split, shots, table, condition)
-            cfg.num_examples = 0
+        for cfg in configs:
+            shots = cfg.aux_shot
             result = evaluate(checkpoint, cfg, progress=False)
             rows.append({"condition": condition, "aux_shot": shots, "miou": result.miou, "fbiou": result.fbiou})
             run.log({"xshot/miou": result.miou, "xshot/fbiou": result.fbiou, "xshot/aux_shot": shots}, step=shots)
@@ -147,14 +186,12 @@ def xshot_study(
         frame.to_csv(tmp, index=False)
     curve = line_plot(frame["aux_shot"].tolist(), {condition: frame["miou"].tolist()}, f"X-shot study ({condition})",
                       "auxiliary images per episode (X)", "mIoU %")
-    return dg.MaterializeResult(
-        metadata={
-            "results": dg.MetadataValue.md(table_markdown(frame)),
-            "best_aux_shot": int(frame.loc[frame["miou"].idxmax(), "aux_shot"]),
-            "table": dg.MetadataValue.path(str(layout.xshot / "xshot.csv")),
-            **image_metadata("xshot_curve", curve, layout.xshot / "xshot_curve.png", "mIoU vs number of auxiliary images"),
-        }
-    )
+    return record.record({
+        "results": dg.MetadataValue.md(table_markdown(frame)),
+        "best_aux_shot": int(frame.loc[frame["miou"].idxmax(), "aux_shot"]),
+        "table": dg.MetadataValue.path(str(layout.xshot / "xshot.csv")),
+        **image_metadata("xshot_curve", curve, layout.xshot / "xshot_curve.png", "mIoU vs number of auxiliary images"),
+    })
 
 
 def collect_results(storage: StorageResource, experiment: ExperimentResource, split: str) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
@@ -192,10 +229,22 @@ def collect_results(storage: StorageResource, experiment: ExperimentResource, sp
     automation_condition=dg.AutomationCondition.eager(),
     description="The fold's results table: mIoU / FB-IoU without and with auxiliary supports for each "
     "condition, per-class IoU, and the X-shot curves of all conditions.",
+    code_version="1",
 )
-def evaluation_table(context: dg.AssetExecutionContext, storage: StorageResource, experiment: ExperimentResource) -> dg.MaterializeResult:
+def evaluation_table(context: dg.AssetExecutionContext, config: RecomputeConfig, storage: StorageResource,
+                     experiment: ExperimentResource) -> dg.MaterializeResult:
     split = context.partition_key
     layout = Layout.of(storage, split)
+    inputs = upstream_versions(storage, split, ["baseline_evaluation"])
+    for condition in experiment.conditions:
+        inputs.update(upstream_versions(storage, split, ["auxiliary_evaluation"], condition))
+        # the X-shot curves are included when the study was run
+        inputs.update({k: v for k, v in upstream_versions(storage, split, ["xshot_study"], condition).items() if v})
+    settings = {"conditions": list(experiment.conditions), "train_aux_shot": experiment.train_aux_shot}
+    record = provenance(context, storage, split, None, settings, inputs, [layout.evaluation_table])
+    reused = record.reused(force=config.force)
+    if reused is not None:
+        return reused
     results, per_class, xshot = collect_results(storage, experiment, split)
     out = layout.evaluation_table
     with atomic_path(out / "results.csv") as tmp:
@@ -222,4 +271,4 @@ def evaluation_table(context: dg.AssetExecutionContext, storage: StorageResource
         series = {c: [float(g.set_index("aux_shot")["miou"].get(s, float("nan"))) for s in shots] for c, g in xshot.groupby("condition")}
         curve = line_plot(shots, series, f"X-shot study on {split}", "auxiliary images per episode (X)", "mIoU %")
         metadata.update(image_metadata("xshot_curve", curve, out / "xshot_curve.png", "mIoU vs number of auxiliary images"))
-    return dg.MaterializeResult(metadata=metadata)
+    return record.record(metadata)

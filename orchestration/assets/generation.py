@@ -12,7 +12,7 @@ import dagster as dg
 import pandas as pd
 from PIL import Image
 
-from orchestration.assets.common import GPU_OP_TAGS, GPU_POOL, Layout, dataset_of, load_split
+from orchestration.assets.common import GPU_OP_TAGS, GPU_POOL, Layout, dataset_of, load_split, provenance, upstream_versions
 from orchestration.assets.data import fold_splits
 from orchestration.configs import SupportSelectionConfig
 from orchestration.partitions import keys_of, split_condition_partitions
@@ -62,6 +62,20 @@ def aux_counts(experiment: ExperimentResource) -> dict[str, int]:
     return {"train": -(-experiment.train_aux_shot // experiment.shot), "test": experiment.needed_aux_per_support}
 
 
+def selection_settings(experiment: ExperimentResource, selection: SupportSelectionConfig, condition: str) -> dict:
+    """What decides which supports get conditions / auxiliary images (see ``selected_samples``)."""
+    return {
+        "condition": condition, "splits": sorted(selection.splits), "only_redo": selection.only_redo,
+        "shot": experiment.shot, "train_supports": experiment.train_aux_shot > 0,
+        "eval_episodes": experiment.eval_episodes, "eval_seeds": list(experiment.eval_seeds),
+    }
+
+
+def must_redo(selection: SupportSelectionConfig) -> bool:
+    """Named supports to regenerate, or ``force``: the step looks at the files even if its stamp matches."""
+    return selection.force or bool(selection.redo_supports)
+
+
 @dg.asset(
     partitions_def=split_condition_partitions,
     group_name="generation",
@@ -69,6 +83,7 @@ def aux_counts(experiment: ExperimentResource) -> dict[str, int]:
     pool=GPU_POOL,
     op_tags=GPU_OP_TAGS,
     kinds={"pytorch"},
+    code_version="1",
     description="ControlNet control images (seg in ADE20k colours, HED soft edge or scribble) of every real "
     "support that gets auxiliary images, at the diffusion resolution, with their table.",
 )
@@ -84,24 +99,37 @@ def control_conditions(
     split, condition = keys_of(context)
     dataset, _, _ = dataset_of(storage, split)
     layout = Layout.of(storage, split, condition)
+    preview_png = layout.condition_dir / "figures" / "conditions.png"
+    settings = {**selection_settings(experiment, config, condition), "resolution": diffusion.resolution,
+                "hed_model": diffusion.hed_model if condition in ("hed", "scribble") else None}
+    record = provenance(context, storage, split, condition, settings,
+                        upstream_versions(storage, split, ["raw_dataset", "fold_splits"]), [layout.conditions, preview_png])
+    reused = record.reused(force=must_redo(config))
+    if reused is not None:
+        return reused
+
     chosen = selected_samples(storage, experiment, split, config, context.log)
     samples = [s for group in chosen.values() for s in group]
     for s in redo_samples(chosen, config):  # changed raw images: their old maps must not be kept
         condition_path(layout.conditions, condition, s.class_id, s.name).unlink(missing_ok=True)
+    missing = sum(not condition_path(layout.conditions, condition, s.class_id, s.name).is_file() for s in samples)
     hed = diffusion.hed_conditioner() if condition in ("hed", "scribble") else None
     table = build_conditions(samples, [condition], layout.conditions, resolution=diffusion.resolution, hed=hed,
                              progress=False, dataset_name=dataset)
     preview = samples[:PREVIEW_SUPPORTS]
     rows = [[s.load_image(), Image.open(condition_path(layout.conditions, condition, s.class_id, s.name)).convert("RGB")] for s in preview]
     grid = labelled_grid(rows, [s.class_name for s in preview], ["support", condition])
-    return dg.MaterializeResult(
-        metadata={
+    # Nothing was missing: the step only re-checked existing maps (reported as reused).
+    return record.record(
+        {
             "conditions": len(table[table["kind"] == condition]),
             "this_run": len(samples),
+            "generated": missing,
             "resolution": diffusion.resolution,
             "folder": dg.MetadataValue.path(str(layout.conditions)),
-            **image_metadata("preview", grid, layout.condition_dir / "figures" / "conditions.png", "support | condition"),
-        }
+            **image_metadata("preview", grid, preview_png, "support | condition"),
+        },
+        reused=missing == 0 and not config.redo_supports,
     )
 
 
@@ -138,6 +166,7 @@ def _drop_stale_settings(folder: Path, config) -> None:
     pool=GPU_POOL,
     op_tags=GPU_OP_TAGS,
     kinds={"pytorch", "parquet"},
+    code_version="1",
     description="DifFSS auxiliary supports: images painted by Stable Diffusion + ControlNet from each real "
     "support's control condition, paired with the real support's mask, plus the generation table "
     "(seed, prompt, model ids, seconds, size, drift).",
@@ -155,16 +184,28 @@ def auxiliary_supports(
     split, condition = keys_of(context)
     dataset, _, _ = dataset_of(storage, split)
     layout = Layout.of(storage, split, condition)
-    gen_config = diffusion.generation_config(storage, seed=experiment.seed)
     folder = layout.auxiliary / dataset / condition
     table_path = _table_path(layout, dataset, condition)
-    _drop_stale_settings(folder, gen_config)
-
-    chosen = selected_samples(storage, experiment, split, config, context.log)
+    grid_png = layout.condition_dir / "figures" / "auxiliary_grid.png"
     counts = aux_counts(experiment)
+    settings = {**selection_settings(experiment, config, condition), "aux_per_support": counts,
+                "seed": experiment.seed, "diffusion": diffusion.output_settings()}
+    inputs = {**upstream_versions(storage, split, ["raw_dataset", "fold_splits"]),
+              **upstream_versions(storage, split, ["control_conditions"], condition)}
+    # Both optional: an empty selection writes neither (their absence is recorded like content).
+    record = provenance(context, storage, split, condition, settings, inputs, [], optional=[folder, grid_png])
+    reused = record.reused(force=must_redo(config))
+    if reused is not None:
+        return reused
+
+    gen_config = diffusion.generation_config(storage, seed=experiment.seed)
+    _drop_stale_settings(folder, gen_config)
+    chosen = selected_samples(storage, experiment, split, config, context.log)
     for s in redo_samples(chosen, config):  # changed raw images: regenerate their auxiliary images
         for k in range(max(counts.values())):
             (folder / aux_relpath(s.class_id, s.name, k)).unlink(missing_ok=True)
+    missing = sum(not (folder / aux_relpath(s.class_id, s.name, k)).is_file()
+                  for name, samples in chosen.items() for s in samples for k in range(counts[name]))
 
     generator = None
     if any(chosen.values()):
@@ -193,6 +234,7 @@ def auxiliary_supports(
     drift_frame = table.groupby("class_name", as_index=False).agg(images=("path", "count"), mean_drift=("drift", "mean")) if len(table) else pd.DataFrame()
     metadata = {
         "images": summary["images"],
+        "generated": missing,
         "supports": summary.get("supports", 0),
         "mean_seconds_per_image": summary.get("mean_seconds", float("nan")),
         "mean_drift": summary.get("mean_drift", float("nan")),
@@ -201,6 +243,6 @@ def auxiliary_supports(
         "per_class": dg.MetadataValue.md(table_markdown(drift_frame)) if len(drift_frame) else "none",
     }
     if grid is not None:
-        metadata.update(image_metadata("grid", grid, layout.condition_dir / "figures" / "auxiliary_grid.png",
-                                       "support | condition | auxiliary images"))
-    return dg.MaterializeResult(metadata=metadata)
+        metadata.update(image_metadata("grid", grid, grid_png, "support | condition | auxiliary images"))
+    # Nothing was missing: the step only re-checked existing images (reported as reused).
+    return record.record(metadata, reused=missing == 0 and not config.redo_supports)

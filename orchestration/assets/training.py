@@ -7,12 +7,13 @@ from pathlib import Path
 import dagster as dg
 import pandas as pd
 
-from orchestration.assets.common import GPU_OP_TAGS, GPU_POOL, Layout, dataset_of, replace_dir
+from orchestration.assets.common import GPU_OP_TAGS, GPU_POOL, Layout, dataset_of, provenance, replace_dir, upstream_versions
+from orchestration.assets.stamps import effective, weights_identity
 from orchestration.assets.data import fold_splits
 from orchestration.assets.generation import auxiliary_supports, auxiliary_table_path
 from orchestration.configs import TrainingRunConfig
 from orchestration.partitions import keys_of, split_condition_partitions, split_partitions
-from orchestration.resources import DvcResource, ExperimentResource, SegmenterResource, StorageResource, TrackerResource
+from orchestration.resources import ExperimentResource, SegmenterResource, StorageResource, TrackerResource
 from orchestration.visuals import image_metadata, line_plot
 
 
@@ -32,16 +33,30 @@ def train_config(storage, segmenter, experiment, split: str, output_dir: Path, a
     )
 
 
+def training_settings(cfg) -> dict:
+    """The TrainConfig fields that decide the trained weights (not paths, device or workers)."""
+    settings = effective(cfg.to_dict())
+    settings["pretrained"] = weights_identity(cfg.pretrained)
+    return settings
+
+
+def loss_curve_path(target: Path) -> Path:
+    return target.parent / f"{target.name}_loss.png"
+
+
 def train_checkpoint(context, run_config: TrainingRunConfig, cfg, target: Path, tracker: TrackerResource,
-                     dvc: DvcResource, run_name: str) -> dg.MaterializeResult:
+                     run_name: str, record) -> dg.MaterializeResult:
     """Train into ``<target>.partial`` (resumable), then swap it onto ``target``.
 
-    A rerun after a crash resumes the partial folder (same settings, ``resume``); a finished
-    checkpoint is only replaced once the new training is complete, so readers never see half
-    a checkpoint.
+    An up-to-date checkpoint (``record``'s stamp matches) is reused unless ``retrain``. A rerun
+    after a crash resumes the partial folder (same settings, ``resume``); a finished checkpoint
+    is only replaced once the new training is complete, so readers never see half a checkpoint.
     """
     from diffss.train import TrainConfig, train
 
+    reused = record.reused(force=run_config.retrain)
+    if reused is not None:
+        return reused
     partial = target.with_name(target.name + ".partial")
     cfg.output_dir = str(partial)
     saved = partial / "train_config.json"
@@ -60,18 +75,15 @@ def train_checkpoint(context, run_config: TrainingRunConfig, cfg, target: Path, 
         run_dir = str(run.run_dir) if run.run_dir else "tracking off"
     history = pd.read_csv(target / "history.csv")
     curve = line_plot(history["step"].tolist(), {"loss": history["loss"].tolist()}, "training loss", "step", "loss")
-    return dg.MaterializeResult(
-        metadata={
-            "checkpoint": dg.MetadataValue.path(str(target)),
-            "steps": int(history["step"].iloc[-1]),
-            "final_loss": float(history["loss"].iloc[-1]),
-            "aux_shot": cfg.aux_shot,
-            "train_config": dg.MetadataValue.json(cfg.to_dict()),
-            "wandb_run": dg.MetadataValue.path(run_dir),
-            **image_metadata("loss_curve", curve, target.parent / f"{target.name}_loss.png", "training loss"),
-        },
-        data_version=dg.DataVersion(dvc.version_of(target / "model.safetensors")),
-    )
+    return record.record({
+        "checkpoint": dg.MetadataValue.path(str(target)),
+        "steps": int(history["step"].iloc[-1]),
+        "final_loss": float(history["loss"].iloc[-1]),
+        "aux_shot": cfg.aux_shot,
+        "train_config": dg.MetadataValue.json(cfg.to_dict()),
+        "wandb_run": dg.MetadataValue.path(run_dir),
+        **image_metadata("loss_curve", curve, loss_curve_path(target), "training loss"),
+    })
 
 
 @dg.asset(
@@ -81,6 +93,7 @@ def train_checkpoint(context, run_config: TrainingRunConfig, cfg, target: Path, 
     pool=GPU_POOL,
     op_tags=GPU_OP_TAGS,
     kinds={"pytorch", "safetensors"},
+    code_version="1",
     description="Few-shot segmenter trained episodically on the fold's base classes with real supports only "
     "(the 'without auxiliary supports' baseline).",
 )
@@ -91,12 +104,14 @@ def baseline_checkpoint(
     segmenter: SegmenterResource,
     experiment: ExperimentResource,
     tracker: TrackerResource,
-    dvc: DvcResource,
 ) -> dg.MaterializeResult:
     split = context.partition_key
     layout = Layout.of(storage, split)
-    cfg = train_config(storage, segmenter, experiment, split, layout.baseline_checkpoint, None, None)
-    return train_checkpoint(context, config, cfg, layout.baseline_checkpoint, tracker, dvc, f"{split}-baseline")
+    target = layout.baseline_checkpoint
+    cfg = train_config(storage, segmenter, experiment, split, target, None, None)
+    record = provenance(context, storage, split, None, training_settings(cfg),
+                        upstream_versions(storage, split, ["raw_dataset", "fold_splits"]), [target, loss_curve_path(target)])
+    return train_checkpoint(context, config, cfg, target, tracker, f"{split}-baseline", record)
 
 
 @dg.asset(
@@ -106,6 +121,7 @@ def baseline_checkpoint(
     pool=GPU_POOL,
     op_tags=GPU_OP_TAGS,
     kinds={"pytorch", "safetensors"},
+    code_version="1",
     description="Few-shot segmenter trained with `train_aux_shot` auxiliary supports of this condition "
     "added to every episode's real supports (DifFSS).",
 )
@@ -116,12 +132,16 @@ def auxiliary_checkpoint(
     segmenter: SegmenterResource,
     experiment: ExperimentResource,
     tracker: TrackerResource,
-    dvc: DvcResource,
 ) -> dg.MaterializeResult:
     split, condition = keys_of(context)
     layout = Layout.of(storage, split, condition)
     table = auxiliary_table_path(storage, split, condition)
     if experiment.train_aux_shot and not table.is_file():
         raise FileNotFoundError(f"{table} does not exist: materialise auxiliary_supports for {split}/{condition} first")
-    cfg = train_config(storage, segmenter, experiment, split, layout.auxiliary_checkpoint, table, condition)
-    return train_checkpoint(context, config, cfg, layout.auxiliary_checkpoint, tracker, dvc, f"{split}-{condition}")
+    target = layout.auxiliary_checkpoint
+    cfg = train_config(storage, segmenter, experiment, split, target, table, condition)
+    inputs = upstream_versions(storage, split, ["raw_dataset", "fold_splits"])
+    if cfg.aux_shot:  # trained with the auxiliary images
+        inputs.update(upstream_versions(storage, split, ["auxiliary_supports"], condition))
+    record = provenance(context, storage, split, condition, training_settings(cfg), inputs, [target, loss_curve_path(target)])
+    return train_checkpoint(context, config, cfg, target, tracker, f"{split}-{condition}", record)
