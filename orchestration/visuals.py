@@ -148,7 +148,7 @@ def line_plot(x: Sequence[float], series: dict[str, Sequence[float]], title: str
             axes.draw.line(points, fill=color, width=2)
         for p, q in points:
             axes.draw.ellipse([p - 3, q - 3, p + 3, q + 3], fill=color)
-        axes.draw.text((axes.right - 120, axes.top + 4 + 12 * k), f"- {name}", fill=color, font=axes.font)
+        axes.draw.text((axes.right - 120, axes.top + 4 + 16 * k), f"- {name}", fill=color, font=axes.font)
     return axes.image
 
 
@@ -168,7 +168,8 @@ def grouped_bar_plot(groups: Sequence[str], series: dict[str, Sequence[float]], 
         ax.set(title=title, ylabel=y_label)
         ax.legend()
         return _matplotlib_to_image(fig)
-    y_max = max((max(v) for v in series.values() if len(v)), default=1.0) * 1.15
+    # Headroom above the tallest bar for its value label and the legend rows.
+    y_max = max((max(v) for v in series.values() if len(v)), default=1.0) * (1.15 + 0.15 * len(series))
     axes = _Axes(480, 320, y_max, title, y_label)
     group_w = (axes.right - axes.left - 20) / max(len(groups), 1)
     bar_w = group_w * 0.8 / max(len(series), 1)
@@ -180,7 +181,7 @@ def grouped_bar_plot(groups: Sequence[str], series: dict[str, Sequence[float]], 
             axes.draw.rectangle([left, axes.y(values[i]), left + bar_w - 2, axes.bottom], fill=_PALETTE[k % len(_PALETTE)])
             axes.draw.text((left, axes.y(values[i]) - 12), f"{values[i]:.1f}", fill="black", font=axes.font)
     for k, name in enumerate(series):
-        axes.draw.text((axes.right - 150, axes.top + 4 + 12 * k), f"# {name}", fill=_PALETTE[k % len(_PALETTE)], font=axes.font)
+        axes.draw.text((axes.right - 150, axes.top + 4 + 16 * k), f"# {name}", fill=_PALETTE[k % len(_PALETTE)], font=axes.font)
     return axes.image
 
 
