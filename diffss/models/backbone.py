@@ -13,6 +13,7 @@ a randomly initialised one is trained with the rest of the model.
 
 from __future__ import annotations
 
+import abc
 import os
 from pathlib import Path
 
@@ -26,7 +27,7 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-class Backbone(nn.Module):
+class Backbone(nn.Module, abc.ABC):
     """Base class: normalises the input, returns ``(mid, high)`` feature maps.
 
     Attributes ``name``, ``mid_channels``, ``high_channels``, ``frozen`` describe it.
@@ -65,8 +66,9 @@ class Backbone(nn.Module):
                 return self.features(x, high)
         return self.features(x, high)
 
+    @abc.abstractmethod
     def features(self, x: torch.Tensor, high: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-        raise NotImplementedError
+        """Normalised images -> (mid-level, high-level or None) features; each backbone's own."""
 
 
 class ResNetBackbone(Backbone):

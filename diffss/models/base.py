@@ -11,6 +11,7 @@ values 0/1/255 (255 counts as background); logits [B,2,H,W] at the query's resol
 
 from __future__ import annotations
 
+import abc
 import json
 import os
 from pathlib import Path
@@ -100,7 +101,7 @@ def segmentation_loss(
     return loss
 
 
-class FewShotSegmenter(nn.Module):
+class FewShotSegmenter(nn.Module, abc.ABC):
     """Base class of the few-shot models. Subclasses implement ``encode_support``,
     ``decode_query`` and may override ``forward_train``; they keep their constructor arguments in
     ``self._config`` so ``from_pretrained`` can rebuild them.
@@ -135,11 +136,13 @@ class FewShotSegmenter(nn.Module):
         """(logits, auxiliary logits at the query's resolution); feed both to ``segmentation_loss``."""
         return self.forward(query, support_images, support_masks), []
 
+    @abc.abstractmethod
     def encode_support(self, support_images: torch.Tensor, support_masks: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        raise NotImplementedError
+        """Support images [B,K,3,H,W] + masks [B,K,H,W] -> the features ``decode_query`` takes."""
 
+    @abc.abstractmethod
     def decode_query(self, query: torch.Tensor, *support_features: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        """Query [B,3,H,W] + ``encode_support``'s features -> logits [B,2,H,W]."""
 
     @property
     def config(self) -> dict[str, Any]:
