@@ -23,10 +23,9 @@ other processes on the machine).
 
 from __future__ import annotations
 
+import http.client
 import io
 import os
-import socket
-import subprocess
 import sys
 import tempfile
 import threading
@@ -35,6 +34,8 @@ import uuid
 from pathlib import Path
 
 import numpy as np
+
+from deploy.process import ServerProcess
 
 ROOT = Path(__file__).resolve().parents[1]
 IMAGE_SIZE = 473
@@ -119,58 +120,17 @@ def _speedups(models: dict, repo: Path) -> dict[str, float]:
     return results
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class _Server:
-    def __init__(self, repo: Path, log_path: Path):
-        self.port = _free_port()
-        self.url = f"127.0.0.1:{self.port}"
-        self._log = open(log_path, "wb")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "deploy.server", "--model-repository", str(repo), "--port", str(self.port),
-             "--device", "cpu", "--log-level", "warning", "--max-body-bytes", str(256 << 20)],
-            cwd=ROOT, stdout=self._log, stderr=subprocess.STDOUT,
-        )
-        import tritonclient.http as triton
-
-        client = triton.InferenceServerClient(self.url)
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited: {log_path.read_text()}")
-            try:
-                if client.is_server_ready():
-                    return
-            except Exception:  # not listening yet
-                time.sleep(0.3)
-        raise RuntimeError("server did not come up")
-
-    def post(self, path: str, body: bytes, headers: dict) -> bytes:
-        import http.client
-
-        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=300)
-        try:
-            conn.request("POST", path, body=body, headers=headers)
-            response = conn.getresponse()
-            data = response.read()
-            if response.status >= 300:
-                raise RuntimeError(f"{path}: {response.status} {data[:200]!r}")
-            return data
-        finally:
-            conn.close()
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        self._log.close()
+def _post(server: ServerProcess, path: str, body: bytes, headers: dict) -> bytes:
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=300)
+    try:
+        conn.request("POST", path, body=body, headers=headers)
+        response = conn.getresponse()
+        data = response.read()
+        if response.status >= 300:
+            raise RuntimeError(f"{path}: {response.status} {data[:200]!r}")
+        return data
+    finally:
+        conn.close()
 
 
 def _multipart(files: list[tuple[str, bytes]], fields: dict[str, str]) -> tuple[bytes, dict]:
@@ -192,7 +152,7 @@ def _png(array: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def _cached_ratio(server: _Server) -> dict[str, float]:
+def _cached_ratio(server: ServerProcess) -> dict[str, float]:
     import json
 
     rng = np.random.default_rng(0)
@@ -206,13 +166,13 @@ def _cached_ratio(server: _Server) -> dict[str, float]:
     results = {}
     for family in ("pfenet", "prototype"):
         body, headers = _multipart(supports, {"model": family})
-        support_id = json.loads(server.post("/diffss/supports", body, headers))["support_id"]
+        support_id = json.loads(_post(server, "/diffss/supports", body, headers))["support_id"]
         full_body, full_headers = _multipart([query, *supports], {"model": family})
         cached_body, cached_headers = _multipart([query], {})
         best = _interleaved_best(
             {
-                "full": lambda: server.post("/diffss/segment", full_body, full_headers),
-                "cached": lambda: server.post(f"/diffss/supports/{support_id}/segment", cached_body, cached_headers),
+                "full": lambda: _post(server, "/diffss/segment", full_body, full_headers),
+                "cached": lambda: _post(server, f"/diffss/supports/{support_id}/segment", cached_body, cached_headers),
             }
         )
         suffix = "" if family == HEADLINE else f"_{family}"
@@ -222,7 +182,7 @@ def _cached_ratio(server: _Server) -> dict[str, float]:
     return results
 
 
-def _throughput(server: _Server, repo: Path) -> dict[str, float]:
+def _throughput(server: ServerProcess, repo: Path) -> dict[str, float]:
     import tritonclient.http as triton
 
     from deploy.runtime import load_model
@@ -297,7 +257,7 @@ def run() -> dict[str, float]:
         repo = Path(tmp) / "repo"
         models = _export(repo)
         results = _speedups(models, repo)
-        server = _Server(repo, Path(tmp) / "server.log")
+        server = ServerProcess(repo, Path(tmp) / "server.log", "--max-body-bytes", str(256 << 20))
         try:
             results.update(_cached_ratio(server))
             results.update(_throughput(server, repo))

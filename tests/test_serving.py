@@ -10,11 +10,9 @@ import http.client
 import io
 import json
 import os
-import socket
 import subprocess
 import sys
 import threading
-import time
 import uuid
 from pathlib import Path
 
@@ -26,6 +24,7 @@ import tritonclient.http as triton
 from PIL import Image
 from tritonclient.utils import InferenceServerException
 
+from deploy.process import ServerProcess
 from diffss.export import export_model_repository
 from diffss.models import build_model
 
@@ -51,53 +50,13 @@ def repo(tmp_path_factory):
     return repo
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class RunningServer:
-    def __init__(self, repo: Path, log_path: Path, *extra: str):
-        self.port = _free_port()
-        self.url = f"127.0.0.1:{self.port}"
-        self.log_path = log_path
-        self._log = open(log_path, "wb")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "deploy.server", "--model-repository", str(repo), "--port", str(self.port),
-             "--max-body-bytes", str(MAX_BODY), "--device", "cpu", "--log-level", "warning", *extra],
-            cwd=ROOT,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-        )
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}: {log_path.read_text()}")
-            try:
-                if request(self, "GET", "/v2/health/live")[0] == 200:
-                    return
-            except OSError:
-                time.sleep(0.2)
-        raise RuntimeError(f"server did not come up: {log_path.read_text()}")
-
-    def alive(self) -> bool:
-        return self.proc.poll() is None and request(self, "GET", "/v2/health/live")[0] == 200
-
-    def stop(self) -> str:
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        self._log.close()
-        return self.log_path.read_text()
+def start_server(repo: Path, log_path: Path, *extra: str) -> ServerProcess:
+    return ServerProcess(repo, log_path, "--max-body-bytes", str(MAX_BODY), *extra, timeout=60)
 
 
 @pytest.fixture(scope="module")
 def server(repo, tmp_path_factory):
-    srv = RunningServer(repo, tmp_path_factory.mktemp("logs") / "server.log")
+    srv = start_server(repo, tmp_path_factory.mktemp("logs") / "server.log")
     yield srv
     log = srv.stop()
     # no request may have ended as a server error
@@ -481,7 +440,7 @@ def test_four_concurrent_clients(server, repo):
 
 
 def test_bearer_token_guards_all_but_health(repo, tmp_path):
-    srv = RunningServer(repo, tmp_path / "token.log", "--token", TOKEN)
+    srv = start_server(repo, tmp_path / "token.log", "--token", TOKEN)
     try:
         assert request(srv, "GET", "/v2/health/ready")[0] == 200
         status, headers, raw = request(srv, "GET", "/v2/models/proto_segmenter")
