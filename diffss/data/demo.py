@@ -25,8 +25,11 @@ TEXTURES = ("striped", "dotted", "checkered", "gradient", "speckled", "wavy")
 MAX_CLASSES = len(SHAPES) * len(TEXTURES)
 DEFAULT_ROOT = Path("data/raw/demo")
 MARKER = ".demo_complete.json"  # written last: its presence means every file is in place
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: distractor objects of other classes
 NUM_FOLDS = 4
+PALETTE_SEED = 7_000_001
+MAX_DISTRACTORS = 2  # objects of other classes beside the target (1..MAX_DISTRACTORS)
+COLOUR_SPREAD = 0.2  # std of a member's colours around its class palette (per RGB channel)
 
 
 def class_spec(k: int) -> tuple[str, str]:
@@ -76,7 +79,7 @@ def shape_mask(shape: str, u: np.ndarray, v: np.ndarray, rng: np.random.Generato
 
 # ---- textures: HxWx3 float colours over object-frame coordinates ------------------------------
 
-def _two_colours(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+def two_colours(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """Two random colours far enough apart that the pattern is visible."""
     while True:
         c1, c2 = rng.uniform(0, 1, 3), rng.uniform(0, 1, 3)
@@ -84,8 +87,24 @@ def _two_colours(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
             return c1, c2
 
 
-def texture(kind: str, u: np.ndarray, v: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    c1, c2 = _two_colours(rng)
+def class_palette(k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The two typical colours of class k (a fixed fact of the world, independent of any seed)."""
+    return two_colours(np.random.default_rng([PALETTE_SEED, k]))
+
+
+def member_colours(k: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Colours of one member of class k: its palette, each colour moved by a random shift."""
+    a, b = class_palette(k)
+    while True:
+        c1 = np.clip(a + rng.normal(0, COLOUR_SPREAD, 3), 0, 1)
+        c2 = np.clip(b + rng.normal(0, COLOUR_SPREAD, 3), 0, 1)
+        if np.abs(c1 - c2).sum() > 0.6:
+            return (c1, c2) if rng.random() < 0.5 else (c2, c1)
+
+
+def texture(kind: str, u: np.ndarray, v: np.ndarray, rng: np.random.Generator,
+            colours: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
+    c1, c2 = colours if colours is not None else two_colours(rng)
     p = rng.uniform(0.28, 0.45)  # pattern period in object radii
     if kind == "striped":
         t = (np.sin(2 * np.pi * u / p) > 0).astype(np.float32)
@@ -104,7 +123,7 @@ def texture(kind: str, u: np.ndarray, v: np.ndarray, rng: np.random.Generator) -
     return t[..., None] * c1 + (1 - t[..., None]) * c2
 
 
-def _object_frame(h, w, rng, cy, cx, radius):
+def object_frame(h, w, rng, cy, cx, radius):
     """Grid coordinates in a rotated, anisotropically scaled frame centred on (cy, cx)."""
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
     angle = rng.uniform(0, 2 * np.pi)
@@ -120,50 +139,98 @@ def _smooth_noise(h, w, cells, rng):
     return np.asarray(small.resize((w, h), Image.BICUBIC), dtype=np.float32) / 255.0
 
 
-def render(k: int, n: int, seed: int) -> tuple[Image.Image, Image.Image]:
-    """Image and 0/255 mask of member n of class k."""
+def _ramp(h, w, rng):
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    return (xx / w * np.cos(rng.uniform(0, 2 * np.pi)) + yy / h * np.sin(rng.uniform(0, 2 * np.pi)))[..., None]
+
+
+def background(h: int, w: int, rng: np.random.Generator) -> np.ndarray:
+    """HxWx3 float: a tinted gradient plus smooth noise."""
+    base, tint = rng.uniform(0.15, 0.85, 3), rng.uniform(-0.3, 0.3, 3)
+    return base + tint * _ramp(h, w, rng) + 0.25 * (_smooth_noise(h, w, 6, rng)[..., None] - 0.5)
+
+
+def lighting(img: np.ndarray, rng: np.random.Generator) -> Image.Image:
+    """Directional gain, a soft highlight and sensor noise; returns the RGB image."""
+    h, w = img.shape[:2]
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    gain = rng.uniform(0.6, 1.0) + rng.uniform(0, 0.4) * _ramp(h, w, rng)
+    hy, hx = rng.uniform(0, h), rng.uniform(0, w)
+    highlight = 0.25 * np.exp(-((yy - hy) ** 2 + (xx - hx) ** 2) / (2 * (0.35 * min(h, w)) ** 2))[..., None]
+    img = img * gain + highlight + rng.normal(0, 0.02, img.shape)
+    return Image.fromarray((np.clip(img, 0, 1) * 255).round().astype(np.uint8), "RGB")
+
+
+def distractor_classes(k: int, num_classes: int) -> list[int]:
+    """Classes whose objects may stand beside class k's: any other class of the world (novel
+    ones included) with another texture, so the support's texture tells which object is meant."""
+    others = [j for j in range(num_classes) if j != k and class_spec(j)[0] != class_spec(k)[0]]
+    return others or [j for j in range(num_classes) if j != k]
+
+
+def _place(h, w, radii, rng, tries: int = 50):
+    """Centres for objects of the given radii, keeping them apart as far as the image allows."""
+    best, best_gap = None, -np.inf
+    for _ in range(tries):
+        centres = [(rng.uniform(0.7 * r, h - 0.7 * r), rng.uniform(0.7 * r, w - 0.7 * r)) for r in radii]
+        gap = min((np.hypot(a[0] - b[0], a[1] - b[1]) - 1.6 * (ra + rb) / 2
+                   for i, (a, ra) in enumerate(zip(centres, radii)) for b, rb in zip(centres[i + 1:], radii[i + 1:])),
+                  default=0.0)
+        if gap > best_gap:
+            best, best_gap = centres, gap
+        if gap >= 0:
+            break
+    return best
+
+
+def render(k: int, n: int, seed: int, num_classes: int = 20) -> tuple[Image.Image, Image.Image]:
+    """Image and 0/255 mask of member n of class k.
+
+    The object of class k stands among 1-2 distractors: objects of other classes of the same
+    size, drawn in random order (later ones occlude earlier ones), each in colours drawn around
+    its own class palette. Only the support tells which of them is meant.
+    """
     rng = np.random.default_rng([seed, k, n])
-    tex, shape = class_spec(k)
     h, w = (int(x) for x in rng.integers(96, 129, size=2))
     side = min(h, w)
-
-    # background: a tinted gradient plus smooth noise
-    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
-    base, tint = rng.uniform(0.15, 0.85, 3), rng.uniform(-0.3, 0.3, 3)
-    ramp = (xx / w * np.cos(rng.uniform(0, 2 * np.pi)) + yy / h * np.sin(rng.uniform(0, 2 * np.pi)))[..., None]
-    img = base + tint * ramp + 0.25 * (_smooth_noise(h, w, 6, rng)[..., None] - 0.5)
-
-    # clutter: other shapes with other textures, never part of the mask
-    for _ in range(int(rng.integers(1, 4))):
-        c_shape = SHAPES[(SHAPES.index(shape) + int(rng.integers(1, len(SHAPES)))) % len(SHAPES)]
-        c_tex = TEXTURES[(TEXTURES.index(tex) + int(rng.integers(1, len(TEXTURES)))) % len(TEXTURES)]
-        cu, cv = _object_frame(h, w, rng, rng.uniform(0, h), rng.uniform(0, w), rng.uniform(0.1, 0.2) * side)
-        region = shape_mask(c_shape, cu, cv, rng)
-        img[region] = texture(c_tex, cu, cv, rng)[region]
-
-    # the object of class k
-    radius = rng.uniform(0.22, 0.38) * side
-    cy, cx = rng.uniform(0.7 * radius, h - 0.7 * radius), rng.uniform(0.7 * radius, w - 0.7 * radius)
-    u, v = _object_frame(h, w, rng, cy, cx, radius)
-    mask = shape_mask(shape, u, v, rng)
-    img[mask] = texture(tex, u, v, rng)[mask]
+    img = background(h, w, rng)
+    others = distractor_classes(k, num_classes)
+    members = [k] + [others[int(i)] for i in rng.integers(len(others), size=int(rng.integers(1, MAX_DISTRACTORS + 1)))]
+    radii = [rng.uniform(0.22, 0.32) * side for _ in members]
+    centres = _place(h, w, radii, rng)
+    mask = np.zeros((h, w), dtype=bool)
+    for j in rng.permutation(len(members)):
+        tex, shape = class_spec(members[j])
+        u, v = object_frame(h, w, rng, *centres[j], radii[j])
+        region = shape_mask(shape, u, v, rng)
+        img[region] = texture(tex, u, v, rng, member_colours(members[j], rng))[region]
+        mask = region if j == 0 else mask & ~region
 
     # sometimes a small occluder in front: it is removed from the mask
-    if rng.random() < 0.3:
-        o_shape = SHAPES[(SHAPES.index(shape) + int(rng.integers(1, len(SHAPES)))) % len(SHAPES)]
-        ou, ov = _object_frame(h, w, rng, cy + rng.normal(0, radius * 0.6), cx + rng.normal(0, radius * 0.6),
-                               rng.uniform(0.08, 0.14) * side)
-        occ = shape_mask(o_shape, ou, ov, rng)
+    if rng.random() < 0.2:
+        cy, cx = centres[0]
+        ou, ov = object_frame(h, w, rng, cy + rng.normal(0, radii[0] * 0.6), cx + rng.normal(0, radii[0] * 0.6),
+                              rng.uniform(0.08, 0.12) * side)
+        occ = shape_mask(SHAPES[int(rng.integers(len(SHAPES)))], ou, ov, rng)
         img[occ] = rng.uniform(0, 1, 3)
         mask &= ~occ
+    return lighting(img, rng), Image.fromarray(mask.astype(np.uint8) * 255, "L")
 
-    # lighting: directional gain, a soft highlight, sensor noise
-    gain = rng.uniform(0.6, 1.0) + rng.uniform(0, 0.4) * ramp
-    hy, hx = rng.uniform(0, h), rng.uniform(0, w)
-    highlight = 0.25 * np.exp(-((yy - hy) ** 2 + (xx - hx) ** 2) / (2 * (0.35 * side) ** 2))[..., None]
-    img = img * gain + highlight + rng.normal(0, 0.02, img.shape)
-    image = Image.fromarray((np.clip(img, 0, 1) * 255).round().astype(np.uint8), "RGB")
-    return image, Image.fromarray(mask.astype(np.uint8) * 255, "L")
+
+def render_in_mask(k: int, mask: np.ndarray, rng: np.random.Generator) -> Image.Image:
+    """Class k's texture painted into ``mask`` (bool HxW, True = object) in new colours of its
+    palette, on a new background under new lighting: what an ideal generator conditioned on the
+    mask would draw."""
+    mask = np.asarray(mask, dtype=bool)
+    h, w = mask.shape
+    img = background(h, w, rng)
+    ys, xs = np.nonzero(mask)
+    if len(ys):
+        cy, cx = ys.mean(), xs.mean()
+        radius = max(2.0, float(np.sqrt(((ys - cy) ** 2 + (xs - cx) ** 2).max())))
+        u, v = object_frame(h, w, rng, cy, cx, radius)
+        img[mask] = texture(class_spec(k)[0], u, v, rng, member_colours(k, rng))[mask]
+    return lighting(img, rng)
 
 
 def _encode(im: Image.Image, fmt: str) -> bytes:
@@ -198,7 +265,7 @@ def build_demo_dataset(root=DEFAULT_ROOT, seed: int = 0, num_classes: int = 20, 
     for k, folder in enumerate(folders):
         expected = set()
         for n in range(1, per_class + 1):
-            image, mask = render(k, n, seed)
+            image, mask = render(k, n, seed, num_classes)
             write_bytes_atomic(root / folder / f"{n}.jpg", _encode(image, "JPEG"))
             write_bytes_atomic(root / folder / f"{n}.png", _encode(mask, "PNG"))
             expected |= {f"{n}.jpg", f"{n}.png"}

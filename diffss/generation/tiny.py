@@ -72,16 +72,17 @@ def _learn_merges(words: Iterable[str], num_merges: int) -> list[tuple[str, str]
     return merges
 
 
-def write_tiny_tokenizer(out_dir: str | os.PathLike) -> int:
+def write_tiny_tokenizer(out_dir: str | os.PathLike, extra_words: str = "") -> int:
     """Write a CLIP BPE tokenizer (vocab.json, merges.txt, tokenizer_config.json); returns
     the vocabulary size. Ids: byte chars, byte chars + "</w>", merges, then BOS and EOS last
-    (as in CLIP, where they are 49406/49407)."""
+    (as in CLIP, where they are 49406/49407). ``extra_words`` (e.g. a dataset's class names)
+    join the corpus the merges are learnt from, so they become few tokens."""
     import re
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     chars = _byte_chars()
-    words = re.findall(r"[a-z]+|[^\sa-z0-9]+", _CORPUS.lower())
+    words = re.findall(r"[a-z]+|[^\sa-z0-9]+", (_CORPUS + " " + extra_words).lower())
     merges = _learn_merges(words, _NUM_MERGES)
     tokens = chars + [c + "</w>" for c in chars] + ["".join(m) for m in merges] + [BOS, EOS]
     vocab: dict[str, int] = {}

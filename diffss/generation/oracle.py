@@ -1,0 +1,70 @@
+"""The demo world's oracle auxiliary supports: what an ideal generator would paint.
+
+For a support of demo class k, the oracle image is class k's own texture (a fact of the demo
+world: :func:`diffss.data.demo.render_in_mask`) painted into the support's mask, in new colours,
+on a new background under new lighting. It is written in the generation layout and table
+(``<out>/<dataset>/oracle/auxiliary.parquet``, condition ``"oracle"``), so training and
+evaluation read it exactly as they read generated supports. Measuring with it tells whether
+the demo world *can* reward auxiliary supports, before any generator is asked to.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from PIL import Image
+from tqdm.auto import tqdm
+
+from diffss.conditions import is_valid_image, remove_stale_temporaries, save_png_atomic, unique_samples
+from diffss.data.demo import MAX_CLASSES, class_spec, render_in_mask
+from diffss.generation.config import aux_seed
+from diffss.generation.run import TABLE_NAME, _SupportCache, _write_table, aux_relpath
+
+ORACLE = "oracle"
+
+
+def demo_class_index(class_name: str) -> int:
+    """0-based demo class index of a readable class name such as ``"striped star"``."""
+    for k in range(MAX_CLASSES):
+        if " ".join(class_spec(k)) == class_name.replace("_", " "):
+            return k
+    raise ValueError(f"{class_name!r} is not a demo class (texture + shape, e.g. 'striped star')")
+
+
+def write_oracle_auxiliary(samples: Sequence, out_dir: str | os.PathLike, num_aux: int = 4,
+                           dataset_name: str = "demo", seed: int = 0, progress: bool = True) -> pd.DataFrame:
+    """Write ``num_aux`` oracle images per (support, class) sample and the generation table.
+
+    Image ``i`` of a support is seeded by :func:`aux_seed` (as generated ones are), so a rerun
+    reproduces it; images that already decode are kept, so a killed run resumes.
+    """
+    if num_aux < 1:
+        raise ValueError(f"num_aux must be >= 1, got {num_aux}")
+    root = Path(out_dir) / dataset_name / ORACLE
+    root.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(root)
+    supports, rows = _SupportCache(), {}
+    samples = unique_samples(samples)
+    for sample in tqdm(samples, desc=f"oracle {dataset_name}", unit="support", disable=not progress):
+        k = demo_class_index(sample.class_name)
+        for i in range(num_aux):
+            image_seed = aux_seed(dataset_name, sample.name, sample.class_id, i, seed)
+            row = {"dataset": dataset_name, "support_name": str(sample.name), "class_id": int(sample.class_id),
+                   "class_name": str(sample.class_name), "aux_index": i, "seed": image_seed,
+                   "prompt": str(sample.class_name), "condition": ORACLE, "model_ids": ORACLE,
+                   "path": aux_relpath(sample.class_id, sample.name, i)}
+            path = root / row["path"]
+            if is_valid_image(path):
+                with Image.open(path) as im:
+                    image = im.convert("RGB")
+            else:
+                image = render_in_mask(k, np.asarray(sample.load_mask()) == 1, np.random.default_rng(image_seed))
+                save_png_atomic(image, path)
+            rows[(row["support_name"], row["class_id"], i)] = supports.finish_row(row, image, sample, math.nan)
+        supports.clear()
+    return _write_table(root / TABLE_NAME, rows)

@@ -1,0 +1,501 @@
+"""Train the parts of a Stable-Diffusion-shaped generator on a folder of images + masks + class names.
+
+Three stages, each a resumable run into its own output folder, each folder loadable with
+``from_pretrained`` (the real-world case needs only the last one):
+
+- ``controlnet``: a ControlNet on a frozen base model (SD 1.5 from the hub, or a folder), for a
+  domain the base model cannot draw under control: medical, industrial, the demo world. The
+  control images are the seg / hed / scribble conditions :mod:`diffss.conditions` draws; with
+  several conditions one ControlNet learns them all (each example draws one at random).
+- ``autoencoder``: a small ``AutoencoderTiny`` trained to reconstruct the images (worlds with no
+  base model at all).
+- ``text-to-image``: a small UNet with cross-attention *and* the CLIP text encoder, trained
+  together on the class prompts over a frozen autoencoder; saved in Stable Diffusion's layout.
+
+The recipe is diffusers' (examples/controlnet/train_controlnet.py, train_text_to_image.py): latents
+from the frozen VAE times its scaling factor, ``DDPMScheduler.add_noise`` at uniform timesteps,
+epsilon or v targets (``get_velocity``), min-SNR loss weighting, prompts replaced by the empty
+prompt with some probability (classifier-free guidance), AdamW, gradient clipping, mixed precision
+(autocast; a gradient scaler for fp16) and gradient accumulation.
+
+Exact resume: the random draws of step ``s`` (examples, noise, timesteps, dropped prompts, drawn
+conditions) come from a generator seeded by (seed, s), and checkpoints hold the trainable weights,
+optimizer and scaler state in one atomically written file, so a run stopped at any point and
+restarted ends with the weights of an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from diffss.atomic import atomic_path, write_text_atomic
+from diffss.generation.config import GenerationConfig
+from diffss.generation.small_sd import SmallSDSizes
+
+log = logging.getLogger(__name__)
+
+STAGES = ("autoencoder", "text-to-image", "controlnet")
+STATE_NAME = "training_state.pt"
+CONFIG_NAME = "train_config.json"
+HISTORY_NAME = "history.csv"
+RANDOM_HED = "random"  # the random-weight HED network (seed 0) the offline demo draws edges with
+MIXED_PRECISION = {"no": None, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@dataclass
+class GeneratorTrainConfig:
+    """One training stage. ``dataset``/``root``/``fold``/``split`` pick the images as
+    :func:`diffss.data.load_dataset` does; ``split="all"`` takes every class of the fold (train +
+    test: a pretraining pool, never the benchmark itself). ``base_model``: controlnet - an SD
+    folder or hub id; text-to-image - the autoencoder stage's folder (or an SD folder, whose VAE
+    is used). Prompts are ``GenerationConfig(prompt_template, quality_suffix).prompt(class)``,
+    the very prompts generation will use."""
+
+    stage: str = "controlnet"
+    output_dir: str = "data/models/controlnet"
+    dataset: str = "folder"
+    root: str | None = None
+    fold: int = 0
+    split: str = "train"
+    conditions: tuple[str, ...] = ("seg",)
+    base_model: str | None = None
+    hed_model: str | None = None  # hub id or folder of HED weights (None: lllyasviel/Annotators), or "random"
+    resolution: int = 512
+    steps: int = 1000
+    batch_size: int = 4
+    gradient_accumulation_steps: int = 1
+    learning_rate: float = 1e-5
+    weight_decay: float = 1e-2
+    max_grad_norm: float = 1.0
+    mixed_precision: str = "no"
+    empty_prompt_probability: float = 0.1
+    snr_gamma: float | None = 5.0
+    prompt_template: str = GenerationConfig.prompt_template
+    quality_suffix: str = GenerationConfig.quality_suffix
+    seed: int = 0
+    device: str = "auto"
+    checkpoint_every: int = 100
+    local_files_only: bool = False
+    sizes: dict[str, Any] = field(default_factory=dict)  # SmallSDSizes fields for new models
+
+    def __post_init__(self):
+        if self.stage not in STAGES:
+            raise ValueError(f"GeneratorTrainConfig.stage must be one of {STAGES}, got {self.stage!r}")
+        for name in ("steps", "batch_size", "gradient_accumulation_steps", "checkpoint_every", "resolution"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"GeneratorTrainConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.mixed_precision not in MIXED_PRECISION:
+            raise ValueError(f"GeneratorTrainConfig.mixed_precision must be one of {list(MIXED_PRECISION)}, "
+                             f"got {self.mixed_precision!r}")
+        if not 0 <= self.empty_prompt_probability <= 1:
+            raise ValueError(f"GeneratorTrainConfig.empty_prompt_probability must be in [0, 1], "
+                             f"got {self.empty_prompt_probability}")
+        if self.learning_rate <= 0:
+            raise ValueError(f"GeneratorTrainConfig.learning_rate must be > 0, got {self.learning_rate}")
+        if self.stage != "autoencoder" and not self.base_model:
+            raise ValueError(f"GeneratorTrainConfig.base_model is required for stage {self.stage!r}")
+        from diffss.conditions import parse_kinds
+
+        self.conditions = tuple(parse_kinds(list(self.conditions)))
+        self.sizes = SmallSDSizes(**self.sizes).to_dict()  # validates, fills defaults
+        if self.stage != "controlnet" and self.sizes["resolution"] != self.resolution:
+            raise ValueError(f"sizes.resolution {self.sizes['resolution']} differs from resolution {self.resolution}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return json.loads(json.dumps(dataclasses.asdict(self)))  # tuples -> lists, as in the JSON file
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "GeneratorTrainConfig") -> "GeneratorTrainConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"{source}: unknown field(s) {unknown}; known: {sorted(known)}")
+        return cls(**{k: tuple(v) if k == "conditions" else v for k, v in data.items()})
+
+    @classmethod
+    def from_json(cls, path: str | os.PathLike) -> "GeneratorTrainConfig":
+        return cls.from_dict(json.loads(Path(path).read_text()), str(path))
+
+    def prompt(self, class_name: str) -> str:
+        return GenerationConfig(prompt_template=self.prompt_template, quality_suffix=self.quality_suffix).prompt(class_name)
+
+
+# ---- data --------------------------------------------------------------------------------------
+
+def training_samples(config: GeneratorTrainConfig) -> list:
+    """The (image, mask, class) samples a stage trains on."""
+    from diffss.conditions import unique_samples
+    from diffss.data import load_dataset
+
+    splits = ("train", "test") if config.split == "all" else (config.split,)
+    samples = []
+    for split in splits:
+        samples += load_dataset(config.dataset, root=config.root, fold=config.fold, split=split,
+                                episodes=1).samples
+    return unique_samples(samples)
+
+
+@dataclass
+class TrainingImages:
+    """Everything a stage reads, in memory: images in [-1, 1], control images in [0, 1] (one per
+    condition kind), and the prompts."""
+
+    images: torch.Tensor  # [N,3,R,R] uint8
+    prompts: list[str]
+    controls: torch.Tensor | None = None  # [N,K,3,R,R] uint8
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+
+def load_training_images(config: GeneratorTrainConfig, samples: list, progress: bool = True) -> TrainingImages:
+    from PIL import Image
+
+    from diffss.conditions import HedConditioner, build_conditions, condition_path, load_square
+
+    if not samples:
+        raise ValueError(f"no training images in {config.dataset} {config.root} (fold {config.fold}, split {config.split})")
+    r = config.resolution
+    images = torch.from_numpy(np.stack([np.asarray(load_square(s, r)[0]) for s in samples])).permute(0, 3, 1, 2)
+    controls = None
+    if config.stage == "controlnet":
+        cond_dir = Path(config.output_dir) / "conditions"
+        hed = HedConditioner.random(seed=0) if config.hed_model == RANDOM_HED else config.hed_model
+        build_conditions(samples, list(config.conditions), cond_dir, resolution=r, hed=hed,
+                         progress=progress, dataset_name=config.dataset)
+        per_kind = []
+        for kind in config.conditions:
+            arrays = []
+            for s in samples:
+                with Image.open(condition_path(cond_dir, kind, s.class_id, s.name)) as im:
+                    arrays.append(np.asarray(im.convert("RGB")))
+            per_kind.append(np.stack(arrays))
+        controls = torch.from_numpy(np.stack(per_kind, axis=1)).permute(0, 1, 4, 2, 3).contiguous()
+    return TrainingImages(images=images.contiguous(), prompts=[config.prompt(s.class_name) for s in samples],
+                          controls=controls)
+
+
+# ---- checkpoints -------------------------------------------------------------------------------
+# One file holds the trainable weights, optimizer, scaler, step and history; it is written to a
+# temporary name and renamed, so a stop at any moment leaves the previous complete checkpoint.
+
+def _save_state(path: Path, state: dict) -> None:
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+
+
+def _load_state(path: Path) -> dict | None:
+    if not path.is_file():
+        return None
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # noqa: BLE001 - a corrupt state must be named, not silently restarted
+        raise ValueError(f"{path}: cannot read the training state ({exc}); delete it to start over") from exc
+
+
+def _export_atomic(out_dir: Path, save: Callable[[Path], None]) -> None:
+    """``save`` into a temporary folder, then move each file onto its place (each move atomic)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out_dir, prefix=".export-") as tmp:
+        save(Path(tmp))
+        files = sorted((p for p in Path(tmp).rglob("*") if p.is_file()),
+                       key=lambda p: p.suffix in (".json", ".txt"))  # weights first, index files last
+        for src in files:
+            dst = out_dir / src.relative_to(tmp)
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(src, dst)
+
+
+# ---- the stages ----------------------------------------------------------------------------------
+
+def _step_generator(seed: int, step: int) -> torch.Generator:
+    return torch.Generator().manual_seed(int(seed) * 1_000_003 + int(step))
+
+
+class _Stage:
+    """Models, trainable modules, the loss of one micro-batch, and the export of one stage."""
+
+    trainable: dict[str, torch.nn.Module]
+
+    def loss(self, batch: dict[str, torch.Tensor], g: torch.Generator) -> torch.Tensor:
+        raise NotImplementedError
+
+    def export(self, out: Path) -> None:
+        raise NotImplementedError
+
+
+def _pixels(images_uint8: torch.Tensor) -> torch.Tensor:
+    return images_uint8.float().div(127.5).sub(1.0)
+
+
+class _AutoencoderStage(_Stage):
+    def __init__(self, config: GeneratorTrainConfig, data: TrainingImages, device: torch.device):
+        from diffss.generation.small_sd import new_autoencoder
+
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(config.seed)
+            self.vae = new_autoencoder(SmallSDSizes(**config.sizes)).to(device)
+        self.trainable = {"vae": self.vae}
+        self.data, self.device = data, device
+
+    def loss(self, batch, g):
+        x = _pixels(self.data.images[batch["index"]]).to(self.device)
+        out = self.vae.decode(self.vae.encode(x).latents).sample
+        return F.mse_loss(out.float(), x) + 0.5 * F.l1_loss(out.float(), x)
+
+    @torch.no_grad()
+    def export(self, out):
+        # The diffusion model wants unit-variance latents: record 1 / std as the scaling factor.
+        sample = _pixels(self.data.images[: min(256, len(self.data))]).to(self.device)
+        std = float(self.vae.encode(sample).latents.float().std())
+        self.vae.register_to_config(scaling_factor=1.0 / max(std, 1e-3))
+        self.vae.save_pretrained(out)
+
+
+def _load_vae(base: str, local_files_only: bool):
+    """The autoencoder of ``base``: an autoencoder stage's folder or an SD folder / hub id."""
+    from diffusers import AutoencoderKL, AutoencoderTiny
+
+    path = Path(base)
+    folder, sub = (path, None) if (path / "config.json").is_file() else (base, "vae")
+    config_file = (path / "config.json") if sub is None else (path / "vae" / "config.json")
+    cls = AutoencoderKL
+    if config_file.is_file() and json.loads(config_file.read_text()).get("_class_name") == "AutoencoderTiny":
+        cls = AutoencoderTiny
+    return cls.from_pretrained(folder, subfolder=sub, local_files_only=local_files_only)
+
+
+def _encode(vae, x: torch.Tensor) -> torch.Tensor:
+    out = vae.encode(x)
+    latents = out.latents if hasattr(out, "latents") else out.latent_dist.sample()
+    return latents * vae.config.scaling_factor
+
+
+class _DiffusionStage(_Stage):
+    """Shared by text-to-image and controlnet: frozen VAE latents (computed once), prompts."""
+
+    def __init__(self, config: GeneratorTrainConfig, data: TrainingImages, device: torch.device, vae, tokenizer,
+                 scheduler):
+        self.config, self.data, self.device = config, data, device
+        self.vae, self.tokenizer, self.scheduler = vae.to(device).eval().requires_grad_(False), tokenizer, scheduler
+        latents = []
+        with torch.no_grad():
+            for start in range(0, len(data), 64):
+                latents.append(_encode(self.vae, _pixels(data.images[start:start + 64]).to(device)).float().cpu())
+        self.latents = torch.cat(latents)
+        self.ids = self._tokenize(data.prompts)
+        self.empty_ids = self._tokenize([""])
+
+    def _tokenize(self, prompts: list[str]) -> torch.Tensor:
+        return self.tokenizer(prompts, max_length=self.tokenizer.model_max_length, padding="max_length",
+                              truncation=True, return_tensors="pt").input_ids
+
+    def _noisy(self, batch, g):
+        latents = self.latents[batch["index"]].to(self.device)
+        noise = torch.randn(latents.shape, generator=g).to(self.device)
+        t = torch.randint(0, self.scheduler.config.num_train_timesteps, (len(latents),), generator=g).to(self.device)
+        return latents, noise, t, self.scheduler.add_noise(latents, noise, t)
+
+    def _target_loss(self, pred, latents, noise, t):
+        kind = self.scheduler.config.prediction_type
+        target = noise if kind == "epsilon" else self.scheduler.get_velocity(latents, noise, t)
+        if self.config.snr_gamma is None:
+            return F.mse_loss(pred.float(), target.float())
+        from diffusers.training_utils import compute_snr
+
+        snr = compute_snr(self.scheduler, t)
+        weight = torch.clamp(snr, max=self.config.snr_gamma) / (snr + 1 if kind == "v_prediction" else snr)
+        per_item = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+        return (per_item * weight).mean()
+
+
+class _TextToImageStage(_DiffusionStage):
+    def __init__(self, config, data, device):
+        from diffss.generation.small_sd import new_scheduler, new_text_encoder, new_tokenizer, new_unet
+
+        sizes = SmallSDSizes(**config.sizes)
+        vae = _load_vae(config.base_model, config.local_files_only)
+        with tempfile.TemporaryDirectory() as tmp:  # the tokenizer is saved with the model at export
+            tokenizer = new_tokenizer(tmp, " ".join(sorted(set(data.prompts))))
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(config.seed)
+            self.unet = new_unet(sizes).to(device)
+            self.text_encoder = new_text_encoder(sizes, tokenizer).to(device)
+        super().__init__(config, data, device, vae, tokenizer, new_scheduler())
+        self.trainable = {"unet": self.unet, "text_encoder": self.text_encoder}
+
+    def loss(self, batch, g):
+        latents, noise, t, noisy = self._noisy(batch, g)
+        ids = torch.where(batch["drop"][:, None], self.empty_ids, self.ids[batch["index"]]).to(self.device)
+        hidden = self.text_encoder(ids)[0]
+        return self._target_loss(self.unet(noisy, t, hidden).sample, latents, noise, t)
+
+    def export(self, out):
+        from diffss.generation.small_sd import save_sd_folder
+
+        save_sd_folder(out, self.vae, self.text_encoder, self.tokenizer, self.unet, self.scheduler)
+
+
+class _ControlNetStage(_DiffusionStage):
+    def __init__(self, config, data, device):
+        from diffusers import DDPMScheduler, UNet2DConditionModel
+        from transformers import CLIPTextModel, CLIPTokenizer
+
+        from diffss.generation.small_sd import new_controlnet
+
+        load = dict(local_files_only=config.local_files_only)
+        base = config.base_model
+        tokenizer = CLIPTokenizer.from_pretrained(base, subfolder="tokenizer", **load)
+        self.text_encoder = CLIPTextModel.from_pretrained(base, subfolder="text_encoder", **load).to(device)
+        self.unet = UNet2DConditionModel.from_pretrained(base, subfolder="unet", **load).to(device)
+        for frozen in (self.text_encoder, self.unet):
+            frozen.eval().requires_grad_(False)
+        scheduler = DDPMScheduler.from_pretrained(base, subfolder="scheduler", **load)
+        vae = _load_vae(base, config.local_files_only)
+        downsampling = 2 ** (len(vae.config.block_out_channels) - 1)
+        embedding = tuple(SmallSDSizes(**config.sizes).condition_channels)
+        if len(embedding) - 1 != int(math.log2(downsampling)):  # SD 1.5: 8x, ControlNet's (16, 32, 96, 256)
+            embedding = (16, 32, 96, 256)[-(int(math.log2(downsampling)) + 1):]
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(config.seed)
+            self.controlnet = new_controlnet(self.unet, embedding).to(device)
+        super().__init__(config, data, device, vae, tokenizer, scheduler)
+        with torch.no_grad():  # prompts are fixed per example: encode them once
+            self.hidden = torch.cat([self.text_encoder(self.ids[i:i + 64].to(device))[0].cpu()
+                                     for i in range(0, len(self.ids), 64)])
+            self.empty_hidden = self.text_encoder(self.empty_ids.to(device))[0].cpu()
+        self.trainable = {"controlnet": self.controlnet}
+
+    def loss(self, batch, g):
+        latents, noise, t, noisy = self._noisy(batch, g)
+        hidden = torch.where(batch["drop"][:, None, None], self.empty_hidden, self.hidden[batch["index"]])
+        hidden = hidden.to(self.device)
+        control = self.data.controls[batch["index"], batch["kind"]].float().div(255.0).to(self.device)
+        down, mid = self.controlnet(noisy, t, encoder_hidden_states=hidden, controlnet_cond=control,
+                                    return_dict=False)
+        pred = self.unet(noisy, t, encoder_hidden_states=hidden, down_block_additional_residuals=down,
+                         mid_block_additional_residual=mid).sample
+        return self._target_loss(pred, latents, noise, t)
+
+    def export(self, out):
+        self.controlnet.save_pretrained(out)
+
+
+_STAGE_CLASSES = {"autoencoder": _AutoencoderStage, "text-to-image": _TextToImageStage, "controlnet": _ControlNetStage}
+
+
+def _draw_batch(config: GeneratorTrainConfig, n: int, g: torch.Generator) -> dict[str, torch.Tensor]:
+    """Examples, dropped prompts and drawn condition kinds of one micro-batch."""
+    b = config.batch_size
+    return {"index": torch.randint(n, (b,), generator=g),
+            "drop": torch.rand(b, generator=g) < config.empty_prompt_probability,
+            "kind": torch.randint(len(config.conditions), (b,), generator=g)}
+
+
+def _device(name: str) -> torch.device:
+    return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
+
+
+def train_generator(config: GeneratorTrainConfig, progress: bool = True,
+                    callback: Callable[[int, float], None] | None = None) -> Path:
+    """Run (or resume) one stage into ``config.output_dir``; returns that folder.
+
+    The folder is a ``from_pretrained`` folder (an ``AutoencoderTiny``, a Stable Diffusion layout
+    or a ``ControlNetModel``), refreshed at every checkpoint, plus ``train_config.json``,
+    ``history.csv``, ``training_state.pt`` and, for ControlNets, the ``conditions/`` drawn for
+    training. Rerunning with the same settings resumes (a larger ``steps`` continues a finished
+    run); other settings in the same folder are refused. ``callback(step, loss)`` runs after
+    every optimizer step.
+    """
+    out = Path(config.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    saved, state_path = out / CONFIG_NAME, out / STATE_NAME
+    if saved.is_file() and state_path.is_file():
+        previous = GeneratorTrainConfig.from_json(saved).to_dict()
+        if {**previous, "steps": 0} != {**config.to_dict(), "steps": 0}:
+            changed = sorted(k for k in previous if k != "steps" and previous[k] != config.to_dict()[k])
+            raise ValueError(f"{out} holds a run with other settings ({changed}); use a new output_dir or delete {out}")
+    write_text_atomic(saved, json.dumps(config.to_dict(), indent=2))
+
+    from diffusers.optimization import get_scheduler
+
+    device = _device(config.device)
+    data = load_training_images(config, training_samples(config), progress)
+    stage = _STAGE_CLASSES[config.stage](config, data, device)
+    params = [p for module in stage.trainable.values() for p in module.parameters()]
+    optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
+    lr_schedule = get_scheduler("constant_with_warmup", optimizer, num_warmup_steps=min(100, config.steps // 10))
+    amp = MIXED_PRECISION[config.mixed_precision]
+    scaler = torch.amp.GradScaler(device.type, enabled=amp is torch.float16)
+
+    step, history = 0, []
+    state = _load_state(state_path)
+    if state is not None:
+        for name, module in stage.trainable.items():
+            module.load_state_dict(state["models"][name])
+        optimizer.load_state_dict(state["optimizer"])
+        lr_schedule.load_state_dict(state["lr_schedule"])
+        scaler.load_state_dict(state["scaler"])
+        step, history = int(state["step"]), list(state["history"])
+    if step >= config.steps:
+        return out
+
+    for module in stage.trainable.values():
+        module.train()
+    bar = tqdm(total=config.steps, initial=step, desc=f"train {config.stage}", unit="step", disable=not progress)
+    while step < config.steps:
+        g = _step_generator(config.seed, step)
+        optimizer.zero_grad(set_to_none=True)
+        loss_sum = 0.0
+        for _ in range(config.gradient_accumulation_steps):
+            batch = _draw_batch(config, len(data), g)
+            with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+                loss = stage.loss(batch, g) / config.gradient_accumulation_steps
+            scaler.scale(loss).backward()
+            loss_sum += float(loss.detach())
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+        scaler.step(optimizer)
+        scaler.update()
+        lr_schedule.step()
+        step += 1
+        history.append({"step": step, "loss": loss_sum, "lr": lr_schedule.get_last_lr()[0]})
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss_sum:.4f}")
+        if callback is not None:
+            callback(step, loss_sum)
+        if step % config.checkpoint_every == 0 or step == config.steps:
+            _checkpoint(out, stage, optimizer, lr_schedule, scaler, step, history)
+    bar.close()
+    return out
+
+
+def _checkpoint(out: Path, stage: _Stage, optimizer, lr_schedule, scaler, step: int, history: list[dict]) -> None:
+    # The model folder first, then the state saying which step it is: a stop in between leaves a
+    # state at most checkpoint_every steps older than the folder, and the resumed run rewrites both.
+    for module in stage.trainable.values():
+        module.eval()
+    _export_atomic(out, stage.export)
+    for module in stage.trainable.values():
+        module.train()
+    _save_state(out / STATE_NAME, {
+        "models": {name: module.state_dict() for name, module in stage.trainable.items()},
+        "optimizer": optimizer.state_dict(), "lr_schedule": lr_schedule.state_dict(),
+        "scaler": scaler.state_dict(), "step": step, "history": history})
+    with atomic_path(out / HISTORY_NAME) as tmp:
+        pd.DataFrame(history).to_csv(tmp, index=False)
