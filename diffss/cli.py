@@ -111,7 +111,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from diffss.generation import GenerationConfig, run_generation
 
     config = GenerationConfig.from_json(args.generation_config) if args.generation_config else GenerationConfig()
+    controlnets = dict(config.controlnets)
+    for item in args.controlnet or []:
+        kind, sep, model = item.partition("=")
+        if not sep or not model:
+            raise ValueError(f"--controlnet takes KIND=MODEL (e.g. seg=data/models/controlnet-seg), got {item!r}")
+        controlnets[kind] = model
     overrides = {
+        "controlnets": controlnets,
         "base_model": args.base_model,
         "num_inference_steps": args.steps,
         "resolution": args.resolution,
@@ -139,6 +146,33 @@ def cmd_tiny_models(args: argparse.Namespace) -> int:
     config_path = Path(args.output) / "generation_config.json"
     config.to_json(config_path)
     print(f"tiny random SD + ControlNet under {args.output}; use it with --generation-config {config_path}")
+    return 0
+
+
+def cmd_train_controlnet(args: argparse.Namespace) -> int:
+    from diffss.generation.training import GeneratorTrainConfig, train_generator
+
+    values = {"stage": "controlnet", "conditions": tuple(args.condition.split("+"))}
+    for name in ("output_dir", "dataset", "root", "fold", "split", "base_model", "hed_model", "resolution", "steps",
+                 "batch_size", "gradient_accumulation_steps", "learning_rate", "mixed_precision", "seed", "device",
+                 "checkpoint_every", "local_files_only"):
+        if getattr(args, name) is not None:
+            values[name] = getattr(args, name)
+    out = train_generator(GeneratorTrainConfig(**values), progress=not args.quiet)
+    print(f"ControlNet: {out} (diffss generate --base-model {values['base_model']} "
+          f"{' '.join(f'--controlnet {k}={out}' for k in values['conditions'])} ...)")
+    return 0
+
+
+def cmd_train_generator(args: argparse.Namespace) -> int:
+    from diffss.generation.demo_generator import PRETRAINED_DIR, train_demo_generator
+
+    if args.preset != "demo":
+        raise ValueError(f"unknown --preset {args.preset!r}; known: demo")
+    config = train_demo_generator(output_dir=args.output or PRETRAINED_DIR, work_dir=args.work_dir, seed=args.seed,
+                                  steps_scale=args.steps_scale, pool_per_class=args.pool_per_class,
+                                  batch_size=args.batch_size, device=args.device, progress=not args.quiet)
+    print(f"demo generator: {Path(config.base_model).parent} (generation_config.json there)")
     return 0
 
 
@@ -185,6 +219,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--conditions-dir", default=None, help="where `diffss conditions` wrote them (default data/conditions/<dataset>)")
     p.add_argument("--generation-config", help="GenerationConfig as JSON (e.g. written by `diffss tiny-models`)")
     p.add_argument("--base-model", default=None, help="hub id or local directory of Stable Diffusion 1.5")
+    p.add_argument("--controlnet", action="append", metavar="KIND=MODEL",
+                   help="ControlNet of a condition kind: hub id or folder (e.g. one `diffss train-controlnet` wrote)")
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--resolution", type=int, default=None)
     p.add_argument("--device", default=None)
@@ -195,6 +231,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", default="data/models/tiny-sd")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_tiny_models)
+
+    p = sub.add_parser("train-controlnet", help="train a ControlNet on a frozen base model (images + masks + class names)")
+    p.add_argument("--dataset", default="folder", help="pascal5i | coco20i | fss1000 | folder | demo")
+    p.add_argument("--root", default=None, help="dataset root (see README for each layout)")
+    p.add_argument("--fold", type=int, default=None)
+    p.add_argument("--split", default=None, help="train (default: the fold's base classes) | test | all")
+    p.add_argument("--condition", default="seg", help="seg | hed | scribble, or several joined by + (one ControlNet for all)")
+    p.add_argument("--base-model", required=True, help="hub id or folder of a Stable Diffusion model")
+    p.add_argument("--output", dest="output_dir", required=True, help="the ControlNet folder to write (resumable)")
+    p.add_argument("--hed-model", default=None, help="HED weights: hub id, folder or 'random' (default lllyasviel/Annotators)")
+    for flag, kind in (("--resolution", int), ("--steps", int), ("--batch-size", int),
+                       ("--gradient-accumulation-steps", int), ("--learning-rate", float), ("--seed", int),
+                       ("--checkpoint-every", int)):
+        p.add_argument(flag, type=kind, default=None)
+    p.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default=None)
+    p.add_argument("--device", default=None)
+    p.add_argument("--local-files-only", action="store_true", default=None)
+    p.set_defaults(func=cmd_train_controlnet)
+
+    p = sub.add_parser("train-generator", help="train a complete small SD + ControlNet (the demo's generator)")
+    p.add_argument("--preset", default="demo", help="demo: the demo world's pretraining pool and settings")
+    p.add_argument("--output", default=None, help="where the float16 weights go (default: the package's shipped folder)")
+    p.add_argument("--work-dir", default="data/generator/demo", help="pool, stage checkpoints (resumable)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps-scale", type=float, default=1.0, help="multiply every stage's steps (short trial runs)")
+    p.add_argument("--pool-per-class", type=int, default=None, help="pool images per class (default: the preset's)")
+    p.add_argument("--batch-size", type=int, default=None, help="override every stage's batch size")
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=cmd_train_generator)
 
     p = sub.add_parser("export", help="ONNX model repository (Triton layout) from a checkpoint")
     p.add_argument("checkpoint")

@@ -74,8 +74,13 @@ def load_square(sample, resolution: int) -> tuple[Image.Image, np.ndarray, tuple
     return image.resize(size, Image.BICUBIC), square_mask, image.size
 
 
+RANDOM_HED = "random"  # the random-weight HED network of seed 0 (offline demo, tests)
+
+
 def _coerce_hed(hed) -> HedConditioner:
-    return hed if isinstance(hed, HedConditioner) else HedConditioner(hed)
+    if isinstance(hed, HedConditioner):
+        return hed
+    return HedConditioner.random(seed=0) if hed == RANDOM_HED else HedConditioner(hed)
 
 
 def build_conditions(samples: Sequence, kinds: str | Iterable[str], out_dir: str | os.PathLike,
@@ -84,7 +89,7 @@ def build_conditions(samples: Sequence, kinds: str | Iterable[str], out_dir: str
     """Write the ``kinds`` conditions of every sample and return (and save) their table.
 
     ``hed``: a :class:`HedConditioner`, ``HEDdetector``, HED torch module, hub id or local folder
-    (None: ``lllyasviel/Annotators``); loaded only when a hed/scribble map must be computed.
+    (None: ``lllyasviel/Annotators``; ``"random"``: the random-weight network of seed 0); loaded only when a hed/scribble map must be computed.
     ``class_to_ade``: anything :meth:`ClassToAde.coerce` takes; None picks the curated table of
     ``dataset_name`` or, for other datasets, name resolution.
     """

@@ -1,14 +1,19 @@
 """A procedural few-shot benchmark in the FSS-1000 layout, built in seconds from numpy + PIL.
 
-Each class is a (texture, shape) pair such as "striped star". Members vary in colours, scale,
-position, rotation, aspect, lighting and background clutter (other shapes that are not in the
-mask), so a support can look unlike its query. Class k uses shape k % 10 and texture
+Each class is a (texture, shape) pair such as "striped star" with a palette of two typical
+colours. Members vary in colours (around the palette), scale, position, rotation, aspect and
+lighting, so a support can look unlike its query. Class k uses shape k % 10 and texture
 (k + k // 10) % 6, so with 20 classes every novel class's shape and texture also occur, in
 other pairings, among the base classes: transfer is learnable but not trivial.
+
+Supports matter: every image shows its class's object among one or two distractors, objects of
+the other classes of the same fold group, as large and salient as the target. Only the
+support says which object is meant, so "segment the salient object" cannot solve an episode.
 """
 
 from __future__ import annotations
 
+import colorsys
 import io
 import json
 from pathlib import Path
@@ -27,9 +32,8 @@ DEFAULT_ROOT = Path("data/raw/demo")
 MARKER = ".demo_complete.json"  # written last: its presence means every file is in place
 FORMAT_VERSION = 2  # 2: distractor objects of other classes
 NUM_FOLDS = 4
-PALETTE_SEED = 7_000_001
 MAX_DISTRACTORS = 2  # objects of other classes beside the target (1..MAX_DISTRACTORS)
-COLOUR_SPREAD = 0.2  # std of a member's colours around its class palette (per RGB channel)
+HUE_SPREAD = 0.07  # std of a member's hue around its class's (1 = the whole colour wheel)
 
 
 def class_spec(k: int) -> tuple[str, str]:
@@ -87,19 +91,43 @@ def two_colours(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
             return c1, c2
 
 
+def _hsv(h: float, s: float, v: float) -> np.ndarray:
+    return np.asarray(colorsys.hsv_to_rgb(h % 1.0, float(np.clip(s, 0, 1)), float(np.clip(v, 0, 1))))
+
+
+def class_hue(k: int) -> float:
+    """Hue of class k: the five classes of a fold group sit a fifth of the colour wheel apart."""
+    return (k % 5) / 5 + (k // 5) * 0.11
+
+
 def class_palette(k: int) -> tuple[np.ndarray, np.ndarray]:
-    """The two typical colours of class k (a fixed fact of the world, independent of any seed)."""
-    return two_colours(np.random.default_rng([PALETTE_SEED, k]))
+    """The two typical colours of class k, light and dark of its hue (a fixed fact of the world)."""
+    h = class_hue(k)
+    return _hsv(h, 0.8, 0.95), _hsv(h + 0.06, 0.7, 0.4)
 
 
 def member_colours(k: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """Colours of one member of class k: its palette, each colour moved by a random shift."""
-    a, b = class_palette(k)
-    while True:
-        c1 = np.clip(a + rng.normal(0, COLOUR_SPREAD, 3), 0, 1)
-        c2 = np.clip(b + rng.normal(0, COLOUR_SPREAD, 3), 0, 1)
-        if np.abs(c1 - c2).sum() > 0.6:
-            return (c1, c2) if rng.random() < 0.5 else (c2, c1)
+    """Colours of one member of class k: its palette with the hue shifted by a random amount
+    (std HUE_SPREAD) and saturation/brightness varied, so one member's colours are a noisy
+    sample of its class's."""
+    h = class_hue(k) + rng.normal(0, HUE_SPREAD)
+    s, v = rng.uniform(0.8, 1.15, 2)
+    light, dark = _hsv(h, 0.8 * s, 0.95 * v), _hsv(h + 0.06, 0.7 * s, 0.4 * v)
+    return (light, dark) if rng.random() < 0.5 else (dark, light)
+
+
+def palette_share(image, region: np.ndarray, k: int, tolerance: float = 0.2) -> float:
+    """Share of the ``region`` pixels (bool HxW) of an RGB image whose colour is one of class k's
+    palette colours under some brightness gain in [0.5, 1.5], within ``tolerance`` (RGB in [0, 1]):
+    how much of the region is painted like class k."""
+    rgb = np.asarray(image, dtype=np.float32)[np.asarray(region, dtype=bool)] / 255.0
+    if not len(rgb):
+        return 0.0
+    best = np.full(len(rgb), np.inf, dtype=np.float32)
+    for colour in class_palette(k):
+        gain = np.clip(rgb @ colour / float(colour @ colour + 1e-6), 0.5, 1.5)
+        best = np.minimum(best, np.linalg.norm(rgb - gain[:, None] * colour, axis=1))
+    return float((best < tolerance).mean())
 
 
 def texture(kind: str, u: np.ndarray, v: np.ndarray, rng: np.random.Generator,
@@ -162,9 +190,12 @@ def lighting(img: np.ndarray, rng: np.random.Generator) -> Image.Image:
 
 
 def distractor_classes(k: int, num_classes: int) -> list[int]:
-    """Classes whose objects may stand beside class k's: any other class of the world (novel
-    ones included) with another texture, so the support's texture tells which object is meant."""
-    others = [j for j in range(num_classes) if j != k and class_spec(j)[0] != class_spec(k)[0]]
+    """Classes whose objects may stand beside class k's: the other classes of k's fold group
+    (scenes mix the classes of one group, as photos mix related things). So a training image
+    holds base classes only and a test image novel classes only: no class is learnt as
+    background in training and then asked for at test."""
+    group = next(g for g in fold_groups(list(range(num_classes)), NUM_FOLDS) if k in g)
+    others = [j for j in group if j != k]
     return others or [j for j in range(num_classes) if j != k]
 
 

@@ -44,6 +44,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from diffss.atomic import atomic_path, write_text_atomic
+from diffss.conditions.build import RANDOM_HED  # noqa: F401 - re-exported for configs
 from diffss.generation.config import GenerationConfig
 from diffss.generation.small_sd import SmallSDSizes
 
@@ -53,7 +54,6 @@ STAGES = ("autoencoder", "text-to-image", "controlnet")
 STATE_NAME = "training_state.pt"
 CONFIG_NAME = "train_config.json"
 HISTORY_NAME = "history.csv"
-RANDOM_HED = "random"  # the random-weight HED network (seed 0) the offline demo draws edges with
 MIXED_PRECISION = {"no": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -166,7 +166,7 @@ class TrainingImages:
 def load_training_images(config: GeneratorTrainConfig, samples: list, progress: bool = True) -> TrainingImages:
     from PIL import Image
 
-    from diffss.conditions import HedConditioner, build_conditions, condition_path, load_square
+    from diffss.conditions import build_conditions, condition_path, load_square
 
     if not samples:
         raise ValueError(f"no training images in {config.dataset} {config.root} (fold {config.fold}, split {config.split})")
@@ -175,8 +175,7 @@ def load_training_images(config: GeneratorTrainConfig, samples: list, progress: 
     controls = None
     if config.stage == "controlnet":
         cond_dir = Path(config.output_dir) / "conditions"
-        hed = HedConditioner.random(seed=0) if config.hed_model == RANDOM_HED else config.hed_model
-        build_conditions(samples, list(config.conditions), cond_dir, resolution=r, hed=hed,
+        build_conditions(samples, list(config.conditions), cond_dir, resolution=r, hed=config.hed_model,
                          progress=progress, dataset_name=config.dataset)
         per_kind = []
         for kind in config.conditions:

@@ -1,0 +1,119 @@
+"""The demo's generator: a small SD + ControlNet that has learnt the demo world, never its FSS images.
+
+Pretraining pool: the demo world rendered with :data:`POOL_SEED`, a seed no FSS image uses (the
+analogue of Stable Diffusion's web pretraining, which has seen the benchmark's classes but not
+its images); every class of every fold is in it. :func:`train_demo_generator` trains the three
+stages of :mod:`diffss.generation.training` on it (autoencoder, text-to-image with a trained text
+encoder, one ControlNet for seg, hed and scribble) and writes the weights, in float16, to a folder
+with ``sd/``, ``controlnet/`` and ``generation_config.json``: what :func:`demo_generation_config`
+returns a :class:`GenerationConfig` for. The weights made this way ship in the package
+(:data:`PRETRAINED_DIR`); README says with which command and seed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+from pathlib import Path
+
+from diffss.generation.config import GenerationConfig
+from diffss.generation.training import RANDOM_HED, GeneratorTrainConfig, train_generator
+
+POOL_SEED = 1_000_003  # the FSS demo data uses data_seed 0 (and small ones in tests): never this
+PRETRAINED_DIR = Path(__file__).parent / "pretrained" / "demo"
+CONDITIONS = ("seg", "hed", "scribble")
+
+#: Settings of the shipped weights. Chosen on base classes only (see README "The demo's generator").
+DEMO_PRESET = {
+    "pool_per_class": 150,
+    "resolution": 64,
+    "sizes": {"resolution": 64, "vae_width": 32, "vae_levels": 3, "vae_blocks": 2,
+              "unet_channels": (32, 64, 64), "attention_head_dim": 8, "text_width": 64, "text_layers": 2,
+              "text_heads": 4, "condition_channels": (16, 32, 64)},
+    "autoencoder": {"steps": 1500, "batch_size": 32, "learning_rate": 1e-3},
+    "text-to-image": {"steps": 6000, "batch_size": 32, "learning_rate": 5e-4},
+    "controlnet": {"steps": 4000, "batch_size": 32, "learning_rate": 5e-4},
+    "generation": {"num_inference_steps": 12, "guidance_scale": 3.0, "negative_prompt": "", "resolution": 64},
+}
+
+
+def build_pretraining_pool(root: str | os.PathLike, per_class: int = DEMO_PRESET["pool_per_class"],
+                           num_classes: int = 20) -> Path:
+    """The demo world rendered from :data:`POOL_SEED` in the FSS-1000 layout (all classes)."""
+    from diffss.data import build_demo_dataset
+
+    return build_demo_dataset(root, seed=POOL_SEED, num_classes=num_classes, per_class=per_class)
+
+
+def stage_configs(pool: str | os.PathLike, work_dir: str | os.PathLike, preset: dict = DEMO_PRESET, seed: int = 0,
+                  steps_scale: float = 1.0, batch_size: int | None = None,
+                  device: str = "auto") -> list[GeneratorTrainConfig]:
+    """The three stage configs of a preset (``steps_scale``/``batch_size`` shrink them, for tests)."""
+    work = Path(work_dir)
+    common = dict(dataset="demo", root=str(pool), fold=0, split="all", resolution=preset["resolution"],
+                  sizes=preset["sizes"], seed=seed, device=device, local_files_only=True,
+                  empty_prompt_probability=0.1)
+    configs, base = [], None
+    for stage in ("autoencoder", "text-to-image", "controlnet"):
+        settings = dict(preset[stage])
+        settings["steps"] = max(1, round(settings["steps"] * steps_scale))
+        settings["batch_size"] = batch_size or settings["batch_size"]
+        extra = {"conditions": CONDITIONS, "hed_model": RANDOM_HED} if stage == "controlnet" else {}
+        cfg = GeneratorTrainConfig(stage=stage, output_dir=str(work / stage), base_model=base,
+                                   checkpoint_every=max(1, min(250, settings["steps"])), **settings, **extra, **common)
+        configs.append(cfg)
+        base = cfg.output_dir
+    return configs
+
+
+def train_demo_generator(output_dir: str | os.PathLike = PRETRAINED_DIR, work_dir: str | os.PathLike = "data/generator/demo",
+                         seed: int = 0, steps_scale: float = 1.0, pool_per_class: int | None = None,
+                         batch_size: int | None = None, preset: dict = DEMO_PRESET, device: str = "auto",
+                         progress: bool = True) -> GenerationConfig:
+    """Render the pool, train the three stages under ``work_dir`` (resumable), write the float16
+    weights + ``generation_config.json`` to ``output_dir``; returns the GenerationConfig."""
+    work = Path(work_dir)
+    pool = build_pretraining_pool(work / "pool", per_class=pool_per_class or preset["pool_per_class"])
+    configs = stage_configs(pool, work, preset, seed, steps_scale, batch_size, device)
+    for cfg in configs:
+        train_generator(cfg, progress=progress)
+    return export_generator(configs[1].output_dir, configs[2].output_dir, output_dir, preset)
+
+
+def export_generator(sd_dir: str | os.PathLike, controlnet_dir: str | os.PathLike, output_dir: str | os.PathLike,
+                     preset: dict = DEMO_PRESET) -> GenerationConfig:
+    """Copy the model files (weights in float16: half the bytes, same pictures up to float noise)
+    into ``output_dir`` next to a ``generation_config.json`` with relative model paths."""
+    import torch
+    from diffusers import ControlNetModel, DiffusionPipeline
+
+    out = Path(output_dir)
+    tmp = out.with_name(out.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    pipe = DiffusionPipeline.from_pretrained(sd_dir, local_files_only=True, safety_checker=None,
+                                             feature_extractor=None, requires_safety_checker=False)
+    pipe.to(torch.float16).save_pretrained(tmp / "sd")
+    ControlNetModel.from_pretrained(controlnet_dir, local_files_only=True).to(torch.float16).save_pretrained(
+        tmp / "controlnet")
+    config = GenerationConfig(base_model="sd", controlnets={k: "controlnet" for k in CONDITIONS},
+                              hed_model=RANDOM_HED, local_files_only=True, **preset["generation"])
+    (tmp / "generation_config.json").write_text(config.to_json() + "\n")
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
+    return demo_generation_config(out)
+
+
+def demo_generation_config(weights_dir: str | os.PathLike = PRETRAINED_DIR, **overrides) -> GenerationConfig:
+    """The GenerationConfig of a demo generator folder, model paths made absolute; ``overrides``
+    replace fields (e.g. device, seed, supports_per_call)."""
+    weights_dir = Path(weights_dir).resolve()
+    path = weights_dir / "generation_config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist: train the demo generator with "
+                                "`diffss train-generator --preset demo` or restore the shipped weights")
+    config = GenerationConfig.from_json(path)
+    config = dataclasses.replace(config, base_model=str(weights_dir / config.base_model),
+                                 controlnets={k: str(weights_dir / v) for k, v in config.controlnets.items()})
+    return dataclasses.replace(config, **overrides)

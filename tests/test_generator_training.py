@@ -1,0 +1,167 @@
+"""Generator training (autoencoder, text-to-image, ControlNet), the demo's pretraining pool, the
+oracle auxiliary set and the shipped demo generator."""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+from diffss.cli import main as cli_main
+from diffss.data import AuxiliarySupports, build_demo_dataset, load_dataset
+from diffss.data.demo import palette_share
+from diffss.generation import AuxiliaryGenerator, GenerationConfig
+from diffss.generation.demo_generator import (
+    PRETRAINED_DIR,
+    POOL_SEED,
+    build_pretraining_pool,
+    demo_generation_config,
+)
+from diffss.generation.oracle import demo_class_index, write_oracle_auxiliary
+from diffss.generation.training import GeneratorTrainConfig, train_generator
+
+# Small enough for a few CPU seconds per stage; the demo preset's sizes are tested by the CLI run.
+SIZES = dict(resolution=32, vae_width=8, unet_channels=[16, 32, 32], attention_head_dim=4, text_width=16,
+             condition_channels=[8, 8, 16])
+
+
+@pytest.fixture(scope="module")
+def pool(tmp_path_factory):
+    return build_demo_dataset(tmp_path_factory.mktemp("pool") / "pool", seed=POOL_SEED, num_classes=4, per_class=3)
+
+
+def stage(pool, out, stage_name, base=None, steps=20, **kw):
+    return GeneratorTrainConfig(stage=stage_name, output_dir=str(out), base_model=base, dataset="demo",
+                                root=str(pool), split="all", resolution=32, sizes=SIZES, steps=steps, batch_size=4,
+                                learning_rate=2e-3, checkpoint_every=10, local_files_only=True, **kw)
+
+
+@pytest.fixture(scope="module")
+def trained(pool, tmp_path_factory):
+    out = tmp_path_factory.mktemp("stages")
+    vae = train_generator(stage(pool, out / "vae", "autoencoder", steps=30), progress=False)
+    sd = train_generator(stage(pool, out / "sd", "text-to-image", base=str(vae)), progress=False)
+    cn = train_generator(stage(pool, out / "cn", "controlnet", base=str(sd), conditions=("seg", "hed"),
+                               hed_model="random"), progress=False)
+    return vae, sd, cn
+
+
+def _early_late(folder, n=5):
+    loss = pd.read_csv(folder / "history.csv")["loss"]
+    return loss.iloc[:n].mean(), loss.iloc[-n:].mean()
+
+
+def test_stages_lower_the_loss_and_generate_loads_the_result(trained, pool, tmp_path):
+    vae, sd, cn = trained
+    for folder in trained:
+        early, late = _early_late(folder)
+        assert late < early, (folder.name, early, late)
+    assert (sd / "model_index.json").is_file() and (sd / "vae" / "config.json").is_file()
+    assert (cn / "config.json").is_file() and (cn / "diffusion_pytorch_model.safetensors").is_file()
+    # `diffss generate` loads the trained SD folder and ControlNet through from_pretrained.
+    rc = cli_main(["--quiet", "generate", "--dataset", "demo", "--root", str(pool), "--split", "test",
+                   "--base-model", str(sd), "--controlnet", f"seg={cn}", "--condition", "seg", "--num-aux", "1",
+                   "--steps", "2", "--resolution", "32", "--output", str(tmp_path / "aux"),
+                   "--conditions-dir", str(tmp_path / "cond")])
+    assert rc == 0
+    table = pd.read_parquet(tmp_path / "aux" / "demo" / "seg" / "auxiliary.parquet")
+    assert len(table) == 3 and all((tmp_path / "aux" / "demo" / "seg" / p).is_file() for p in table["path"])
+
+
+def test_resume_after_a_kill_ends_with_the_uninterrupted_weights(trained, pool, tmp_path):
+    _, sd, _ = trained
+    straight = train_generator(stage(pool, tmp_path / "straight", "controlnet", base=str(sd), steps=6,
+                                     checkpoint_every=2), progress=False)
+
+    def kill_at_5(step, loss):
+        if step == 5:
+            raise KeyboardInterrupt  # the process dies between checkpoints (last one: step 4)
+
+    resumed_cfg = stage(pool, tmp_path / "resumed", "controlnet", base=str(sd), steps=6, checkpoint_every=2)
+    with pytest.raises(KeyboardInterrupt):
+        train_generator(resumed_cfg, progress=False, callback=kill_at_5)
+    assert pd.read_csv(tmp_path / "resumed" / "history.csv")["step"].max() == 4
+    resumed = train_generator(resumed_cfg, progress=False)
+    a = torch.load(straight / "training_state.pt", weights_only=False)
+    b = torch.load(resumed / "training_state.pt", weights_only=False)
+    for name, tensor in a["models"]["controlnet"].items():
+        assert torch.equal(tensor, b["models"]["controlnet"][name]), name
+    assert [h["loss"] for h in a["history"]] == [h["loss"] for h in b["history"]]
+    with pytest.raises(ValueError, match="other settings"):
+        train_generator(stage(pool, tmp_path / "resumed", "controlnet", base=str(sd), steps=6, learning_rate=1e-4),
+                        progress=False)
+
+
+def _digests(samples) -> set[str]:
+    return {hashlib.sha256(s.image_path.read_bytes()).hexdigest() for s in samples}
+
+
+def test_pretraining_pool_is_disjoint_from_every_fss_image(tmp_path):
+    fss = build_demo_dataset(tmp_path / "demo", seed=0)
+    pool_root = build_pretraining_pool(tmp_path / "pool", per_class=3)
+    pool_samples = []
+    for split in ("train", "test"):
+        pool_samples += load_dataset("demo", root=pool_root, fold=0, split=split, episodes=1).samples
+    assert len({s.class_id for s in pool_samples}) == 20  # every class of every fold
+    pool_digests = _digests(pool_samples)
+    for fold in range(4):
+        for split in ("train", "test"):
+            fss_samples = load_dataset("demo", root=fss, fold=fold, split=split, episodes=1).samples
+            assert not pool_digests & _digests(fss_samples), (fold, split)
+
+
+def test_oracle_set_is_read_like_a_generated_one(tmp_path):
+    root = build_demo_dataset(tmp_path / "demo", seed=0, num_classes=4, per_class=3)
+    samples = load_dataset("demo", root=root, fold=0, split="train", episodes=1).samples
+    table = write_oracle_auxiliary(samples, tmp_path / "aux", num_aux=2, progress=False)
+    assert len(table) == 2 * len(samples) and set(table["condition"]) == {"oracle"}
+    aux = AuxiliarySupports.from_table(tmp_path / "aux" / "demo" / "oracle" / "auxiliary.parquet", condition="oracle")
+    episodes = load_dataset("demo", root=root, fold=0, split="train", aux_shot=2, auxiliary=aux, image_size=32)
+    assert episodes[0]["support_images"].shape == (3, 3, 32, 32)
+    inside, outside = [], []
+    for sample in samples:
+        mask = sample.load_mask() == 1
+        with Image.open(aux.for_support(sample.name, sample.class_id)[0]) as image:
+            k = demo_class_index(sample.class_name)
+            inside.append(palette_share(image, mask, k))
+            outside.append(palette_share(image, ~mask, k))
+    assert np.mean(inside) > np.mean(outside) + 0.2
+    again = write_oracle_auxiliary(samples, tmp_path / "aux", num_aux=2, progress=False)  # resumes: same rows
+    pd.testing.assert_frame_equal(table, again)
+
+
+def _palette_contrast(config: GenerationConfig, samples, conditions_dir, kind: str = "seg") -> float:
+    """Mean over supports of (class palette share inside the mask) - (share outside)."""
+    from diffss.conditions import build_conditions, condition_path, load_square
+
+    build_conditions(samples, [kind], conditions_dir, resolution=config.resolution, hed="random", progress=False,
+                     dataset_name="demo")
+    generator = AuxiliaryGenerator(config, kind)
+    controls = [Image.open(condition_path(conditions_dir, kind, s.class_id, s.name)).convert("RGB") for s in samples]
+    images = generator.generate(controls, [s.class_name for s in samples], list(range(len(samples))))
+    contrast = []
+    for sample, image in zip(samples, images):
+        mask = load_square(sample, config.resolution)[1] == 1
+        k = demo_class_index(sample.class_name)
+        pixels = (image * 255).round().astype(np.uint8)
+        contrast.append(palette_share(pixels, mask, k) - palette_share(pixels, ~mask, k))
+    return float(np.mean(contrast))
+
+
+def test_shipped_generator_paints_the_class_inside_the_mask(tmp_path):
+    import dataclasses
+
+    from diffss.generation import build_tiny_diffusion
+
+    root = build_demo_dataset(tmp_path / "demo", seed=0)
+    samples = load_dataset("demo", root=root, fold=0, split="test", episodes=1).samples[::6]  # 2 per novel class
+    shipped = demo_generation_config(PRETRAINED_DIR, device="cpu")
+    conditions = tmp_path / "conditions"
+    assert _palette_contrast(shipped, samples, conditions) > 0.15
+    tiny = build_tiny_diffusion(tmp_path / "tiny", conditions=("seg",))
+    tiny = dataclasses.replace(tiny, resolution=shipped.resolution, device="cpu")
+    assert _palette_contrast(tiny, samples, conditions) < 0.1  # the property a random generator lacks
