@@ -176,6 +176,51 @@ def cmd_train_generator(args: argparse.Namespace) -> int:
     return 0
 
 
+def _study_config(args: argparse.Namespace):
+    from diffss.studies import StudyConfig
+
+    values = {k: getattr(args, k) for k in ("root", "output_dir", "fold", "seeds", "steps", "image_size", "batch_size",
+                                            "episodes", "device") if getattr(args, k) is not None}
+    for name in ("xshot", "paper_aux_shot", "train_aux_shot", "eval_aux_shot", "real_shots"):
+        if getattr(args, name, None) is not None:
+            values[name] = getattr(args, name)
+    return StudyConfig(**values)
+
+
+def cmd_demo_check(args: argparse.Namespace) -> int:
+    from diffss.studies import support_check
+
+    verdict = support_check(_study_config(args), reference_spread=args.reference_spread, progress=not args.quiet)
+    print(json.dumps(verdict, indent=2))
+    return 0 if verdict["passed"] else 1
+
+
+def cmd_demo_study(args: argparse.Namespace) -> int:
+    from diffss.generation import GenerationConfig
+    from diffss.generation.demo_generator import demo_generation_config
+    from diffss.studies import demo_study, summary_markdown
+
+    cfg = _study_config(args)
+    device = None if cfg.device == "auto" else cfg.device
+    generation = (GenerationConfig.from_json(args.generation_config) if args.generation_config
+                  else demo_generation_config(args.generator, device=device)) if args.conditions else None
+    summary = demo_study(cfg, generation, conditions=args.conditions, oracle=not args.no_oracle,
+                         num_aux=args.num_aux, progress=not args.quiet)
+    print(summary_markdown(summary))
+    print(f"results: {cfg.output_dir}/results.csv, summary.csv, summary.md, auxiliary_grid.png")
+    return 0
+
+
+def _study_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--root", required=True, help="demo dataset root (FSS-1000 layout)")
+    p.add_argument("--output", dest="output_dir", required=True, help="checkpoints, evaluations, tables (resumable)")
+    p.add_argument("--fold", type=int, default=None)
+    p.add_argument("--seeds", type=int, nargs="+", default=None, help="training seeds (default 0 1 2 3)")
+    for flag in ("--steps", "--image-size", "--batch-size", "--episodes"):
+        p.add_argument(flag, type=int, default=None)
+    p.add_argument("--device", default=None)
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from diffss.export import export_model_repository
 
@@ -260,6 +305,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=None, help="override every stage's batch size")
     p.add_argument("--device", default="auto")
     p.set_defaults(func=cmd_train_generator)
+
+    p = sub.add_parser("demo-check", help="does the demo world need its supports? (K-shot and oracle vs 1-shot)")
+    _study_options(p)
+    p.add_argument("--real-shots", type=int, nargs="+", default=None, help="default 1 5")
+    p.add_argument("--reference-spread", type=float, default=None, help="the spread to beat when one seed is run")
+    p.set_defaults(func=cmd_demo_check)
+
+    p = sub.add_parser("demo-study", help="with vs without auxiliary supports over training seeds (oracle + generator)")
+    _study_options(p)
+    p.add_argument("--conditions", nargs="*", default=["seg", "hed", "scribble"])
+    p.add_argument("--no-oracle", action="store_true")
+    p.add_argument("--generator", default=None, help="demo generator folder (default: the shipped weights)")
+    p.add_argument("--generation-config", default=None, help="or any GenerationConfig JSON")
+    p.add_argument("--num-aux", type=int, default=4)
+    p.add_argument("--xshot", type=int, nargs="+", default=[0, 1, 2, 4])
+    p.add_argument("--paper-aux-shot", type=int, default=4, help="1 real + N aux at training and test (0: skip)")
+    p.set_defaults(func=cmd_demo_study)
 
     p = sub.add_parser("export", help="ONNX model repository (Triton layout) from a checkpoint")
     p.add_argument("checkpoint")

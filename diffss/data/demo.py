@@ -33,6 +33,7 @@ MARKER = ".demo_complete.json"  # written last: its presence means every file is
 FORMAT_VERSION = 2  # 2: distractor objects of other classes
 NUM_FOLDS = 4
 MAX_DISTRACTORS = 2  # objects of other classes beside the target (1..MAX_DISTRACTORS)
+BACKGROUND_SATURATION = 1.0  # colourfulness of backgrounds (0: grey)
 HUE_SPREAD = 0.07  # std of a member's hue around its class's (1 = the whole colour wheel)
 
 
@@ -175,7 +176,9 @@ def _ramp(h, w, rng):
 def background(h: int, w: int, rng: np.random.Generator) -> np.ndarray:
     """HxWx3 float: a tinted gradient plus smooth noise."""
     base, tint = rng.uniform(0.15, 0.85, 3), rng.uniform(-0.3, 0.3, 3)
-    return base + tint * _ramp(h, w, rng) + 0.25 * (_smooth_noise(h, w, 6, rng)[..., None] - 0.5)
+    img = base + tint * _ramp(h, w, rng) + 0.25 * (_smooth_noise(h, w, 6, rng)[..., None] - 0.5)
+    grey = img.mean(axis=2, keepdims=True)
+    return grey + BACKGROUND_SATURATION * (img - grey)
 
 
 def lighting(img: np.ndarray, rng: np.random.Generator) -> Image.Image:

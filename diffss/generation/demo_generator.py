@@ -29,12 +29,12 @@ CONDITIONS = ("seg", "hed", "scribble")
 DEMO_PRESET = {
     "pool_per_class": 150,
     "resolution": 64,
-    "sizes": {"resolution": 64, "vae_width": 32, "vae_levels": 3, "vae_blocks": 2,
-              "unet_channels": (32, 64, 64), "attention_head_dim": 8, "text_width": 64, "text_layers": 2,
-              "text_heads": 4, "condition_channels": (16, 32, 64)},
-    "autoencoder": {"steps": 1500, "batch_size": 32, "learning_rate": 1e-3},
-    "text-to-image": {"steps": 6000, "batch_size": 32, "learning_rate": 5e-4},
-    "controlnet": {"steps": 4000, "batch_size": 32, "learning_rate": 5e-4},
+    "sizes": {"resolution": 64, "vae_width": 24, "vae_levels": 3, "vae_blocks": 1, "unet_channels": (24, 48, 48),
+              "attention_head_dim": 8, "text_width": 48, "text_layers": 2, "text_heads": 4,
+              "condition_channels": (16, 24, 48)},
+    "autoencoder": {"steps": 1200, "batch_size": 16, "learning_rate": 2e-3},
+    "text-to-image": {"steps": 3000, "batch_size": 16, "learning_rate": 1e-3},
+    "controlnet": {"steps": 2000, "batch_size": 16, "learning_rate": 1e-3},
     "generation": {"num_inference_steps": 12, "guidance_scale": 3.0, "negative_prompt": "", "resolution": 64},
 }
 
@@ -105,10 +105,10 @@ def export_generator(sd_dir: str | os.PathLike, controlnet_dir: str | os.PathLik
     return demo_generation_config(out)
 
 
-def demo_generation_config(weights_dir: str | os.PathLike = PRETRAINED_DIR, **overrides) -> GenerationConfig:
+def demo_generation_config(weights_dir: str | os.PathLike | None = None, **overrides) -> GenerationConfig:
     """The GenerationConfig of a demo generator folder, model paths made absolute; ``overrides``
     replace fields (e.g. device, seed, supports_per_call)."""
-    weights_dir = Path(weights_dir).resolve()
+    weights_dir = Path(weights_dir or PRETRAINED_DIR).resolve()
     path = weights_dir / "generation_config.json"
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist: train the demo generator with "

@@ -117,7 +117,8 @@ def new_scheduler():
     from diffusers import DDPMScheduler
 
     return DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2",
-                         prediction_type="v_prediction", clip_sample=False, timestep_spacing="trailing")
+                         prediction_type="v_prediction", clip_sample=False, timestep_spacing="trailing",
+                         steps_offset=1)
 
 
 def save_sd_folder(out_dir: str | Path, vae, text_encoder, tokenizer, unet, scheduler) -> None:
