@@ -247,12 +247,13 @@ def test_set_valued_support_features_compact_exactly(exported):
     """The decoder metadata names the model's set-valued inputs, and compacting them (as the
     server does on registration) leaves the decoder's logits unchanged, for any mix of
     foreground fractions, including an all-foreground shot (nothing to drop) and empty ones."""
-    from deploy.set_features import SET_VALUED_METADATA, compact_set_valued
+    from deploy.contract import SET_VALUED_KEY
+    from deploy.set_features import compact_set_valued
 
     name, model, _, result = exported
     decoder = _session(result["models"]["query_decoder"]["onnx"])
     meta = decoder.get_modelmeta().custom_metadata_map
-    declared = json.loads(meta.get(SET_VALUED_METADATA, "{}"))
+    declared = json.loads(meta.get(SET_VALUED_KEY, "{}"))
     assert declared == model.set_valued_support_features == ({"support_high": 2} if name == "pfenet" else {})
     encoder = _session(result["models"]["support_encoder"]["onnx"])
     names = [o.name for o in encoder.get_outputs()]

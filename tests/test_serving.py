@@ -30,6 +30,7 @@ from diffss.models import build_model
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZE = 64  # working size of the people's routes (image_size recorded at export)
+MAX_SIDE = 2 * SIZE  # largest v2 image side (max_input_side recorded at export)
 MAX_BODY = 4_000_000
 TOKEN = "s3cret-token"
 
@@ -42,7 +43,8 @@ def repo(tmp_path_factory):
         torch.manual_seed(0)
         model = build_model(arch, backbone="small").eval()
         result = export_model_repository(
-            model, repo, name=family, sample_size=SIZE, image_size=SIZE, parity_cases=[(1, 2, SIZE, SIZE)]
+            model, repo, name=family, sample_size=SIZE, image_size=SIZE, max_input_side=MAX_SIDE,
+            parity_cases=[(1, 2, SIZE, SIZE)],
         )
         assert result["parity"]["passed"]
     # one parity record per exported model in the shared repository
