@@ -71,7 +71,7 @@ def test_checker_opset_and_dynamic_axes(exported):
         assert {o.domain: o.version for o in proto.opset_import}[""] == 17
         meta = {p.key: p.value for p in proto.metadata_props}
         assert meta["diffss.role"] == role and meta["diffss.family"] == "diffss"
-        assert meta["diffss.image_size"] == "64"
+        assert meta["diffss.image_size"] == meta["diffss.max_input_side"] == "64"
         dims = {v.name: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim] for v in proto.graph.input}
         if "query" in dims:
             assert dims["query"] == ["batch", 3, "height", "width"]
@@ -316,3 +316,21 @@ def test_bad_set_valued_declarations_are_named():
         model.set_valued_support_features = bad
         with pytest.raises(ValueError, match=words):
             set_valued_features(model, specs, features)
+
+
+def test_contract_datatypes_match_onnx_numpy_and_onnxruntime(tmp_path):
+    """deploy.contract's one datatype table (used by the exporter's Triton configs and by the
+    server) spells every type as ONNX, numpy and onnxruntime themselves do."""
+    from onnx import TensorProto, helper
+
+    from deploy.contract import DATATYPES
+
+    for datatype in DATATYPES:
+        assert TensorProto.DataType.Name(datatype.onnx).lower() == datatype.onnx_name
+        assert helper.tensor_dtype_to_np_dtype(datatype.onnx) == np.dtype(datatype.numpy)
+        value = helper.make_tensor_value_info("x", datatype.onnx, [2])
+        out = helper.make_tensor_value_info("y", datatype.onnx, [2])
+        graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "identity", [value], [out])
+        path = tmp_path / f"{datatype.v2}.onnx"
+        onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), str(path))
+        assert _session(path).get_inputs()[0].type == datatype.ort, datatype
