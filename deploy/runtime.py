@@ -170,15 +170,21 @@ def session_options(intra_op_threads: int = 0) -> ort.SessionOptions:
     return options
 
 
-def load_model(model_dir: Path, providers: list[str], intra_op_threads: int = 0) -> OnnxModel:
+def load_model(model_dir: Path, providers: list[str], intra_op_threads: int = 0, low_priority: bool = False) -> OnnxModel:
+    """The latest version in ``model_dir``; ``low_priority``: its compute threads run at a lowered
+    CPU priority (:func:`lower_thread_priority`), as the server wants them."""
     version = latest_version(model_dir)
     if version is None:
         raise FileNotFoundError(f"{model_dir}: no <version>/{MODEL_FILE}")
     path = model_dir / version / MODEL_FILE
-    # onnxruntime starts a session's compute threads when it creates the session: created from
-    # a background thread, they run at its lowered priority
-    with background_threads(1, "diffss-load") as loader:
-        session = loader.submit(ort.InferenceSession, str(path), session_options(intra_op_threads), providers=providers).result()
+    options = session_options(intra_op_threads)
+    if low_priority:
+        # onnxruntime starts a session's compute threads when it creates the session; they
+        # inherit the priority of the thread that creates it
+        with background_threads(1, "diffss-load") as loader:
+            session = loader.submit(ort.InferenceSession, str(path), options, providers=providers).result()
+    else:
+        session = ort.InferenceSession(str(path), options, providers=providers)
     return OnnxModel(
         name=model_dir.name,
         version=version,
@@ -190,8 +196,11 @@ def load_model(model_dir: Path, providers: list[str], intra_op_threads: int = 0)
     )
 
 
-def load_repository(repo_dir: str | os.PathLike, device: str = "auto", intra_op_threads: int = 0) -> dict[str, OnnxModel]:
-    """Every ``<repo>/<model>/`` that holds a ``<version>/model.onnx``; folders without one are skipped."""
+def load_repository(
+    repo_dir: str | os.PathLike, device: str = "auto", intra_op_threads: int = 0, low_priority: bool = True
+) -> dict[str, OnnxModel]:
+    """Every ``<repo>/<model>/`` that holds a ``<version>/model.onnx``; folders without one are
+    skipped. ``low_priority`` as in :func:`load_model` (the server's default)."""
     repo_dir = Path(repo_dir)
     if not repo_dir.is_dir():
         raise FileNotFoundError(f"model repository not found: {repo_dir}")
@@ -201,7 +210,7 @@ def load_repository(repo_dir: str | os.PathLike, device: str = "auto", intra_op_
         if latest_version(model_dir) is None:
             log.warning("skipping %s: no <version>/%s inside", model_dir, MODEL_FILE)
             continue
-        model = load_model(model_dir, providers, intra_op_threads)
+        model = load_model(model_dir, providers, intra_op_threads, low_priority)
         log.info("loaded %s v%s from %s on %s", model.name, model.version, model.path, model.providers)
         models[model.name] = model
     if not models:

@@ -680,6 +680,28 @@ def test_health_answers_under_image_load(limited, bombs):
     assert proc_mib(pid, "VmHWM") < 1024
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread nice values are Linux's")
+def test_model_runs_and_image_work_run_below_the_event_loop(repo):
+    """The priority the health probes rely on: onnxruntime's compute threads of a server-loaded
+    model and the threads of its pools run 10 nice levels below the thread that loaded them."""
+    from deploy.runtime import background_threads, load_model
+
+    def thread_nices() -> dict[str, int]:
+        nices = {}
+        for stat in Path("/proc/self/task").glob("*/stat"):
+            nices[stat.parent.name] = int(stat.read_text().rsplit(")", 1)[1].split()[16])
+        return nices
+
+    expected = min(19, os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) + 10)
+    before = thread_nices()
+    model = load_model(repo / "proto_segmenter", ["CPUExecutionProvider"], intra_op_threads=3, low_priority=True)
+    started = {tid: nice for tid, nice in thread_nices().items() if tid not in before}
+    assert started and set(started.values()) == {expected}, started
+    with background_threads(1, "test") as pool:
+        assert pool.submit(os.getpriority, os.PRIO_PROCESS, 0).result() == expected
+    assert model.run(dict(zip(("query", "support_images", "support_masks"), episode(h=32, w=32))))[0].shape == (1, 2, 32, 32)
+
+
 def test_shot_limit_on_both_protocols(limited, client):
     """--max-shots bounds v2 tensors too, and the people's routes say so in their own terms."""
     query, support_images, support_masks = episode(shots=LIMITED_SHOTS + 1, h=32, w=32)
