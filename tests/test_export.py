@@ -71,7 +71,7 @@ def test_checker_opset_and_dynamic_axes(exported):
         assert {o.domain: o.version for o in proto.opset_import}[""] == 17
         meta = {p.key: p.value for p in proto.metadata_props}
         assert meta["diffss.role"] == role and meta["diffss.family"] == "diffss"
-        assert meta["diffss.image_size"] == "64"
+        assert meta["diffss.image_size"] == meta["diffss.max_input_side"] == "64"
         dims = {v.name: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim] for v in proto.graph.input}
         if "query" in dims:
             assert dims["query"] == ["batch", 3, "height", "width"]
@@ -247,12 +247,13 @@ def test_set_valued_support_features_compact_exactly(exported):
     """The decoder metadata names the model's set-valued inputs, and compacting them (as the
     server does on registration) leaves the decoder's logits unchanged, for any mix of
     foreground fractions, including an all-foreground shot (nothing to drop) and empty ones."""
-    from deploy.set_features import SET_VALUED_METADATA, compact_set_valued
+    from deploy.contract import SET_VALUED_KEY
+    from deploy.set_features import compact_set_valued
 
     name, model, _, result = exported
     decoder = _session(result["models"]["query_decoder"]["onnx"])
     meta = decoder.get_modelmeta().custom_metadata_map
-    declared = json.loads(meta.get(SET_VALUED_METADATA, "{}"))
+    declared = json.loads(meta.get(SET_VALUED_KEY, "{}"))
     assert declared == model.set_valued_support_features == ({"support_high": 2} if name == "pfenet" else {})
     encoder = _session(result["models"]["support_encoder"]["onnx"])
     names = [o.name for o in encoder.get_outputs()]
@@ -315,3 +316,21 @@ def test_bad_set_valued_declarations_are_named():
         model.set_valued_support_features = bad
         with pytest.raises(ValueError, match=words):
             set_valued_features(model, specs, features)
+
+
+def test_contract_datatypes_match_onnx_numpy_and_onnxruntime(tmp_path):
+    """deploy.contract's one datatype table (used by the exporter's Triton configs and by the
+    server) spells every type as ONNX, numpy and onnxruntime themselves do."""
+    from onnx import TensorProto, helper
+
+    from deploy.contract import DATATYPES
+
+    for datatype in DATATYPES:
+        assert TensorProto.DataType.Name(datatype.onnx).lower() == datatype.onnx_name
+        assert helper.tensor_dtype_to_np_dtype(datatype.onnx) == np.dtype(datatype.numpy)
+        value = helper.make_tensor_value_info("x", datatype.onnx, [2])
+        out = helper.make_tensor_value_info("y", datatype.onnx, [2])
+        graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "identity", [value], [out])
+        path = tmp_path / f"{datatype.v2}.onnx"
+        onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), str(path))
+        assert _session(path).get_inputs()[0].type == datatype.ort, datatype
