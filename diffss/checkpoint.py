@@ -99,6 +99,8 @@ class Checkpoint:
         target = Path(target)
         for name in names:
             source = self.file(name)
+            if (target / name).exists() and os.path.samefile(source, target / name):
+                continue  # already linked (rename onto a link of the same file would be a no-op)
             with atomic_path(target / name) as tmp:
                 tmp.unlink()
                 try:
@@ -152,6 +154,7 @@ class CheckpointDir:
         final = self.path_of(step)
         tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=self.root))
         try:
+            tmp.chmod(0o755)  # mkdtemp's 0700 would hide the committed folder from other readers
             if write is not None:
                 write(tmp)
             if objects:
