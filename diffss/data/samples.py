@@ -87,16 +87,15 @@ def image_size(path: Path) -> tuple[int, int]:
     return size if complete else open_image(path, "RGB").size
 
 
-def check_same_size(sample, image_size: tuple[int, int], mask: np.ndarray) -> None:
-    """DatasetError naming the image and the mask file when ``mask`` is not ``image_size`` (w, h).
+def check_same_size(sample, size: tuple[int, int], mask: np.ndarray) -> None:
+    """DatasetError naming the image and the mask file when ``mask`` is not ``size`` (w, h).
     ``sample`` is anything with the Sample contract (``image_path``, optional ``mask_path``)."""
-    (width, height), mask = image_size, np.asarray(mask)
+    (width, height), mask = size, np.asarray(mask)
     if mask.shape != (height, width):
         mask_file = (getattr(sample, "mask_path", None) or getattr(sample, "annotation_file", None)
                      or "(built in memory)")
         raise DatasetError(f"size mismatch: image {sample.image_path} is {width}x{height} but its mask "
-                           f"{mask_file} is {mask.shape[1]}x{mask.shape[0]}", getattr(sample, "mask_path", None)
-                           or sample.image_path)
+                           f"{mask_file} is {mask.shape[1]}x{mask.shape[0]}", sample.image_path)
 
 
 def binary_mask_for_class(index_mask: np.ndarray, value: int) -> np.ndarray:
