@@ -33,7 +33,8 @@ def _add_dataclass_options(parser: argparse.ArgumentParser, cls: type) -> None:
         else:
             base = hint
         if base is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=f"default {field.default}")
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None,
+                                help=f"default {field.default}")
             continue
         parser.add_argument(flag, type=base, default=None, help=f"default {field.default}")
 
@@ -47,7 +48,8 @@ def _config_from_args(cls: type, args: argparse.Namespace):
         except (OSError, ValueError) as exc:
             raise ValueError(f"--config {path}: cannot read a JSON {cls.__name__}: {exc}") from exc
         if not isinstance(loaded, dict):
-            raise ValueError(f"--config {path}: expected a JSON object of {cls.__name__} fields, got {type(loaded).__name__}")
+            raise ValueError(f"--config {path}: expected a JSON object of {cls.__name__} fields, "
+                             f"got {type(loaded).__name__}")
         values.update(loaded)
     for field in dataclasses.fields(cls):
         value = getattr(args, field.name, None)
@@ -69,7 +71,8 @@ def _dataset_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _dataset_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    kwargs = {"name": args.dataset, "root": args.root, "fold": args.fold, "split": args.split, "skip_bad": args.skip_bad}
+    kwargs = {"name": args.dataset, "root": args.root, "fold": args.fold, "split": args.split,
+              "skip_bad": args.skip_bad}
     if args.image_size:
         kwargs["image_size"] = args.image_size
     return kwargs
