@@ -32,18 +32,33 @@ def _add_dataclass_options(parser: argparse.ArgumentParser, cls: type) -> None:
             base = next(a for a in args if a is not type(None))
         else:
             base = hint
+        if base is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None,
+                                help=f"default {field.default}")
+            continue
         parser.add_argument(flag, type=base, default=None, help=f"default {field.default}")
 
 
 def _config_from_args(cls: type, args: argparse.Namespace):
     values: dict[str, Any] = {}
-    if getattr(args, "config", None):
-        values.update(json.loads(Path(args.config).read_text()))
+    path = getattr(args, "config", None)
+    if path:
+        try:
+            loaded = json.loads(Path(path).read_text())
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"--config {path}: cannot read a JSON {cls.__name__}: {exc}") from exc
+        if not isinstance(loaded, dict):
+            raise ValueError(f"--config {path}: expected a JSON object of {cls.__name__} fields, "
+                             f"got {type(loaded).__name__}")
+        values.update(loaded)
     for field in dataclasses.fields(cls):
         value = getattr(args, field.name, None)
         if value is not None:
             values[field.name] = value
-    return cls.from_dict(values)
+    try:
+        return cls.from_dict(values)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{exc} (from --config {path} and the options)" if path else str(exc)) from exc
 
 
 def _dataset_options(parser: argparse.ArgumentParser) -> None:
@@ -52,10 +67,12 @@ def _dataset_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--fold", type=int, default=0)
     parser.add_argument("--split", default="test", help="train | test (| val for fss1000)")
     parser.add_argument("--image-size", type=int, default=None, help="resize episodes to this size")
+    parser.add_argument("--skip-bad", action="store_true", help="leave out bad samples (counted) instead of failing")
 
 
 def _dataset_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    kwargs = {"name": args.dataset, "root": args.root, "fold": args.fold, "split": args.split}
+    kwargs = {"name": args.dataset, "root": args.root, "fold": args.fold, "split": args.split,
+              "skip_bad": args.skip_bad}
     if args.image_size:
         kwargs["image_size"] = args.image_size
     return kwargs
@@ -142,6 +159,14 @@ def cmd_tiny_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_demo_data(args: argparse.Namespace) -> int:
+    from diffss.data import build_demo_dataset
+
+    root = build_demo_dataset(args.root, seed=args.seed, num_classes=args.num_classes, per_class=args.per_class)
+    print(f"demo dataset under {root} (use --dataset demo --root {root})")
+    return 0
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from diffss.export import export_model_repository
 
@@ -195,6 +220,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", default="data/models/tiny-sd")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_tiny_models)
+
+    p = sub.add_parser("demo-data", help="build the procedural demo dataset (the only command that writes one)")
+    p.add_argument("--root", default="data/raw/demo", help="an empty folder, or an earlier demo build")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--num-classes", type=int, default=20)
+    p.add_argument("--per-class", type=int, default=12)
+    p.set_defaults(func=cmd_demo_data)
 
     p = sub.add_parser("export", help="ONNX model repository (Triton layout) from a checkpoint")
     p.add_argument("checkpoint")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import random
 from dataclasses import dataclass, field
@@ -24,12 +25,14 @@ from PIL import Image
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from diffss.atomic import atomic_path, write_text_atomic
+from diffss.atomic import atomic_path, remove_stale_temporaries, write_text_atomic
+from diffss.checkpoint import Checkpoint, CheckpointDir, CheckpointError
 from diffss.data import AuxiliarySupports, load_dataset
 from diffss.metrics import FewShotMeter
 from diffss.models import FewShotSegmenter, build_model, load_model, segmentation_loss
 
 IGNORE_INDEX = 255
+log = logging.getLogger(__name__)
 
 
 class _JsonConfig:
@@ -79,6 +82,8 @@ class TrainConfig(_JsonConfig):
     checkpoint_every: int = 100
     # Weight of PFENet's per-scale auxiliary losses (the paper uses 1.0).
     aux_loss_weight: float = 1.0
+    # Leave out samples whose files are bad (counted, logged) instead of failing.
+    skip_bad: bool = False
 
     def __post_init__(self) -> None:
         _check_positive(self, "true_shot", "steps", "batch_size", "image_size", "checkpoint_every")
@@ -107,6 +112,7 @@ class EvalConfig(_JsonConfig):
     batch_size: int = 8
     device: str = "auto"
     num_examples: int = 4
+    skip_bad: bool = False
 
     def __post_init__(self) -> None:
         _check_positive(self, "shot", "image_size", "batch_size")
@@ -163,26 +169,38 @@ def _episode_loss(model: FewShotSegmenter, batch: dict[str, Any], device: torch.
     return segmentation_loss(logits, batch["query_mask"].to(device), aux_logits, aux_weight=aux_weight, ignore_index=IGNORE_INDEX)
 
 
-def train(config: TrainConfig, tracker: Any = None, progress: bool = True) -> Path:
-    """Train a segmenter episodically; returns the checkpoint directory.
+CHECKPOINTS = "checkpoints"  # step folders under output_dir (diffss.checkpoint)
+KEEP_CHECKPOINTS = 2  # the newest and one to fall back to if it fails verification
+STATE_NAME = "trainer_state.pt"
+MODEL_FILES = ("model.safetensors", "config.json")  # config last: its presence means the pair is whole
 
-    The directory holds ``config.json`` + ``model.safetensors`` (the model, loadable with
-    :func:`diffss.models.load_model`), ``train_config.json``, ``trainer_state.pt`` and
-    ``history.csv``. Rerunning with the same ``output_dir`` resumes from the last checkpoint
-    and, because episode sampling and shuffling are functions of (seed, epoch), continues on
-    exactly the batches an uninterrupted run would have seen.
+
+def train(config: TrainConfig, tracker: Any = None, progress: bool = True) -> Path:
+    """Train a segmenter episodically; returns the output directory.
+
+    Every file the run will read is checked before anything is written (a bad dataset fails in
+    seconds, naming the file). ``output_dir`` then holds ``train_config.json``, ``history.csv``,
+    the latest model as ``config.json`` + ``model.safetensors`` (``load_model(output_dir)``) and
+    ``checkpoints/step-*/``: atomic checkpoints (model, optimizer/scheduler/step state, manifest;
+    see :mod:`diffss.checkpoint`). Rerunning with the same ``output_dir`` resumes from the newest
+    verified checkpoint and, because episode sampling and shuffling are functions of
+    (seed, epoch), continues on exactly the batches an uninterrupted run would have seen.
     """
     out = Path(config.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    state_path = out / "trainer_state.pt"
+    checkpoints = CheckpointDir(out / CHECKPOINTS, keep=KEEP_CHECKPOINTS)
     saved_config = out / "train_config.json"
-    if saved_config.exists() and state_path.exists():
+    legacy_state = out / STATE_NAME  # layout before checkpoint folders: weights and state not verifiable as a pair
+    if saved_config.exists() and (checkpoints.steps() or legacy_state.exists()):
         previous = TrainConfig.from_json(saved_config)
         if {**previous.to_dict(), "steps": 0} != {**config.to_dict(), "steps": 0}:
             raise ValueError(
                 f"{out} holds a run with a different TrainConfig; use a new output_dir or delete {out}"
             )
-    write_text_atomic(saved_config, json.dumps(config.to_dict(), indent=2))
+    if legacy_state.exists() and not checkpoints.steps():
+        if int(torch.load(legacy_state, map_location="cpu", weights_only=False)["step"]) >= config.steps:
+            return out  # finished: its final model was written before the state that says so
+        raise ValueError(f"{out} holds an unfinished run in the old checkpoint layout ({legacy_state}), whose "
+                         f"weights and state cannot be checked to belong to the same step; delete {out} to start over")
 
     device = resolve_device(config.device)
     seed_everything(config.seed)
@@ -196,7 +214,16 @@ def train(config: TrainConfig, tracker: Any = None, progress: bool = True) -> Pa
         image_size=config.image_size,
         aux_shot=config.aux_shot,
         auxiliary=_auxiliary(config.auxiliary_table, config.condition, config.max_drift),
+        skip_bad=config.skip_bad,
     )
+    dataset.validate(full_decode=False)  # before the first write: the run reads every training sample
+    if dataset.skipped:
+        log.warning("train: %d bad sample(s) skipped (skip_bad), e.g. %s", len(dataset.skipped), dataset.skipped[0][1])
+
+    out.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(out, recursive=False)  # left by a killed run's atomic writes
+    checkpoints.clean()
+    write_text_atomic(saved_config, json.dumps(config.to_dict(), indent=2))
     model = build_model(config.model, backbone=config.backbone, pretrained=config.pretrained).to(device)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
@@ -204,12 +231,17 @@ def train(config: TrainConfig, tracker: Any = None, progress: bool = True) -> Pa
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: (1 - min(s, config.steps - 1) / config.steps) ** 0.9)
 
     step, history = 0, []
-    if state_path.exists():
-        state = torch.load(state_path, map_location=device, weights_only=False)
-        model.load_state_dict(load_model(out).state_dict())
+    latest = checkpoints.latest()  # verified against its manifest; a corrupt newest one is rolled back
+    if latest is not None:
+        state = latest.load(STATE_NAME, map_location=device)
+        if int(state["step"]) != latest.step:
+            raise CheckpointError(f"{latest.file(STATE_NAME)} is at step {state['step']}, its checkpoint at "
+                                  f"step {latest.step}", latest.path)
+        model.load_state_dict(load_model(latest.path).state_dict())
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         step, history = int(state["step"]), list(state["history"])
+        _publish(latest, out, history)  # the top-level model may predate the newest checkpoint
     if step >= config.steps:
         return out
 
@@ -244,25 +276,27 @@ def train(config: TrainConfig, tracker: Any = None, progress: bool = True) -> Pa
             if tracker is not None:
                 tracker.log({"train/loss": history[-1]["loss"], "train/lr": history[-1]["lr"]}, step=step)
             if step % config.checkpoint_every == 0 or step == config.steps:
-                _save_checkpoint(out, model, optimizer, scheduler, step, history)
+                _save_checkpoint(checkpoints, out, model, optimizer, scheduler, step, history)
             if step >= config.steps:
                 break
     bar.close()
     return out
 
 
-def _save_checkpoint(out: Path, model: FewShotSegmenter, optimizer, scheduler, step: int, history: list[dict]) -> None:
-    # Model first, then the state that says which step it belongs to: a stop between the two
-    # leaves the previous state pointing at a model at most checkpoint_every steps newer,
-    # which the resume reloads consistently from the model file.
-    model.save_pretrained(out)
-    with atomic_path(out / "trainer_state.pt") as tmp:
-        torch.save(
-            {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step, "history": history},
-            tmp,
-        )
+def _save_checkpoint(checkpoints: CheckpointDir, out: Path, model: FewShotSegmenter, optimizer, scheduler,
+                     step: int, history: list[dict]) -> None:
+    # Model and state go into one step folder that is renamed into place: both or neither.
+    state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step, "history": history}
+    checkpoint = checkpoints.save(step, write=model.save_pretrained, objects={STATE_NAME: state})
+    _publish(checkpoint, out, history)
+
+
+def _publish(checkpoint: Checkpoint, out: Path, history: list[dict]) -> None:
+    """The checkpoint's model as ``out``'s ``config.json`` + ``model.safetensors`` (hard links), and
+    the loss history as ``history.csv``: what ``load_model(out)`` and readers of the run see."""
+    checkpoint.publish(MODEL_FILES, out)
     with atomic_path(out / "history.csv") as tmp:
-        pd.DataFrame(history).to_csv(tmp, index=False)
+        pd.DataFrame(history, columns=["step", "loss", "lr"]).to_csv(tmp, index=False)
 
 
 @torch.no_grad()
@@ -290,6 +324,7 @@ def evaluate(model_or_checkpoint_dir: FewShotSegmenter | str | Path, config: Eva
             image_size=config.image_size,
             aux_shot=config.aux_shot,
             auxiliary=auxiliary,
+            skip_bad=config.skip_bad,
         )
         class_names = dataset.class_names
         meter = FewShotMeter(dataset.class_ids)

@@ -20,6 +20,7 @@ from PIL import Image
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from diffss.conditions import HedConditioner, is_valid_image  # noqa: E402
+from diffss.data import build_demo_dataset  # noqa: E402
 from diffss.generation import (  # noqa: E402
     TABLE_COLUMNS,
     AuxiliaryGenerator,
@@ -285,6 +286,7 @@ def test_drift_is_low_when_aligned_and_high_when_shifted():
 
 
 def test_run_generation_on_demo_dataset(tmp_path, tiny):
+    build_demo_dataset(tmp_path / "demo", num_classes=4, per_class=2)
     kwargs = dict(name="demo", root=tmp_path / "demo", fold=0, split="test", num_classes=4, per_class=2)
     table = run_generation(kwargs, "seg", tmp_path / "aux", tiny, num_aux=1, progress=False)
     assert len(table) == 2 and set(table.dataset) == {"demo"}

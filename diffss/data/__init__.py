@@ -40,7 +40,8 @@ def load_dataset(name: str, root: str | os.PathLike | None = None, fold: int | N
     ``episodes=None`` and ``image_size=None`` take the dataset's defaults (1000 test episodes, or
     every test image once for fss1000; 400 px, 128 px for demo). ``auxiliary`` may be a parquet
     path. ``kw`` goes to the builder: ``split_dir`` (pascal5i, fss1000), ``class_split``/``min_area``
-    (coco20i), ``num_folds`` (folder), ``data_seed``/``num_classes``/``per_class`` (demo).
+    (coco20i), ``num_folds`` (folder), ``data_seed``/``num_classes``/``per_class`` (demo: checked against
+    the build, which only ``build_demo_dataset`` / ``diffss demo-data`` writes; loading never writes).
     """
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; choose one of {sorted(DATASETS)}")

@@ -25,8 +25,10 @@ TEXTURES = ("striped", "dotted", "checkered", "gradient", "speckled", "wavy")
 MAX_CLASSES = len(SHAPES) * len(TEXTURES)
 DEFAULT_ROOT = Path("data/raw/demo")
 MARKER = ".demo_complete.json"  # written last: its presence means every file is in place
+BUILDING = ".demo_building.json"  # written first: a folder with it is a demo build to finish
 FORMAT_VERSION = 1
 NUM_FOLDS = 4
+DEMO_DEFAULTS = {"seed": 0, "num_classes": 20, "per_class": 12}  # build_demo_dataset's defaults
 
 
 def class_spec(k: int) -> tuple[str, str]:
@@ -193,6 +195,11 @@ def build_demo_dataset(root=DEFAULT_ROOT, seed: int = 0, num_classes: int = 20, 
     params = _params(seed, num_classes, per_class)
     if read_marker(root) == params:
         return root
+    if read_marker(root) is None and not (root / BUILDING).exists() and root.is_dir() and any(root.iterdir()):
+        raise DatasetError(f"{root} is not empty and holds no demo build ({MARKER}); build the demo into an "
+                           f"empty folder so no other file is overwritten", root)
+    root.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(root / BUILDING, json.dumps(params, sort_keys=True))  # ours, to finish after a kill
     (root / MARKER).unlink(missing_ok=True)  # a rebuild with other parameters is incomplete until done
     folders = class_folders(num_classes)
     for k, folder in enumerate(folders):
@@ -207,18 +214,26 @@ def build_demo_dataset(root=DEFAULT_ROOT, seed: int = 0, num_classes: int = 20, 
                 stale.unlink()
     write_text_atomic(root / "classes.txt", "\n".join(folders) + "\n")
     write_text_atomic(root / MARKER, json.dumps(params, sort_keys=True))
+    (root / BUILDING).unlink(missing_ok=True)
     return root
 
 
 def build(root=None, fold: int = 0, split: str = "train", skip_bad: bool = False, data_seed: int | None = None,
           num_classes: int | None = None, per_class: int | None = None) -> SplitIndex:
-    """Demo split; builds the data first if ``root`` has no complete build (or other explicit params)."""
+    """Demo split of a complete build under ``root``. Reading never writes: a folder without the
+    completion marker (or built with other explicit params) is an error saying how to build it."""
     root = Path(root) if root is not None else DEFAULT_ROOT
     marker = read_marker(root)
     asked = {"seed": data_seed, "num_classes": num_classes, "per_class": per_class}
     if marker is None or any(v is not None and marker.get(k) != v for k, v in asked.items()):
-        defaults = {"seed": 0, "num_classes": 20, "per_class": 12}
-        build_demo_dataset(root, **{k: (v if v is not None else defaults[k]) for k, v in asked.items()})
+        wanted = {k: (v if v is not None else (marker or {}).get(k, DEMO_DEFAULTS[k])) for k, v in asked.items()}
+        build = (f"`diffss demo-data --root {root} --seed {wanted['seed']} --num-classes {wanted['num_classes']} "
+                 f"--per-class {wanted['per_class']}` or diffss.data.build_demo_dataset({str(root)!r}, ...)")
+        if marker is None:
+            raise DatasetError(f"{root} holds no complete demo dataset ({root / MARKER} is missing); build it "
+                               f"(into an empty folder or an earlier demo build) with {build}", root / MARKER)
+        raise DatasetError(f"{root} holds the demo built with {marker}, not the asked {wanted}; build that one "
+                           f"with {build}", root / MARKER)
     folders = read_lines(root / "classes.txt")
     if len(folders) < NUM_FOLDS:
         raise DatasetError(f"{root / 'classes.txt'} lists {len(folders)} classes; need at least {NUM_FOLDS}",

@@ -204,9 +204,11 @@ class EpisodeDataset(Dataset):
             "support_names": names,
         }
 
-    def problems(self) -> list[tuple[Path, str]]:
-        """(bad file, reason) for every sample (and aux image) that cannot be loaded."""
-        found = [p for p in scan_samples(self.samples) if p is not None]
+    def problems(self, full_decode: bool = True) -> list[tuple[Path, str]]:
+        """(bad file, reason) for every sample (and aux image) that cannot be loaded: missing or
+        undecodable files, image/mask size mismatch, mask values the dataset does not allow, a
+        mask without the class. ``full_decode=False`` checks images by header and end only."""
+        found = [p for p in scan_samples(self.samples, full_decode=full_decode) if p is not None]
         if self.aux_shot:
             seen = set()
             for s in self.samples:
@@ -217,9 +219,9 @@ class EpisodeDataset(Dataset):
                             found.append((path, f"missing auxiliary image: {path}"))
         return found
 
-    def validate(self) -> None:
-        """Decode every file; raise a DatasetError naming the first bad one (and how many there are)."""
-        found = self.problems()
+    def validate(self, full_decode: bool = True) -> None:
+        """Check every file; raise a DatasetError naming the first bad one (and how many there are)."""
+        found = self.problems(full_decode)
         if found:
             path, reason = found[0]
             more = f" (and {len(found) - 1} more bad file(s))" if len(found) > 1 else ""

@@ -38,6 +38,7 @@ from diffss.conditions import (
     save_png_atomic,
     unique_samples,
 )
+from diffss.data.samples import check_same_size
 from diffss.generation.config import GenerationConfig, aux_seed
 from diffss.generation.drift import drift_from_alignment, edge_alignment, reference_alignment
 from diffss.generation.pipeline import AuxiliaryGenerator, to_pil
@@ -220,9 +221,7 @@ class _SupportCache:
                 self._cache.clear()
             mask = np.asarray(sample.load_mask())
             image = sample.load_image().convert("RGB")
-            if mask.shape != (image.height, image.width):
-                raise ValueError(f"sample {sample.name!r} ({sample.image_path}): mask shape {mask.shape} "
-                                 f"differs from image size {(image.height, image.width)}")
+            check_same_size(sample, image.size, mask)  # names the image and the mask file
             self._cache[id(sample)] = (mask, reference_alignment(image, mask))
         return self._cache[id(sample)]
 
