@@ -199,9 +199,13 @@ def train(config: TrainConfig, tracker: Any = None, progress: bool = True) -> Pa
     )
     model = build_model(config.model, backbone=config.backbone, pretrained=config.pretrained).to(device)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-    # PFENet's poly schedule (power 0.9) over the whole run.
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: (1 - min(s, config.steps - 1) / config.steps) ** 0.9)
+    if model.train_optimizer == "adam":  # HSNet: plain Adam at a constant rate
+        optimizer = torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+    else:
+        optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+        # PFENet's poly schedule (power 0.9) over the whole run.
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: (1 - min(s, config.steps - 1) / config.steps) ** 0.9)
 
     step, history = 0, []
     if state_path.exists():

@@ -124,6 +124,9 @@ class FewShotSegmenter(nn.Module, abc.ABC):
     """
 
     model_name: ClassVar[str] = ""
+    # How diffss.train optimises the model: "adamw" (AdamW, PFENet's poly schedule) or "adam"
+    # (Adam at a constant rate, as HSNet trains).
+    train_optimizer: ClassVar[str] = "adamw"
     support_feature_axes: ClassVar[dict[str, dict[int, str]]] = {}
     set_valued_support_features: ClassVar[dict[str, int]] = {}
 
