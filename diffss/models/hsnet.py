@@ -109,10 +109,18 @@ class CenterPivotConv4d(nn.Module):
         return y1 + y2
 
 
+class GroupNorm(nn.GroupNorm):
+    """``nn.GroupNorm`` minus ``F.group_norm``'s Python-side batch-size check, which reads a
+    tensor as a bool while tracing (a TracerWarning in every ONNX export); the same op."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
+
+
 def _squeeze_block(in_channels: int, channels: Sequence[int], layers: Sequence[tuple[int, int]]) -> nn.Sequential:
     modules: list[nn.Module] = []
     for out_channels, (kernel, stride) in zip(channels, layers):
-        modules += [CenterPivotConv4d(in_channels, out_channels, kernel, stride), nn.GroupNorm(4, out_channels), nn.ReLU(inplace=True)]
+        modules += [CenterPivotConv4d(in_channels, out_channels, kernel, stride), GroupNorm(4, out_channels), nn.ReLU(inplace=True)]
         in_channels = out_channels
     return nn.Sequential(*modules)
 
