@@ -54,24 +54,46 @@ def image_tensor(image: Image.Image, size: int, resize: str = "squash") -> torch
         if image.size != (size, size):
             image = image.resize((size, size), Image.BILINEAR)
         return torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1).contiguous()
-    rgb = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)
-    h, w = padded_shape(rgb.shape[1], rgb.shape[2], size)
+    rgb = np.asarray(image, dtype=np.float32)
+    h, w = padded_shape(rgb.shape[0], rgb.shape[1], size)
+    rows, cols = _linear_taps(rgb.shape[0], h), _linear_taps(rgb.shape[1], w)
+    rgb = rgb[:, cols[0]] * (1 - cols[2])[:, None] + rgb[:, cols[1]] * cols[2][:, None]
+    rgb = rgb[rows[0]] * (1 - rows[2])[:, None, None] + rgb[rows[1]] * rows[2][:, None, None]
     canvas = torch.zeros(3, size, size)
-    canvas[:, :h, :w] = F.interpolate(rgb[None], size=(h, w), mode="bilinear", align_corners=False)[0]
+    canvas[:, :h, :w] = torch.from_numpy(rgb / 255.0).permute(2, 0, 1)
     return canvas
 
 
+# The official PFENet/BAM transform resizes with OpenCV; these reproduce its sampling (its
+# double-precision inverse scale, its border clamping) to float precision.
+def _linear_taps(src: int, dst: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """INTER_LINEAR along one axis: (left index, right index, right weight) per output pixel."""
+    x = (np.arange(dst) + 0.5) * (1.0 / (dst / src)) - 0.5
+    left = np.floor(x).astype(np.int64)
+    weight = (x - left).astype(np.float32)
+    weight[left < 0] = 0
+    left = np.clip(left, 0, src - 1)
+    weight[left >= src - 1] = 0
+    return left, np.minimum(left + 1, src - 1), weight
+
+
+def _nearest_taps(src: int, dst: int) -> np.ndarray:
+    """INTER_NEAREST along one axis: the source index of each output pixel."""
+    return np.minimum(np.floor(np.arange(dst) * (1.0 / (dst / src))).astype(np.int64), src - 1)
+
+
 def mask_tensor(mask: np.ndarray, size: int, resize: str = "squash") -> torch.Tensor:
-    """uint8 {0,1,255} mask -> int64 [size, size], nearest as ``F.interpolate`` (= OpenCV's
-    INTER_NEAREST, the official pipelines' rule); pad: top-left on a canvas of 255 (ignored)."""
+    """uint8 {0,1,255} mask -> int64 [size, size], nearest as the official pipelines resize:
+    squash as HSNet's ``F.interpolate(mode="nearest")``; pad as OpenCV's INTER_NEAREST, top-left
+    on a canvas of 255 (ignored)."""
     labels = torch.from_numpy(mask.astype(np.int64))
-    h, w = (size, size) if resize == "squash" else padded_shape(*mask.shape, size)
-    if (h, w) != tuple(labels.shape):
-        labels = F.interpolate(labels[None, None].float(), size=(h, w), mode="nearest")[0, 0].long()
     if resize == "squash":
+        if labels.shape != (size, size):
+            labels = F.interpolate(labels[None, None].float(), size=(size, size), mode="nearest")[0, 0].long()
         return labels
+    h, w = padded_shape(*mask.shape, size)
     canvas = torch.full((size, size), 255, dtype=torch.int64)
-    canvas[:h, :w] = labels
+    canvas[:h, :w] = labels[_nearest_taps(mask.shape[0], h)][:, _nearest_taps(mask.shape[1], w)]
     return canvas
 
 
