@@ -28,7 +28,7 @@ from diffss.atomic import atomic_path, write_text_atomic
 from diffss.data import AuxiliarySupports, collate_episodes, load_dataset
 from diffss.metrics import FewShotMeter
 from diffss.models import FewShotSegmenter, build_model, load_model, segmentation_loss
-from diffss.protocol import SCORE_AT, EvalProtocol, protocol_for, scored_prediction
+from diffss.protocol import FAMILIES, SCORE_AT, EvalProtocol, protocol_for, scored_prediction
 
 IGNORE_INDEX = 255
 
@@ -119,6 +119,8 @@ class EvalConfig(_JsonConfig):
         _check_positive(self, "shot", "batch_size")
         if self.image_size is not None and self.image_size < 16:
             raise ValueError(f"EvalConfig.image_size must be >= 16 or None, got {self.image_size}")
+        if self.protocol is not None and self.protocol not in FAMILIES:
+            raise ValueError(f"EvalConfig.protocol must be one of {FAMILIES} or None, got {self.protocol!r}")
         if self.score_at is not None and self.score_at not in SCORE_AT:
             raise ValueError(f"EvalConfig.score_at must be one of {SCORE_AT} or None, got {self.score_at!r}")
         if self.aux_shot < 0:

@@ -38,6 +38,8 @@ def test_protocol_of_model_and_dataset():
         protocol_for("pfenet", "pascal5i", family="psp")
     with pytest.raises(ValueError, match="score_at"):
         EvalConfig(score_at="both")
+    with pytest.raises(ValueError, match="protocol"):
+        EvalConfig(protocol="pspnet")
     with pytest.raises(ValueError, match="resize"):
         EvalProtocol("pfenet", "crop", 473, "original", None, (0,))
 
