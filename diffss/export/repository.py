@@ -13,11 +13,9 @@ from diffss.atomic import write_text_atomic
 from diffss.export.graphs import GRAPH_ROLES, export_graphs
 from diffss.export.parity import default_cases, measure_parity, record_parity
 from diffss.export.triton import CONFIG_FILE, MODEL_FILE, model_dir_name, render_config_pbtxt
-from diffss.protocol import protocol_for
 
 # The usual few-shot segmentation resolution (PASCAL-5i / COCO-20i protocols); the server
-# resizes PNG/JPEG inputs to it unless the model's config or its family's PASCAL-5i protocol
-# (HSNet: 400) names another.
+# resizes PNG/JPEG inputs to it unless the model's config names another.
 DEFAULT_IMAGE_SIZE = 473
 
 
@@ -49,17 +47,14 @@ def export_model_repository(
     (each ``config.pbtxt`` + ``<version>/model.onnx``) and records parity under ``name`` in
     ``<repo>/parity.json`` (:func:`~diffss.export.load_parity`). ``image_size``
     is the working resolution the server resizes PNG/JPEG inputs to (default: the model
-    config's ``image_size``, else its family's PASCAL-5i protocol size: 473, HSNet 400).
-    Returns ``{"repo_dir", "name", "opset", "image_size", "models": {role: {"name", "onnx",
-    "config"}}, "parity", "parity_path"}``; ``parity["passed"]``
+    config's ``image_size``, else 473). Returns ``{"repo_dir", "name", "opset", "image_size",
+    "models": {role: {"name", "onnx", "config"}}, "parity", "parity_path"}``; ``parity["passed"]``
     says whether the thresholds were met (the export is kept either way so it can be inspected).
     """
     if not name or not all(c.isalnum() or c in "_-" for c in name):
         raise ValueError(f"name must be letters, digits, '_' or '-', got {name!r}")
     model = _resolve_model(model_or_checkpoint_dir).eval()
     config = dict(getattr(model, "config", {}) or {})
-    if not image_size and not config.get("image_size") and config.get("model"):
-        image_size = protocol_for(config["model"], "pascal5i").size
     image_size = int(image_size or config.get("image_size") or DEFAULT_IMAGE_SIZE)
     repo_dir = Path(repo_dir)
     model_dirs = {role: repo_dir / model_dir_name(name, role) for role in GRAPH_ROLES}
