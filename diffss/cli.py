@@ -25,9 +25,6 @@ def _add_dataclass_options(parser: argparse.ArgumentParser, cls: type) -> None:
         args = typing.get_args(hint)
         origin = typing.get_origin(hint)
         flag = "--" + field.name.replace("_", "-")
-        if origin is tuple:
-            parser.add_argument(flag, type=int, nargs="+", default=None, help=f"default {field.default}")
-            continue
         if origin in (typing.Union, types.UnionType):
             base = next(a for a in args if a is not type(None))
         else:
@@ -35,6 +32,9 @@ def _add_dataclass_options(parser: argparse.ArgumentParser, cls: type) -> None:
         if base is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None,
                                 help=f"default {field.default}")
+            continue
+        if typing.get_origin(base) is tuple:
+            parser.add_argument(flag, type=int, nargs="+", default=None, help=f"default {field.default}")
             continue
         parser.add_argument(flag, type=base, default=None, help=f"default {field.default}")
 
@@ -92,6 +92,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     config = _config_from_args(EvalConfig, args)
     result = evaluate(args.checkpoint, config, progress=not args.quiet)
+    protocol = result.protocol
+    print(f"protocol {protocol['family']}: {protocol['resize']} to {protocol['size'] or 'the dataset size'} px, "
+          f"scored at the {protocol['score_at']} size, seeds {list(protocol['seeds'])}")
     print(result.per_class.to_string(index=False))
     print(f"mIoU {result.miou:.2f}  FB-IoU {result.fbiou:.2f}")
     if args.output:

@@ -27,9 +27,10 @@ from tqdm.auto import tqdm
 
 from diffss.atomic import atomic_path, remove_stale_temporaries, write_text_atomic
 from diffss.checkpoint import Checkpoint, CheckpointDir, CheckpointError
-from diffss.data import AuxiliarySupports, load_dataset
+from diffss.data import AuxiliarySupports, collate_episodes, load_dataset
 from diffss.metrics import FewShotMeter
 from diffss.models import FewShotSegmenter, build_model, load_model, segmentation_loss
+from diffss.protocol import FAMILIES, SCORE_AT, EvalProtocol, protocol_for, scored_prediction
 
 IGNORE_INDEX = 255
 log = logging.getLogger(__name__)
@@ -105,24 +106,42 @@ class EvalConfig(_JsonConfig):
     auxiliary_table: str | None = None
     condition: str | None = None
     max_drift: float | None = None
+    # The fields below left at None take the evaluation protocol of the model and dataset
+    # (diffss.protocol): PFENet/BAM pad to 473 px on PASCAL-5i and score at the original size,
+    # HSNet squashes to 400 px and scores there; BAM averages 5 seeds x 1000 episodes.
     episodes: int | None = None
-    # BAM averages 5 seeds; HSNet uses one. Results are averaged over these.
-    seeds: tuple[int, ...] = (0,)
-    image_size: int = 96
+    seeds: tuple[int, ...] | None = None
+    image_size: int | None = None
+    # "pfenet" | "bam" | "hsnet": another model family's protocol; None: the model's own
+    protocol: str | None = None
+    # "original" (HSNet's use_original_imgsize) | "input"
+    score_at: str | None = None
     batch_size: int = 8
     device: str = "auto"
     num_examples: int = 4
     skip_bad: bool = False
 
     def __post_init__(self) -> None:
-        _check_positive(self, "shot", "image_size", "batch_size")
+        _check_positive(self, "shot", "batch_size")
+        if self.image_size is not None and self.image_size < 16:
+            raise ValueError(f"EvalConfig.image_size must be >= 16 or None, got {self.image_size}")
+        if self.protocol is not None and self.protocol not in FAMILIES:
+            raise ValueError(f"EvalConfig.protocol must be one of {FAMILIES} or None, got {self.protocol!r}")
+        if self.score_at is not None and self.score_at not in SCORE_AT:
+            raise ValueError(f"EvalConfig.score_at must be one of {SCORE_AT} or None, got {self.score_at!r}")
         if self.aux_shot < 0:
             raise ValueError(f"EvalConfig.aux_shot must be >= 0, got {self.aux_shot}")
         if self.aux_shot and not self.auxiliary_table:
             raise ValueError("EvalConfig.auxiliary_table is required when aux_shot > 0")
-        if not self.seeds:
-            raise ValueError("EvalConfig.seeds must name at least one seed")
-        self.seeds = tuple(int(s) for s in self.seeds)
+        if self.seeds is not None:
+            if not self.seeds:
+                raise ValueError("EvalConfig.seeds must name at least one seed (or None: the protocol's)")
+            self.seeds = tuple(int(s) for s in self.seeds)
+
+    def protocol_for(self, model_name: str) -> EvalProtocol:
+        """The protocol ``evaluate`` uses for a model of ``model_name`` under this config."""
+        return protocol_for(model_name, self.dataset, family=self.protocol, image_size=self.image_size,
+                            score_at=self.score_at, episodes=self.episodes, seeds=self.seeds)
 
 
 @dataclass
@@ -132,6 +151,7 @@ class EvalResult:
     per_class: pd.DataFrame
     per_seed: list[dict[str, float]] = field(default_factory=list)
     examples: list[Image.Image] = field(default_factory=list)
+    protocol: dict[str, Any] = field(default_factory=dict)
 
     def summary(self) -> dict[str, float]:
         return {"miou": self.miou, "fbiou": self.fbiou}
@@ -226,9 +246,13 @@ def train(config: TrainConfig, tracker: Any = None, progress: bool = True) -> Pa
     write_text_atomic(saved_config, json.dumps(config.to_dict(), indent=2))
     model = build_model(config.model, backbone=config.backbone, pretrained=config.pretrained).to(device)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-    # PFENet's poly schedule (power 0.9) over the whole run.
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: (1 - min(s, config.steps - 1) / config.steps) ** 0.9)
+    if model.train_optimizer == "adam":  # HSNet: plain Adam at a constant rate
+        optimizer = torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+    else:
+        optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+        # PFENet's poly schedule (power 0.9) over the whole run.
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: (1 - min(s, config.steps - 1) / config.steps) ** 0.9)
 
     step, history = 0, []
     latest = checkpoints.latest()  # verified against its manifest; a corrupt newest one is rolled back
@@ -301,43 +325,45 @@ def _publish(checkpoint: Checkpoint, out: Path, history: list[dict]) -> None:
 
 @torch.no_grad()
 def evaluate(model_or_checkpoint_dir: FewShotSegmenter | str | Path, config: EvalConfig, tracker: Any = None, progress: bool = True) -> EvalResult:
-    """Evaluate on fixed test episodes, once per seed; mIoU/FB-IoU are averaged over seeds."""
+    """Evaluate on fixed test episodes, once per seed of the protocol (``config.protocol_for``);
+    mIoU/FB-IoU are averaged over seeds. ``result.protocol`` records the protocol used."""
     device = resolve_device(config.device)
     if isinstance(model_or_checkpoint_dir, (str, Path)):
         model = load_model(model_or_checkpoint_dir)
     else:
         model = model_or_checkpoint_dir
     model = model.to(device).eval()
+    protocol = config.protocol_for(model.model_name)
     auxiliary = _auxiliary(config.auxiliary_table, config.condition, config.max_drift)
 
     per_seed, meters, examples = [], [], []
     class_names: dict[int, str] = {}
-    for seed in config.seeds:
+    for seed in protocol.seeds:
         dataset = load_dataset(
             config.dataset,
             root=config.root,
             fold=config.fold,
             split="test",
             shot=config.shot,
-            episodes=config.episodes,
+            episodes=protocol.episodes,
             seed=seed,
-            image_size=config.image_size,
+            image_size=protocol.size,
             aux_shot=config.aux_shot,
             auxiliary=auxiliary,
             skip_bad=config.skip_bad,
+            resize=protocol.resize,
+            original_labels=protocol.score_at == "original",
+            query_sampling=protocol.query_order,
         )
         class_names = dataset.class_names
         meter = FewShotMeter(dataset.class_ids)
-        loader = DataLoader(dataset, batch_size=config.batch_size, shuffle=False)
+        loader = DataLoader(dataset, batch_size=config.batch_size, shuffle=False, collate_fn=collate_episodes)
         for batch in tqdm(loader, desc=f"eval {config.dataset} fold {config.fold} seed {seed}", disable=not progress):
-            logits = model(
-                batch["query_image"].to(device),
-                batch["support_images"].to(device),
-                batch["support_masks"].to(device),
-            )
-            pred = logits.argmax(dim=1).cpu()
-            meter.update(pred, batch["query_mask"], batch["class_id"])
-            if len(examples) < config.num_examples and seed == config.seeds[0]:
+            pred, label = scored_prediction(model, batch, protocol, device)
+            meter.update(pred, label, batch["class_id"])
+            if len(examples) < config.num_examples and seed == protocol.seeds[0]:
+                if protocol.score_at != "input":  # the panels show the episode at the input size
+                    pred = scored_prediction(model, batch, dataclasses.replace(protocol, score_at="input"), device)[0]
                 examples.extend(_example_panels(batch, pred, config.num_examples - len(examples)))
         scores = meter.compute()
         per_seed.append({"seed": seed, "miou": scores["miou"], "fbiou": scores["fbiou"]})
@@ -350,6 +376,7 @@ def evaluate(model_or_checkpoint_dir: FewShotSegmenter | str | Path, config: Eva
         per_class=per_class,
         per_seed=per_seed,
         examples=examples,
+        protocol=protocol.to_dict(),
     )
     if tracker is not None:
         tracker.log({"eval/miou": result.miou, "eval/fbiou": result.fbiou})

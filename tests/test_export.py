@@ -1,6 +1,7 @@
 """ONNX export: checker, opset, Triton layout, parity with PyTorch, dynamic batch/shots/size.
 
-Both real models (prototype, PFENet; small backbone, random init) are exported once per module.
+The real models (prototype and PFENet on the small backbone, HSNet on ResNet-50; random init) are
+exported once per module.
 """
 
 from __future__ import annotations
@@ -27,12 +28,13 @@ from diffss.models import build_model
 
 ROLES = ("segmenter", "support_encoder", "query_decoder")
 SAMPLE = 64  # PFENet needs >= 64 px (feature stride 8, coarsest pyramid scale 1/8)
+BACKBONE = {"prototype": "small", "pfenet": "small", "hsnet": "resnet50"}  # HSNet: torchvision ResNets only
 
 
-@pytest.fixture(scope="module", params=["prototype", "pfenet"])
+@pytest.fixture(scope="module", params=["prototype", "pfenet", "hsnet"])
 def exported(request, tmp_path_factory):
     torch.manual_seed(0)
-    model = build_model(request.param, backbone="small").eval()
+    model = build_model(request.param, backbone=BACKBONE[request.param]).eval()
     repo = tmp_path_factory.mktemp(f"repo_{request.param}")
     if request.param == "prototype":  # from a checkpoint folder, as the pipeline does
         source = model.save_pretrained(tmp_path_factory.mktemp("ckpt") / "prototype")
@@ -120,7 +122,7 @@ def test_parity_detects_a_diverging_model(exported):
     """The parity check has teeth: weights changed after export make it fail."""
     name, _, repo, _ = exported
     torch.manual_seed(123)
-    other = build_model(name, backbone="small").eval()
+    other = build_model(name, backbone=BACKBONE[name]).eval()
     parity = measure_parity(other, repo, cases=[(1, 2, SAMPLE, SAMPLE)])
     assert parity["passed"] is False
     assert parity["max_abs_logit_diff"] > MAX_ABS_LOGIT_DIFF

@@ -296,3 +296,93 @@ def test_pfenet_small_overfits_one_episode():
         losses.append(loss.item())
     assert losses[-1] < 0.6 * losses[0]
     assert eval_loss() < 0.5 * before
+
+
+# -- HSNet (torchvision ResNet-50 at tiny sizes; the backbone is frozen) ------------------------
+@pytest.fixture(scope="module")
+def hsnet():
+    torch.manual_seed(0)
+    return build_model("hsnet", backbone="resnet50").eval()
+
+
+def test_hsnet_trains_only_the_learner(hsnet):
+    model = hsnet.train()
+    try:
+        assert not model.backbone.training and model.hpn_learner.training  # frozen BatchNorm
+        assert not any(p.requires_grad for p in model.backbone.parameters())
+        query, support, masks = random_episode(batch=2, shots=1, size=64)
+        logits, aux = model.forward_train(query, support, masks)
+        assert logits.shape == (2, 2, 64, 64) and aux == []
+        target = (torch.rand(2, 64, 64) > 0.5).long()
+        segmentation_loss(logits, target).backward()
+        assert model.hpn_learner.decoder2[2].weight.grad.abs().sum() > 0
+        # K > 1: every shot's 1-shot logits, each scored against the query mask
+        query, support, masks = random_episode(batch=2, shots=3, size=64)
+        per_shot, _ = model.forward_train(query, support, masks)
+        assert per_shot.shape == (2, 3, 2, 64, 64)
+        mean_ce = torch.stack([F.cross_entropy(per_shot[:, k], target) for k in range(3)]).mean()
+        assert torch.allclose(segmentation_loss(per_shot, target), mean_ce)
+    finally:
+        model.zero_grad(set_to_none=True)
+        model.eval()
+
+
+def test_hsnet_vote_and_split_match_forward(hsnet):
+    query, support, masks = random_episode(batch=2, shots=3, size=72, support_size=(64, 80), seed=3)
+    with torch.no_grad():
+        full = hsnet(query, support, masks)
+        split = hsnet.decode_query(query, *hsnet.encode_support(support, masks))
+        one_shot = [hsnet(query, support[:, k : k + 1], masks[:, k : k + 1]) for k in range(3)]
+    assert full.shape == (2, 2, 72, 72) and torch.equal(full, split)
+    assert [f.shape for f in hsnet.encode_support(support, masks)] == [
+        (2, 3, 4, 512, 8, 10), (2, 3, 6, 1024, 4, 5), (2, 3, 3, 2048, 2, 3)]
+    # K > 1: the argmax is the official vote over the shots' own 1-shot predictions
+    votes = torch.stack([o.argmax(1) for o in one_shot], dim=1).sum(1)
+    highest = votes.flatten(1).max(1).values.clamp(min=1).view(-1, 1, 1)
+    expected = (votes.float() / highest >= 0.5).long()
+    assert torch.equal(full.argmax(1), expected) and 0 < expected.float().mean() < 1
+    assert torch.allclose(full[:, 1], votes.float() / highest)  # the fg score is the vote fraction
+    assert torch.equal(hsnet.predict_masks(query, support, masks), expected)
+
+
+def test_hsnet_one_instance_serves_any_size(hsnet):
+    """The official 4-D conv caches its support-dim indices at the first size it sees; ours
+    does not: a model used at 96 px after 64 px gives what a fresh model gives at 96 px."""
+    big = random_episode(batch=1, shots=1, size=96, seed=5)
+    with torch.no_grad():
+        hsnet(*random_episode(batch=1, shots=1, size=64))
+        after_small = hsnet(*big)
+    torch.manual_seed(0)
+    fresh = build_model("hsnet", backbone="resnet50").eval()
+    with torch.no_grad():
+        assert torch.equal(fresh(*big), after_small)
+
+
+def test_hsnet_save_load_ignore_and_sizes(hsnet, tmp_path):
+    query, support, masks = random_episode(batch=1, shots=1, size=64, seed=2)
+    ignored = masks.clone()
+    ignored[masks == 0] = 255
+    reloaded = load_model(hsnet.save_pretrained(tmp_path / "hsnet"))
+    assert reloaded.config == hsnet.config == {"model": "hsnet", "backbone": "resnet50", "pretrained": None}
+    with torch.no_grad():
+        logits = hsnet(query, support, masks)
+        assert torch.equal(reloaded(query, support, masks), logits)
+        assert torch.equal(hsnet(query, support, ignored), logits)  # 255 counts as background
+        sized = hsnet.predict_masks(query, support, masks, sizes=[(50, 90)])
+    assert sized[0].shape == (50, 90) and set(sized[0].unique().tolist()) <= {0, 1}
+    with pytest.raises(ValueError, match="resnet50, resnet101"):
+        build_model("hsnet", backbone="small")
+
+
+def test_hsnet_resnet101_and_pretrained_backbone(tmp_path):
+    import torchvision
+
+    reference = torchvision.models.resnet50(weights=None)
+    weights = tmp_path / "resnet50.pth"
+    torch.save(reference.state_dict(), weights)
+    model = build_model("hsnet", backbone="resnet50", pretrained=str(weights))
+    assert torch.equal(model.backbone.layer4[2].conv3.weight, reference.layer4[2].conv3.weight)
+    assert model.config["pretrained"] == str(weights)
+    deep = build_model("hsnet", backbone="resnet101")
+    assert deep.taps_per_layer == {"layer2": 4, "layer3": 23, "layer4": 3}
+    assert deep.hpn_learner.encoder_layer3[0].conv1.in_channels == 23

@@ -1,7 +1,7 @@
 """diffss-serve in a subprocess on loopback, driven by tritonclient and plain HTTP.
 
-One repository holds both real models (prototype as family "proto", PFENet as "pfenet"; small
-backbone, random init), exported with the public export API.
+One repository holds the real models (prototype as family "proto" and PFENet as "pfenet" on the
+small backbone, HSNet as "hsnet" on ResNet-50; random init), exported with the public export API.
 """
 
 from __future__ import annotations
@@ -33,22 +33,23 @@ SIZE = 64  # working size of the people's routes (image_size recorded at export)
 MAX_SIDE = 2 * SIZE  # largest v2 image side (max_input_side recorded at export)
 MAX_BODY = 4_000_000
 TOKEN = "s3cret-token"
+FAMILIES = ("proto", "pfenet", "hsnet")
 
 
 # -- fixtures ---------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory):
     repo = tmp_path_factory.mktemp("model_repository")
-    for family, arch in (("proto", "prototype"), ("pfenet", "pfenet")):
+    for family, arch, backbone in (("proto", "prototype", "small"), ("pfenet", "pfenet", "small"), ("hsnet", "hsnet", "resnet50")):
         torch.manual_seed(0)
-        model = build_model(arch, backbone="small").eval()
+        model = build_model(arch, backbone=backbone).eval()
         result = export_model_repository(
             model, repo, name=family, sample_size=SIZE, image_size=SIZE, max_input_side=MAX_SIDE,
             parity_cases=[(1, 2, SIZE, SIZE)],
         )
         assert result["parity"]["passed"]
     # one parity record per exported model in the shared repository
-    assert set(json.loads((repo / "parity.json").read_text())) == {"proto", "pfenet"}
+    assert set(json.loads((repo / "parity.json").read_text())) == set(FAMILIES)
     return repo
 
 
@@ -160,7 +161,7 @@ def assert_client_error(status: int, body: bytes, expected_status: int, *words: 
 # -- protocol ---------------------------------------------------------------------------------
 def test_health_and_metadata(client):
     assert client.is_server_live() and client.is_server_ready()
-    for family in ("proto", "pfenet"):
+    for family in FAMILIES:
         for role in ("segmenter", "support_encoder", "query_decoder"):
             assert client.is_model_ready(f"{family}_{role}")
     assert not client.is_model_ready("no_such_model")
@@ -175,11 +176,11 @@ def test_health_and_metadata(client):
     assert client.get_model_metadata("proto_segmenter", model_version="1")["name"] == "proto_segmenter"
     assert "binary_tensor_data" in client.get_server_metadata()["extensions"]
     index = client.get_model_repository_index()
-    assert len(index) == 6 and all(entry["state"] == "READY" for entry in index)
+    assert len(index) == 9 and all(entry["state"] == "READY" for entry in index)
 
 
 @pytest.mark.parametrize("binary", [False, True], ids=["json", "binary"])
-@pytest.mark.parametrize("family", ["proto", "pfenet"])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_infer_matches_onnxruntime(client, repo, family, binary):
     query, support_images, support_masks = episode(batch=2, shots=3, h=SIZE, w=SIZE + 16, seed=1)
     feeds = {"query": query, "support_images": support_images, "support_masks": support_masks}
@@ -298,12 +299,33 @@ def test_pfenet_registered_supports_are_compacted_and_answer_like_the_full_route
         assert (cached == full).mean() >= 0.999
 
 
+def test_hsnet_registered_supports_answer_like_the_full_route(server, client):
+    """HSNet's cache is its masked support taps: a registered 3-shot set (the vote) is not
+    encoded again per query and answers like the full episode graph."""
+    query_png = png(picture(56, 60, 4))
+    shots = _support_files(3)
+    body, headers = multipart([("query", query_png), *shots], {"model": "hsnet"})
+    status, _, full_bytes = request(server, "POST", "/diffss/segment", body, headers)
+    assert status == 200, full_bytes
+    body, headers = multipart(shots, {"model": "hsnet"})
+    status, _, raw = request(server, "POST", "/diffss/supports", body, headers)
+    assert status == 201, raw
+    support_id = json.loads(raw)["support_id"]
+    encodes = _stats(client, "hsnet_support_encoder")
+    body, headers = multipart([("query", query_png)])
+    status, _, cached_bytes = request(server, "POST", f"/diffss/supports/{support_id}/segment", body, headers)
+    assert status == 200 and _stats(client, "hsnet_support_encoder") == encodes
+    full = np.asarray(Image.open(io.BytesIO(full_bytes)))
+    cached = np.asarray(Image.open(io.BytesIO(cached_bytes)))
+    assert cached.shape == full.shape == (56, 60) and (cached == full).mean() >= 0.999
+
+
 def test_people_route_needs_model_choice_when_several(server):
     body, headers = multipart([("query", png(picture(32, 32, 2))), *_support_files(1)])
     status, _, raw = request(server, "POST", "/diffss/segment", body, headers)
-    assert_client_error(status, raw, 400, "proto", "pfenet")
+    assert_client_error(status, raw, 400, *FAMILIES)
     status, _, raw = request(server, "GET", "/diffss/models")
-    assert status == 200 and {m["name"] for m in json.loads(raw)["models"]} == {"proto", "pfenet"}
+    assert status == 200 and {m["name"] for m in json.loads(raw)["models"]} == set(FAMILIES)
 
 
 # -- bad input: 4xx + JSON error, server keeps serving ----------------------------------------

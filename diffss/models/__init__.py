@@ -1,4 +1,4 @@
-"""Few-shot segmentation models: the "prototype" baseline and PFENet.
+"""Few-shot segmentation models: the "prototype" baseline, PFENet and HSNet.
 
 ``build_model(name, backbone, pretrained, **kw)`` makes one, ``load_model(dir)`` reloads a
 ``save_pretrained`` directory. See ``base.FewShotSegmenter`` for the forward/encode/decode contract.
@@ -17,6 +17,7 @@ from .base import (
     register_model,
     segmentation_loss,
 )
+from .hsnet import HSNet
 from .pfenet import PFENet
 from .prototype import PrototypeNet
 
@@ -25,6 +26,7 @@ __all__ = [
     "MODEL_REGISTRY",
     "Backbone",
     "FewShotSegmenter",
+    "HSNet",
     "PFENet",
     "PrototypeNet",
     "QueryDecoder",
@@ -40,7 +42,7 @@ __all__ = [
 def build_model(
     name: str, backbone: str = "resnet50", pretrained: str | os.PathLike | None = None, **kwargs
 ) -> FewShotSegmenter:
-    """Build a model by name ("prototype" or "pfenet").
+    """Build a model by name ("prototype", "pfenet" or "hsnet").
 
     ``pretrained``: None (random init, backbone trained), a path to a torchvision ResNet
     state_dict, or "imagenet" (torchvision download; connected machines only); pretrained
@@ -48,8 +50,9 @@ def build_model(
     """
     if name not in MODEL_REGISTRY:
         raise ValueError(f"unknown model {name!r}; expected one of {', '.join(sorted(MODEL_REGISTRY))}")
-    if backbone not in BACKBONES:
-        raise ValueError(f"unknown backbone {backbone!r}; expected one of {', '.join(BACKBONES)}")
+    backbones = getattr(MODEL_REGISTRY[name], "backbones", BACKBONES)  # a model may take its own set
+    if backbone not in backbones:
+        raise ValueError(f"unknown backbone {backbone!r} for {name!r}; expected one of {', '.join(backbones)}")
     return MODEL_REGISTRY[name](backbone=backbone, pretrained=pretrained, **kwargs)
 
 

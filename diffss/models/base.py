@@ -15,7 +15,7 @@ import abc
 import json
 import os
 from pathlib import Path
-from typing import Any, ClassVar, Sequence
+from typing import Any, ClassVar, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -92,8 +92,14 @@ def segmentation_loss(
     ignore_index: int = 255,
 ) -> torch.Tensor:
     """Cross-entropy on [B,2,H,W] logits vs [B,H,W] targets (255 ignored), plus PFENet's
-    auxiliary term ``aux_weight * mean(CE(aux_i))`` over the per-scale classifiers."""
+    auxiliary term ``aux_weight * mean(CE(aux_i))`` over the per-scale classifiers.
+
+    Per-shot logits [B,K,2,H,W] (HSNet's K one-shot predictions of a K-shot episode) are each
+    scored against the target: the mean of the K cross-entropies."""
     target = target.long()
+    if logits.ndim == 5:
+        target = target.repeat_interleave(logits.shape[1], dim=0)
+        logits = logits.flatten(0, 1)
     loss = F.cross_entropy(logits, target, ignore_index=ignore_index)
     if len(aux_logits):
         aux = sum(F.cross_entropy(a, target, ignore_index=ignore_index) for a in aux_logits) / len(aux_logits)
@@ -118,6 +124,9 @@ class FewShotSegmenter(nn.Module, abc.ABC):
     """
 
     model_name: ClassVar[str] = ""
+    # How diffss.train optimises the model: "adamw" (AdamW, PFENet's poly schedule) or "adam"
+    # (Adam at a constant rate, as HSNet trains).
+    train_optimizer: ClassVar[str] = "adamw"
     support_feature_axes: ClassVar[dict[str, dict[int, str]]] = {}
     set_valued_support_features: ClassVar[dict[str, int]] = {}
 
@@ -143,6 +152,39 @@ class FewShotSegmenter(nn.Module, abc.ABC):
     @abc.abstractmethod
     def decode_query(self, query: torch.Tensor, *support_features: torch.Tensor) -> torch.Tensor:
         """Query [B,3,H,W] + ``encode_support``'s features -> logits [B,2,H,W]."""
+
+    def predict_masks(
+        self,
+        query: torch.Tensor,
+        support_images: torch.Tensor,
+        support_masks: torch.Tensor,
+        sizes: Sequence[Sequence[int]] | None = None,
+    ) -> torch.Tensor | list[torch.Tensor]:
+        """0/1 masks as the model's official test code predicts them: [B,H,W] int64 at the
+        query's size, or, with ``sizes`` (one (h, w) per episode), a list of [h,w] masks from the
+        logits resized (bilinear, align_corners=True) to each size before the argmax."""
+        logits = self(query, support_images, support_masks)
+        if sizes is None:
+            return logits.argmax(dim=1)
+        return [
+            F.interpolate(logits[i : i + 1], size=tuple(int(v) for v in size), mode="bilinear", align_corners=True).argmax(dim=1)[0]
+            for i, size in enumerate(sizes)
+        ]
+
+    # -- official checkpoints ---------------------------------------------------------------
+    @classmethod
+    def from_official(cls, state_dict: Mapping[str, torch.Tensor], **config) -> "FewShotSegmenter":
+        """Build the model from an official state dict (official key names, with or without
+        ``module.``); unknown or missing keys raise a ValueError listing them."""
+        raise NotImplementedError(f"{cls.__name__} cannot load official checkpoints")
+
+    @classmethod
+    def official_parity(
+        cls, state_dict: Mapping[str, torch.Tensor], case: dict[str, torch.Tensor], metadata: dict[str, str]
+    ) -> dict[str, torch.Tensor]:
+        """Run the model as the official test code does on a parity fixture's ``input.*``
+        tensors; returns tensors under the fixture's names (every ``output.*``, some ``inter.*``)."""
+        raise NotImplementedError(f"{cls.__name__} has no official parity run")
 
     @property
     def config(self) -> dict[str, Any]:
