@@ -34,12 +34,13 @@ DATASETS: dict[str, Callable[..., SplitIndex]] = {
 def load_dataset(name: str, root: str | os.PathLike | None = None, fold: int | None = 0, split: str = "train",
                  shot: int = 1, episodes: int | None = None, seed: int = 0, image_size: int | None = None,
                  aux_shot: int = 0, auxiliary: AuxiliarySupports | str | os.PathLike | None = None,
-                 skip_bad: bool = False, **kw) -> EpisodeDataset:
+                 skip_bad: bool = False, aux_pairing: str = "round_robin", **kw) -> EpisodeDataset:
     """Episodes of ``split`` ("train"/"test"; fss1000 also "val") of ``fold`` of dataset ``name``.
 
     ``episodes=None`` and ``image_size=None`` take the dataset's defaults (1000 test episodes, or
     every test image once for fss1000; 400 px, 128 px for demo). ``auxiliary`` may be a parquet
-    path. ``kw`` goes to the builder: ``split_dir`` (pascal5i, fss1000), ``class_split``/``min_area``
+    path; ``aux_pairing`` says which real support each aux image comes from ("round_robin" or
+    "first", DifFSS-BAM's; see ``EpisodeDataset``). ``kw`` goes to the builder: ``split_dir`` (pascal5i, fss1000), ``class_split``/``min_area``
     (coco20i), ``num_folds`` (folder), ``data_seed``/``num_classes``/``per_class`` (demo).
     """
     if name not in DATASETS:
@@ -52,4 +53,4 @@ def load_dataset(name: str, root: str | os.PathLike | None = None, fold: int | N
         training=index.training, fold=fold, shot=shot, episodes=episodes, default_episodes=index.default_episodes,
         seed=seed, image_size=image_size if image_size is not None else index.default_image_size,
         aux_shot=aux_shot, auxiliary=auxiliary, skip_bad=skip_bad, query_sampling=index.query_sampling,
-        skipped=index.skipped)
+        skipped=index.skipped, aux_pairing=aux_pairing)

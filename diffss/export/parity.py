@@ -26,10 +26,12 @@ MAX_ABS_LOGIT_DIFF = 1e-4
 MIN_ARGMAX_AGREEMENT = 0.999
 
 
-def default_cases(size: int) -> list[tuple[int, ...]]:
+def default_cases(size: int, shots: int | None = None) -> list[tuple[int, ...]]:
     """(batch, shots, height, width[, support_height, support_width]): single shot, a non-square
-    batch, many shots with supports of another size than the query."""
-    return [(1, 1, size, size), (2, 3, size + 16, size), (1, 5, size, size + 24, size + 8, size)]
+    batch, many shots with supports of another size than the query. ``shots``: the K of a
+    model that takes only that many (every case then uses it)."""
+    cases = [(1, 1, size, size), (2, 3, size + 16, size), (1, 5, size, size + 24, size + 8, size)]
+    return [(c[0], shots, *c[2:]) for c in cases] if shots else cases
 
 
 def cpu_session(path: str | os.PathLike) -> ort.InferenceSession:
@@ -66,7 +68,7 @@ def measure_parity(
     feature_names = [o.name for o in encoder.get_outputs()]
     model = model.eval()
     case_rows = []
-    for index, case in enumerate(cases or default_cases(size)):
+    for index, case in enumerate(cases or default_cases(size, getattr(model, "shot_count", None))):
         if len(case) not in (4, 6):
             raise ValueError(f"parity case {case!r}: expected (batch, shots, height, width[, support_h, support_w])")
         batch, shots, height, width = case[:4]

@@ -192,6 +192,7 @@ class BAM(FewShotSegmenter):
             self.learner_base.load_state_dict(nn.Sequential(base.ppm, base.cls).state_dict())
         for p in self.learner_base.parameters():
             p.requires_grad_(False)
+        self.learner_base.eval()  # and stays so (see train)
 
         mid = self.backbone.mid_channels
         self.down_query = nn.Sequential(*_relu_conv(mid, dim, 1), nn.Dropout2d(dropout))

@@ -137,5 +137,8 @@ def convert_official_checkpoint(
     paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
     if not paths:
         raise ValueError("convert_official_checkpoint needs at least one checkpoint file")
-    model = MODEL_REGISTRY[model_name].from_official(merge_checkpoints(paths), **config)
+    try:
+        model = MODEL_REGISTRY[model_name].from_official(merge_checkpoints(paths), **config)
+    except TypeError as exc:  # an option the model does not take
+        raise ValueError(f"cannot build {model_name!r} from {config}: {exc}") from exc
     return model.eval().save_pretrained(output_dir)
