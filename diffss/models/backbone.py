@@ -55,6 +55,8 @@ class Backbone(nn.Module, abc.ABC):
     mid_channels: int
     high_channels: int
     layer4: nn.Module
+    # layer3 at half layer2's size (no dilation, ResNet-18): resized to it for ``mid``
+    undilated_layer3: bool = False
 
     def __init__(self, frozen: bool = False):
         super().__init__()
@@ -97,7 +99,7 @@ class Backbone(nn.Module, abc.ABC):
                 if mask is not None:
                     mask = F.interpolate(mask.to(f3.dtype), size=f3.shape[-2:], mode="bilinear", align_corners=True)
                 f4 = self.layer4(f3 if mask is None else f3 * mask)
-            if f3.shape[-2:] != f2.shape[-2:]:  # undilated backbones (ResNet-18): layer3 to layer2's size
+            if self.undilated_layer3:
                 f3 = F.interpolate(f3, size=f2.shape[-2:], mode="bilinear", align_corners=True)
         return BackboneFeatures(f2, torch.cat([f3, f2], dim=1), f4)
 
@@ -132,6 +134,7 @@ class ResNetBackbone(Backbone):
             _load_resnet_state_dict(net, Path(pretrained))
         super().__init__(frozen=False)
         self.name = name
+        self.undilated_layer3 = name != "resnet50"
         self.low_channels = low_channels
         self.mid_channels = mid_channels
         self.high_channels = high_channels
