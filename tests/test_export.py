@@ -323,3 +323,14 @@ def test_bad_set_valued_declarations_are_named():
         model.set_valued_support_features = bad
         with pytest.raises(ValueError, match=words):
             set_valued_features(model, specs, features)
+
+
+def test_parity_threshold_scales_with_the_logits():
+    """Float32 noise grows with magnitude: 2e-4 off logits of ~40 is within tolerance, 2e-4 off
+    logits of ~0.5 is not (absolute 1e-4 below 1)."""
+    from diffss.export.parity import _compare
+
+    large = np.linspace(-40, 40, 50, dtype=np.float32).reshape(1, 2, 5, 5)
+    assert _compare(large, large + 2e-4)["max_scaled_logit_diff"] == pytest.approx(5e-6, rel=1e-2)
+    small = large / 80
+    assert _compare(small, small + 2e-4)["max_scaled_logit_diff"] == pytest.approx(2e-4, rel=1e-2)

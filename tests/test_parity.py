@@ -217,3 +217,45 @@ def test_convert_checkpoint_round_trip(path, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "unknown keys ['aux_head.weight']" in err and "missing keys" in err and ".".join(dropped.split(".")[-2:]) in err, err
     assert not (tmp_path / "bad").exists()
+
+
+# -- ONNX export of the official weights --------------------------------------------------------
+def _onnx_cases() -> list:
+    """The last case per model whose forward output is a fixture output (BAM: its 5-shot case,
+    which exercises the sort / un-sort of the K-shot reweighting in the graph)."""
+    last = {}
+    for path in discover_cases():
+        model = CASE_NAME.match(path.name)["model"]
+        if model in FORWARD_OUTPUT:
+            last[model] = path
+    return [pytest.param(p, id=p.stem) for p in last.values()] or [pytest.param(None, id="no-fixtures")]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("path", _onnx_cases())
+def test_onnx_export_of_official_weights_matches_the_fixture(path, tmp_path):
+    """The three graphs, traced at another size (65 px) and K where K is free, reproduce the
+    official output on the fixture's inputs within 1e-4 x max|ref|."""
+    from diffss.export import export_graphs
+    from diffss.export.parity import cpu_session
+
+    path = require_fixtures(path)
+    state, case, metadata = load_case(path)
+    model_name = CASE_NAME.match(path.name)["model"]
+    model = MODEL_REGISTRY[model_name].from_official(state, **({"fold": int(_convert_args(model_name, metadata)[1])} if model_name == "bam" else {}))
+    graphs = export_graphs(model, {role: tmp_path / f"{role}.onnx" for role in ("segmenter", "support_encoder", "query_decoder")}, sample_size=65)
+    assert all(not g.trace_warnings for g in graphs.values()), {r: g.trace_warnings for r, g in graphs.items()}
+    query = from_imagenet_normalised(case["input.x"]).numpy()
+    feeds = {"support_images": from_imagenet_normalised(case["input.s_x"]).numpy(), "support_masks": case["input.s_y"].numpy()}
+    encoder = cpu_session(graphs["support_encoder"].path)
+    names = [o.name for o in encoder.get_outputs()]
+    features = dict(zip(names, encoder.run(names, feeds)))
+    outputs = {
+        "segmenter": cpu_session(graphs["segmenter"].path).run(["logits"], {"query": query, **feeds})[0],
+        "support_encoder+query_decoder": cpu_session(graphs["query_decoder"].path).run(["logits"], {"query": query, **features})[0],
+    }
+    ref = case[FORWARD_OUTPUT[model_name]]
+    for graph, got in outputs.items():
+        diff, scale = float((torch.from_numpy(got) - ref).abs().max()), float(ref.abs().max())
+        print(f"{path.stem} ONNX {graph} vs {FORWARD_OUTPUT[model_name]}: max|diff| {diff:.3g} / max|ref| {scale:.3g} = {diff / scale:.2e}")
+        assert diff <= RELATIVE_TOLERANCE * scale, (graph, diff, scale)
