@@ -65,7 +65,7 @@ class SemanticDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict:
         path, samples = self.images[index]
-        image, _ = samples[0].load_pair()
+        image = samples[0].load_image()
         label = semantic_label(samples, self.channel_of)
         if label.shape != (image.height, image.width):
             raise DatasetError(f"size mismatch: image {path} is {image.width}x{image.height}, its masks {label.shape[1]}x{label.shape[0]}", path)

@@ -76,12 +76,12 @@ def load_mapped_state_dict(
             problems.append(f"missing keys {missing}")
         if wrong:
             problems.append(f"keys with another shape {wrong}")
-        raise ValueError(f"{source} does not fit {type(model).__name__}({model_config(model)}): " + "; ".join(problems))
+        raise ValueError(f"{source} does not fit {type(model).__name__}({_describe(model)}): " + "; ".join(problems))
     model.load_state_dict({k: v.to(expected[k].dtype) for k, v in mapped.items()})
     return model
 
 
-def model_config(model: nn.Module) -> str:
+def _describe(model: nn.Module) -> str:
     config = getattr(model, "config", {}) or {}
     return ", ".join(f"{k}={v!r}" for k, v in config.items() if k not in ("model", "pretrained"))
 
