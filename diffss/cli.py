@@ -1,8 +1,10 @@
 """The ``diffss`` command line: one subcommand per pipeline stage.
 
-``diffss train`` / ``diffss evaluate`` take every field of :class:`~diffss.train.TrainConfig` /
-:class:`~diffss.train.EvalConfig` as an option (``--true-shot 1 --aux-shot 4``) or a JSON file
-(``--config run.json``; options override it). ``diffss conditions`` and ``diffss generate`` work on
+``diffss train`` / ``diffss evaluate`` / ``diffss train-base`` take every field of
+:class:`~diffss.train.TrainConfig` / :class:`~diffss.train.EvalConfig` /
+:class:`~diffss.train_base.BaseTrainConfig` as an option (``--true-shot 1 --aux-shot 4``) or a
+JSON file (``--config run.json``; options override it). ``diffss convert-checkpoint`` turns an
+official PFENet / BAM / HSNet checkpoint into a diffss model folder. ``diffss conditions`` and ``diffss generate`` work on
 any dataset that :func:`diffss.data.load_dataset` reads.
 """
 
@@ -16,6 +18,14 @@ import types
 import typing
 from pathlib import Path
 from typing import Any, Sequence
+
+
+def _parse_bool(text: str) -> bool:
+    if text.lower() in ("true", "1", "yes"):
+        return True
+    if text.lower() in ("false", "0", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
 def _add_dataclass_options(parser: argparse.ArgumentParser, cls: type) -> None:
@@ -84,6 +94,39 @@ def cmd_train(args: argparse.Namespace) -> int:
     config = _config_from_args(TrainConfig, args)
     out = train(config, progress=not args.quiet)
     print(f"checkpoint: {out}")
+    return 0
+
+
+def cmd_train_base(args: argparse.Namespace) -> int:
+    from diffss.train_base import BaseTrainConfig, train_base
+
+    config = _config_from_args(BaseTrainConfig, args)
+    out = train_base(config, progress=not args.quiet)
+    print(f"base learner: {out}")
+    return 0
+
+
+def cmd_convert_checkpoint(args: argparse.Namespace) -> int:
+    from diffss.models import convert_official_checkpoint
+
+    config: dict[str, Any] = {}
+    for item in args.option:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--option expects KEY=JSON, got {item!r}")
+        try:
+            config[key] = json.loads(value)
+        except json.JSONDecodeError:
+            config[key] = value  # a bare string
+    for key in ("shot", "backbone", "fold", "dataset"):
+        if getattr(args, key) is not None:
+            config[key] = getattr(args, key)
+    paths = [args.checkpoint] + ([args.base_learner] if args.base_learner else [])
+    try:
+        out = convert_official_checkpoint(args.model, paths, args.output, **config)
+    except NotImplementedError as exc:
+        raise ValueError(str(exc)) from exc
+    print(f"converted {args.model} checkpoint {args.checkpoint} -> {out} (load with diffss.models.load_model)")
     return 0
 
 
@@ -180,6 +223,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from diffss.train import EvalConfig, TrainConfig
+    from diffss.train_base import BaseTrainConfig
 
     parser = argparse.ArgumentParser(prog="diffss", description=__doc__.splitlines()[0])
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -189,6 +233,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="TrainConfig as JSON; options override it")
     _add_dataclass_options(p, TrainConfig)
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("train-base", help="BAM's base learner: a PSPNet on the fold's base classes")
+    p.add_argument("--config", help="BaseTrainConfig as JSON; options override it")
+    _add_dataclass_options(p, BaseTrainConfig)
+    p.set_defaults(func=cmd_train_base)
+
+    p = sub.add_parser("convert-checkpoint", help="official PFENet / BAM / HSNet checkpoint -> diffss model folder")
+    p.add_argument("checkpoint", help="the official .pth (a state dict or {'state_dict': ...}, 'module.' prefixes allowed)")
+    p.add_argument("--from", dest="model", required=True, choices=("pfenet", "bam", "hsnet"), help="which official model")
+    p.add_argument("--output", required=True, help="folder to write (config.json + model.safetensors)")
+    p.add_argument("--base-learner", help="bam: the PSPNet best.pth of its base learner, merged with the checkpoint")
+    p.add_argument("--shot", type=int, help="bam: total supports K (default: read from kshot_rw)")
+    p.add_argument("--backbone", help="default: read from the weights")
+    p.add_argument("--fold", type=int, help="bam: the official split, which names the base learner's classes")
+    p.add_argument("--dataset", help="bam: pascal5i (default) or coco20i, with --fold")
+    p.add_argument("--option", action="append", default=[], metavar="KEY=JSON", help="any other model argument, e.g. bins=[60,30,15,8]")
+    p.set_defaults(func=cmd_convert_checkpoint)
 
     p = sub.add_parser("evaluate", help="mIoU / FB-IoU on fixed test episodes")
     p.add_argument("checkpoint", help="checkpoint directory written by `diffss train`")

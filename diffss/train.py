@@ -28,8 +28,9 @@ from tqdm.auto import tqdm
 from diffss.atomic import atomic_path, remove_stale_temporaries, write_text_atomic
 from diffss.checkpoint import Checkpoint, CheckpointDir, CheckpointError
 from diffss.data import AuxiliarySupports, collate_episodes, load_dataset
+from diffss.data.episodes import AUX_PAIRING
 from diffss.metrics import FewShotMeter
-from diffss.models import FewShotSegmenter, build_model, load_model, segmentation_loss
+from diffss.models import MODEL_REGISTRY, FewShotSegmenter, build_model, load_model, segmentation_loss
 from diffss.protocol import FAMILIES, SCORE_AT, EvalProtocol, protocol_for, scored_prediction
 
 IGNORE_INDEX = 255
@@ -85,9 +86,18 @@ class TrainConfig(_JsonConfig):
     aux_loss_weight: float = 1.0
     # Leave out samples whose files are bad (counted, logged) instead of failing.
     skip_bad: bool = False
+    # BAM: the base learner folder written by `diffss train-base` (frozen while the meta learner trains)
+    base_learner: str | None = None
+    # which real support each aux image comes from: "round_robin" or "first" (DifFSS-BAM)
+    aux_pairing: str = "round_robin"
 
     def __post_init__(self) -> None:
         _check_positive(self, "true_shot", "steps", "batch_size", "image_size", "checkpoint_every")
+        _check_aux_pairing(self)
+        if self.model == "bam" and not self.base_learner:
+            raise ValueError("TrainConfig.base_learner is required for model 'bam': train one with `diffss train-base`")
+        if self.base_learner and self.model != "bam":
+            raise ValueError(f"TrainConfig.base_learner is for model 'bam', not {self.model!r}")
         if self.aux_shot < 0:
             raise ValueError(f"TrainConfig.aux_shot must be >= 0, got {self.aux_shot}")
         if self.aux_shot and not self.auxiliary_table:
@@ -120,9 +130,11 @@ class EvalConfig(_JsonConfig):
     device: str = "auto"
     num_examples: int = 4
     skip_bad: bool = False
+    aux_pairing: str = "round_robin"
 
     def __post_init__(self) -> None:
         _check_positive(self, "shot", "batch_size")
+        _check_aux_pairing(self)
         if self.image_size is not None and self.image_size < 16:
             raise ValueError(f"EvalConfig.image_size must be >= 16 or None, got {self.image_size}")
         if self.protocol is not None and self.protocol not in FAMILIES:
@@ -164,6 +176,21 @@ def _check_positive(cfg: Any, *names: str) -> None:
             raise ValueError(f"{type(cfg).__name__}.{name} must be >= 1, got {value}")
 
 
+def _check_aux_pairing(cfg: Any) -> None:
+    if cfg.aux_pairing not in AUX_PAIRING:
+        raise ValueError(f"{type(cfg).__name__}.aux_pairing must be one of {AUX_PAIRING}, got {cfg.aux_pairing!r}")
+
+
+def _model_options(config: TrainConfig) -> dict[str, Any]:
+    """Model arguments that come from the training setup rather than from the model's defaults."""
+    options: dict[str, Any] = {}
+    if config.base_learner:
+        options["base_learner"] = config.base_learner
+    if getattr(MODEL_REGISTRY.get(config.model), "fixed_shot_count", False):  # BAM: K = real + auxiliary supports
+        options["shot"] = config.true_shot + config.aux_shot
+    return options
+
+
 def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -183,8 +210,9 @@ def _auxiliary(table: str | None, condition: str | None, max_drift: float | None
 
 
 def _episode_loss(model: FewShotSegmenter, batch: dict[str, Any], device: torch.device, aux_weight: float) -> torch.Tensor:
+    extra = {"class_ids": batch["class_id"].to(device)} if model.uses_episode_class else {}
     logits, aux_logits = model.forward_train(
-        batch["query_image"].to(device), batch["support_images"].to(device), batch["support_masks"].to(device)
+        batch["query_image"].to(device), batch["support_images"].to(device), batch["support_masks"].to(device), **extra
     )
     return segmentation_loss(logits, batch["query_mask"].to(device), aux_logits, aux_weight=aux_weight, ignore_index=IGNORE_INDEX)
 
@@ -235,6 +263,7 @@ def train(config: TrainConfig, tracker: Any = None, progress: bool = True) -> Pa
         aux_shot=config.aux_shot,
         auxiliary=_auxiliary(config.auxiliary_table, config.condition, config.max_drift),
         skip_bad=config.skip_bad,
+        aux_pairing=config.aux_pairing,
     )
     dataset.validate(full_decode=False)  # before the first write: the run reads every training sample
     if dataset.skipped:
@@ -244,7 +273,7 @@ def train(config: TrainConfig, tracker: Any = None, progress: bool = True) -> Pa
     remove_stale_temporaries(out, recursive=False)  # left by a killed run's atomic writes
     checkpoints.clean()
     write_text_atomic(saved_config, json.dumps(config.to_dict(), indent=2))
-    model = build_model(config.model, backbone=config.backbone, pretrained=config.pretrained).to(device)
+    model = build_model(config.model, backbone=config.backbone, pretrained=config.pretrained, **_model_options(config)).to(device)
     params = [p for p in model.parameters() if p.requires_grad]
     if model.train_optimizer == "adam":  # HSNet: plain Adam at a constant rate
         optimizer = torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
@@ -354,6 +383,7 @@ def evaluate(model_or_checkpoint_dir: FewShotSegmenter | str | Path, config: Eva
             resize=protocol.resize,
             original_labels=protocol.score_at == "original",
             query_sampling=protocol.query_order,
+            aux_pairing=config.aux_pairing,
         )
         class_names = dataset.class_names
         meter = FewShotMeter(dataset.class_ids)

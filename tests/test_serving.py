@@ -803,3 +803,36 @@ def test_openapi_schema(server):
     assert infer_body["application/json"]["schema"]["required"] == ["inputs"]
     segment_form = paths["/diffss/segment"]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]
     assert {"query", "support_image", "support_mask", "model"} == set(segment_form["properties"])
+
+
+def test_bam_is_served_and_refuses_another_shot_count(tmp_path):
+    """BAM's graphs carry its fixed K (here 2, to stay small; DifFSS-BAM uses 5): a request with
+    that many supports is answered like the local graph, another K is a client error."""
+    torch.manual_seed(0)
+    repo = tmp_path / "repo"
+    model = build_model("bam", backbone="small", shot=2).eval()
+    result = export_model_repository(model, repo, name="bam", sample_size=SIZE, image_size=SIZE, parity_cases=[(1, 2, SIZE, SIZE)])
+    assert result["parity"]["passed"]
+    srv = start_server(repo, tmp_path / "server.log")
+    try:
+        client = triton.InferenceServerClient(srv.url)
+        assert client.get_model_metadata("bam_segmenter")["inputs"][1]["shape"] == [-1, 2, 3, -1, -1]
+        query, support_images, support_masks = episode(shots=2)
+        feeds = {"query": query, "support_images": support_images, "support_masks": support_masks}
+        served = client.infer("bam_segmenter", triton_inputs(feeds, True)).as_numpy("logits")
+        np.testing.assert_allclose(served, local_logits(repo, "bam_segmenter", feeds), atol=1e-6)
+        with torch.no_grad():
+            expected = model(*(torch.from_numpy(a) for a in (query, support_images, support_masks))).numpy()
+        assert np.abs(served - expected).max() <= 1e-4
+        _, three_images, three_masks = episode(shots=3)
+        with pytest.raises(InferenceServerException, match="axis 1 must be 2"):
+            client.infer("bam_segmenter", triton_inputs({"query": query, "support_images": three_images, "support_masks": three_masks}, True))
+        body, headers = multipart([("query", png(picture(50, 70, 1))), *_support_files(2)], {"model": "bam"})
+        status, _, mask_bytes = request(srv, "POST", "/diffss/segment", body, headers)
+        assert status == 200 and np.asarray(Image.open(io.BytesIO(mask_bytes))).shape == (50, 70)
+        body, headers = multipart([("query", png(picture(50, 70, 1))), *_support_files(3)], {"model": "bam"})
+        status, _, raw = request(srv, "POST", "/diffss/segment", body, headers)
+        assert_client_error(status, raw, 400, "bam_segmenter")
+    finally:
+        log = srv.stop()
+    assert "Traceback" not in log and " 500 " not in log, log

@@ -10,6 +10,10 @@ PIL bilinear images, nearest masks as ``F.interpolate``), or "pad" (PFENet/BAM: 
 size, both sides floored to a multiple of 8, top-left on a canvas of 0 / 255; bilinear and
 nearest as their OpenCV calls). ``original_labels=True`` adds the query's label at its original
 size (``query_mask_original``); ``collate_episodes`` batches those of different sizes.
+
+Auxiliary supports are paired with real ones by ``aux_pairing``: ``"round_robin"`` (aux j comes
+from real support j % K, its (j // K)-th image) or ``"first"`` (DifFSS-BAM: every aux image comes
+from the first real support, paired with its mask).
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ __all__ = ["EpisodeDataset", "Sample", "DatasetError", "collate_episodes"]
 log = logging.getLogger(__name__)
 QUERY_SAMPLING = ("cycle", "class_balanced", "file")
 RESIZE_MODES = ("squash", "pad")
+AUX_PAIRING = ("round_robin", "first")
 
 
 def padded_shape(height: int, width: int, size: int) -> tuple[int, int]:
@@ -121,7 +126,7 @@ class EpisodeDataset(Dataset):
                  default_episodes: int | None = 1000, seed: int = 0, image_size: int = 400,
                  aux_shot: int = 0, auxiliary: AuxiliarySupports | None = None, skip_bad: bool = False,
                  query_sampling: str = "cycle", skipped: Sequence[tuple[Path, str]] = (),
-                 resize: str = "squash", original_labels: bool = False):
+                 resize: str = "squash", original_labels: bool = False, aux_pairing: str = "round_robin"):
         if not isinstance(shot, (int, np.integer)) or shot < 1:
             raise ValueError(f"shot must be an int >= 1, got {shot!r}")
         if not isinstance(aux_shot, (int, np.integer)) or aux_shot < 0:
@@ -138,6 +143,9 @@ class EpisodeDataset(Dataset):
             raise ValueError(f"resize must be one of {RESIZE_MODES}, got {resize!r}")
         self.resize = resize
         self.original_labels = bool(original_labels)
+        if aux_pairing not in AUX_PAIRING:
+            raise ValueError(f"aux_pairing must be one of {AUX_PAIRING}, got {aux_pairing!r}")
+        self.aux_pairing = aux_pairing
         self.dataset_name = dataset_name
         self.split = split
         self.training = split in ("train", "trn") if training is None else bool(training)
@@ -237,14 +245,24 @@ class EpisodeDataset(Dataset):
             return
         aux = self.auxiliary
         if self.training:  # any sample may be support 0, which needs the most
-            need = aux.max_needed(self.aux_shot, self.shot)
+            need = self.aux_shot if self.aux_pairing == "first" else aux.max_needed(self.aux_shot, self.shot)
             for s in self.samples:
                 aux.require(s.name, s.class_id, need)
         else:
             for _, supports in self._episodes:
                 for pos, i in enumerate(supports):
                     s = self.samples[i]
-                    aux.require(s.name, s.class_id, aux.needed_per_support(self.aux_shot, self.shot, pos))
+                    aux.require(s.name, s.class_id, self._aux_needed(pos))
+
+    def _aux_needed(self, position: int) -> int:
+        """How many aux images the real support at ``position`` contributes."""
+        if self.aux_pairing == "first":
+            return self.aux_shot if position == 0 else 0
+        return self.auxiliary.needed_per_support(self.aux_shot, self.shot, position)
+
+    def _aux_source(self, j: int) -> tuple[int, int]:
+        """(real support position, index among its aux images) of aux support ``j``."""
+        return (0, j) if self.aux_pairing == "first" else (j % self.shot, j // self.shot)
 
     # ---- public API ---------------------------------------------------------------------------
 
@@ -283,11 +301,12 @@ class EpisodeDataset(Dataset):
             images.append(image_tensor(img, size, resize))
             masks.append(mask_tensor(mask, size, resize))
             names.append(s.name)
-        for j in range(self.aux_shot):  # aux j comes from real support j % K, its (j // K)-th image
-            real = supports[j % self.shot]
-            path = self.auxiliary.require(real.name, real.class_id, j // self.shot + 1)[j // self.shot]
+        for j in range(self.aux_shot):
+            position, k = self._aux_source(j)
+            real = supports[position]
+            path = self.auxiliary.require(real.name, real.class_id, k + 1)[k]
             images.append(image_tensor(open_image(path, "RGB"), size, resize))
-            masks.append(masks[j % self.shot].clone())
+            masks.append(masks[position].clone())  # a generated image is paired with its support's mask
             names.append(self.auxiliary.name_of(path))
         is_aux = torch.zeros(len(images), dtype=torch.bool)
         is_aux[self.shot:] = True
@@ -332,5 +351,5 @@ class EpisodeDataset(Dataset):
 
     def __repr__(self) -> str:
         return (f"EpisodeDataset({self.dataset_name}, split={self.split}, fold={self.fold}, shot={self.shot}, "
-                f"aux_shot={self.aux_shot}, samples={len(self.samples)}, classes={len(self.class_ids)}, "
+                f"aux_shot={self.aux_shot}, aux_pairing={self.aux_pairing}, samples={len(self.samples)}, classes={len(self.class_ids)}, "
                 f"episodes={len(self)}, skipped={len(self.skipped)})")

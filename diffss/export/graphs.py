@@ -256,7 +256,7 @@ def export_graphs(
     """Export the graphs named in ``paths`` (keys from :data:`GRAPH_ROLES`) and check them.
 
     ``sample_size``/``shots``/``batch`` shape the tracing sample only; every B/K/H/W axis is
-    dynamic in the result. Batch and shots of 1 are avoided because a tracer may treat a
+    dynamic in the result, except K for a model with a fixed ``shot_count`` (traced with it). Batch and shots of 1 are avoided because a tracer may treat a
     length-1 axis as broadcastable and fix it. ``metadata`` goes into each graph's
     ``metadata_props`` beside the role (``deploy.contract.ROLE_KEY``).
     """
@@ -264,7 +264,11 @@ def export_graphs(
     if unknown:
         raise ValueError(f"unknown graph roles {sorted(unknown)}; expected some of {GRAPH_ROLES}")
     height, width = (sample_size, sample_size) if isinstance(sample_size, int) else tuple(sample_size)
-    if min(batch, shots) < 2 or min(height, width) < 16:
+    # A model whose shapes fix K (BAM's K-shot reweighting) is traced with that K, and its shots
+    # axis stays fixed in every graph: a request with another K is refused by shape, not misread.
+    fixed_shots = getattr(model, "shot_count", None)
+    shots = fixed_shots or shots
+    if batch < 2 or (shots < 2 and not fixed_shots) or min(height, width) < 16:
         raise ValueError("export samples need batch >= 2, shots >= 2 and sample_size >= 16")
     if not MIN_OPSET <= opset <= MAX_OPSET:
         raise ValueError(f"opset must be between {MIN_OPSET} and {MAX_OPSET}, got {opset}")
@@ -307,6 +311,8 @@ def export_graphs(
         LOGITS: QUERY_AXES,
         **dict(feature_specs),
     }
+    if fixed_shots:
+        all_axes = {name: {a: n for a, n in axes.items() if n != "shots"} for name, axes in all_axes.items()}
     results: dict[str, ExportedGraph] = {}
     for role, target in paths.items():
         module, args, inputs, outputs = specs[role]

@@ -101,7 +101,7 @@ def export_model_repository(
             "rewrites": graph.rewrites,
         }
     side = sample_size if isinstance(sample_size, int) else max(sample_size)
-    parity = measure_parity(model, repo_dir, name=name, cases=parity_cases or default_cases(side + 8))
+    parity = measure_parity(model, repo_dir, name=name, cases=parity_cases or default_cases(side + 8, getattr(model, "shot_count", None)))
     parity.update({"name": name, "opset": opset})
     parity_path = record_parity(repo_dir, name, parity)
     return {

@@ -1,4 +1,4 @@
-"""Few-shot segmentation models: the "prototype" baseline, PFENet and HSNet.
+"""Few-shot segmentation models: the "prototype" baseline, PFENet, BAM (with its PSPNet base learner) and HSNet.
 
 ``build_model(name, backbone, pretrained, **kw)`` makes one, ``load_model(dir)`` reloads a
 ``save_pretrained`` directory. See ``base.FewShotSegmenter`` for the forward/encode/decode contract.
@@ -17,22 +17,29 @@ from .base import (
     register_model,
     segmentation_loss,
 )
+from .bam import BAM
+from .official import convert_official_checkpoint, load_official_checkpoint
 from .hsnet import HSNet
 from .pfenet import PFENet
 from .prototype import PrototypeNet
+from .pspnet import PSPNet
 
 __all__ = [
+    "BAM",
     "BACKBONES",
     "MODEL_REGISTRY",
     "Backbone",
     "FewShotSegmenter",
     "HSNet",
     "PFENet",
+    "PSPNet",
     "PrototypeNet",
     "QueryDecoder",
     "SupportEncoder",
     "build_backbone",
     "build_model",
+    "convert_official_checkpoint",
+    "load_official_checkpoint",
     "load_model",
     "register_model",
     "segmentation_loss",
@@ -42,11 +49,13 @@ __all__ = [
 def build_model(
     name: str, backbone: str = "resnet50", pretrained: str | os.PathLike | None = None, **kwargs
 ) -> FewShotSegmenter:
-    """Build a model by name ("prototype", "pfenet" or "hsnet").
+    """Build a model by name ("prototype", "pfenet", "bam" or "hsnet").
 
-    ``pretrained``: None (random init, backbone trained), a path to a torchvision ResNet
-    state_dict, or "imagenet" (torchvision download; connected machines only); pretrained
-    backbones are frozen. ``kwargs`` go to the model (e.g. ``hidden_dim``, ``dropout``).
+    ``pretrained``: None (random init, backbone trained), a path to an ImageNet state dict
+    (torchvision's for resnet50/resnet18, the official ``resnet50_v2.pth`` for the deep-stem
+    ResNets), or "imagenet" (torchvision download; connected machines only); pretrained
+    backbones are frozen (BAM's always is). ``kwargs`` go to the model (e.g. ``hidden_dim``,
+    ``bins``; BAM: ``shot``, ``base_learner``).
     """
     if name not in MODEL_REGISTRY:
         raise ValueError(f"unknown model {name!r}; expected one of {', '.join(sorted(MODEL_REGISTRY))}")

@@ -7,6 +7,9 @@ only ONNX-exportable ops (opset 17) with dynamic batch, shot count and image siz
 
 Shapes: query [B,3,H,W] in [0,1]; support_images [B,K,3,Hs,Ws]; support_masks [B,K,Hs,Ws] with
 values 0/1/255 (255 counts as background); logits [B,2,H,W] at the query's resolution.
+
+Models ported from an official implementation also load its checkpoints (``from_official``) and
+reproduce its forward pass on the parity fixtures (``official_parity``, tests/test_parity.py).
 """
 
 from __future__ import annotations
@@ -51,6 +54,46 @@ def is_exporting() -> bool:
 def resize_to(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """Bilinear resize of ``x`` to the spatial size of ``like`` (align_corners=True as PFENet)."""
     return F.interpolate(x, size=like.shape[-2:], mode="bilinear", align_corners=True)
+
+
+def adaptive_pool_matrix(length, size, like: torch.Tensor) -> torch.Tensor:
+    """[size, length] matrix ``P`` with ``P @ x`` = PyTorch's adaptive average pooling of ``x``
+    from ``length`` to ``size`` along one axis: output i averages inputs floor(i*L/n) ..
+    ceil((i+1)*L/n) - 1, also when ``size > length`` (windows then repeat inputs).
+
+    Written with shape arithmetic only, so an ONNX trace keeps ``length`` (and ``size``)
+    dynamic where ``AdaptiveAvgPool2d`` would export only for a size that divides the input.
+    """
+    i = torch.arange(size, device=like.device)
+    j = torch.arange(length, device=like.device)
+    start = torch.div(i * length, size, rounding_mode="floor")
+    end = torch.div((i + 1) * length + size - 1, size, rounding_mode="floor")
+    inside = (j[None, :] >= start[:, None]) & (j[None, :] < end[:, None])
+    return inside.to(like.dtype) / (end - start)[:, None].to(like.dtype)
+
+
+def adaptive_avg_pool2d(x: torch.Tensor, size) -> torch.Tensor:
+    """``F.adaptive_avg_pool2d(x, size)`` as two small matrix products (export-friendly, exact
+    up to float rounding); ``size`` is an int or (h, w), ints or traced sizes."""
+    out_h, out_w = (size, size) if not isinstance(size, (tuple, list)) else size
+    rows = adaptive_pool_matrix(x.shape[-2], out_h, x)
+    cols = adaptive_pool_matrix(x.shape[-1], out_w, x)
+    return torch.matmul(torch.matmul(rows, x), cols.transpose(0, 1))
+
+
+class AdaptiveAvgPool(nn.Module):
+    """``nn.AdaptiveAvgPool2d`` through :func:`adaptive_avg_pool2d` (no parameters: a drop-in
+    that keeps official module indices, e.g. PSPNet's PPM ``features.i.0``)."""
+
+    def __init__(self, size: int):
+        super().__init__()
+        self.size = int(size)
+
+    def forward(self, x):
+        return adaptive_avg_pool2d(x, self.size)
+
+    def extra_repr(self) -> str:
+        return f"size={self.size}"
 
 
 def support_masks_at(masks: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
@@ -129,6 +172,14 @@ class FewShotSegmenter(nn.Module, abc.ABC):
     train_optimizer: ClassVar[str] = "adamw"
     support_feature_axes: ClassVar[dict[str, dict[int, str]]] = {}
     set_valued_support_features: ClassVar[dict[str, int]] = {}
+    # config keys naming where initial weights came from: recorded, but not needed (nor read) to
+    # rebuild a saved model, whose weights are all in model.safetensors
+    weight_source_config: ClassVar[tuple[str, ...]] = ("pretrained",)
+    # True when the model's shapes fix the number of supports K (config key "shot"), e.g. BAM's
+    # learned K-shot reweighting; exporters then trace with that K and keep the axis fixed
+    fixed_shot_count: ClassVar[bool] = False
+    # True when forward_train takes ``class_ids`` (the episode's class, [B]), e.g. BAM's base learner
+    uses_episode_class: ClassVar[bool] = False
 
     def __init__(self):
         super().__init__()
@@ -171,24 +222,32 @@ class FewShotSegmenter(nn.Module, abc.ABC):
             for i, size in enumerate(sizes)
         ]
 
-    # -- official checkpoints ---------------------------------------------------------------
+    @property
+    def config(self) -> dict[str, Any]:
+        return {"model": self.model_name, **self._config}
+
+    @property
+    def shot_count(self) -> int | None:
+        """The number of supports K the model requires, or None when any K works."""
+        return int(self._config["shot"]) if self.fixed_shot_count else None
+
+    # -- official implementations ----------------------------------------------------------
     @classmethod
     def from_official(cls, state_dict: Mapping[str, torch.Tensor], **config) -> "FewShotSegmenter":
-        """Build the model from an official state dict (official key names, with or without
-        ``module.``); unknown or missing keys raise a ValueError listing them."""
-        raise NotImplementedError(f"{cls.__name__} cannot load official checkpoints")
+        """Build the model with ``config`` and load a state dict of the official implementation
+        (keys as the official module names them, with or without DataParallel's ``module.``).
+        Unknown or missing keys raise a ValueError that lists them."""
+        raise NotImplementedError(f"{cls.__name__} ({cls.model_name!r}) has no official checkpoint format")
 
     @classmethod
     def official_parity(
         cls, state_dict: Mapping[str, torch.Tensor], case: dict[str, torch.Tensor], metadata: dict[str, str]
     ) -> dict[str, torch.Tensor]:
-        """Run the model as the official test code does on a parity fixture's ``input.*``
-        tensors; returns tensors under the fixture's names (every ``output.*``, some ``inter.*``)."""
-        raise NotImplementedError(f"{cls.__name__} has no official parity run")
-
-    @property
-    def config(self) -> dict[str, Any]:
-        return {"model": self.model_name, **self._config}
+        """Build from the official ``state_dict`` (config from the case's ``metadata``), run it as
+        the official test code runs the official model on the case's ``input.*`` tensors, and
+        return tensors named as the fixture names them: every ``output.*`` of the case, and
+        optionally some ``inter.*``."""
+        raise NotImplementedError(f"{cls.__name__} ({cls.model_name!r}) does not reproduce an official implementation")
 
     # -- validation -------------------------------------------------------------------------
     @staticmethod
@@ -256,12 +315,14 @@ class FewShotSegmenter(nn.Module, abc.ABC):
         model_cls = MODEL_REGISTRY[name]
         if cls is not FewShotSegmenter and not issubclass(model_cls, cls):
             raise ValueError(f"{config_path} holds a {name!r} model, not a {cls.__name__}")
-        kwargs = {k: v for k, v in config.items() if k not in ("model", "format_version", "diffss_version", "pretrained")}
+        sources = model_cls.weight_source_config
+        kwargs = {k: v for k, v in config.items() if k not in ("model", "format_version", "diffss_version", *sources)}
         try:
-            model = model_cls(**kwargs)  # pretrained=None: the weights come from the safetensors file
+            model = model_cls(**kwargs)  # no weight sources: the weights come from the safetensors file
         except (TypeError, ValueError) as exc:
             raise ValueError(f"{config_path}: cannot build {name!r} from this config: {exc}") from exc
-        model._config["pretrained"] = config.get("pretrained")
+        for key in sources:
+            model._config[key] = config.get(key)
         try:
             load_safetensors(model, str(weights_path), strict=True, device=str(map_location))
         except (SafetensorError, RuntimeError, OSError) as exc:
