@@ -117,11 +117,15 @@ def test_official_parity(path):
     _, case, _ = load_case(path)
     got = run_parity(path)
     missing = sorted(k for k in case if k.startswith("output.") and k not in got)
-    unknown = sorted(k for k in got if k not in case)
+    # An output the fixture lacks is a naming error; an intermediate may be one the fixture left out
+    # at this size (the HSNet cases keep the per-tap features only up to 160 px).
+    unknown = sorted(k for k in got if k not in case and not k.startswith("inter."))
     assert not missing, f"{path.name}: official_parity returned no {missing}"
-    assert not unknown, f"{path.name}: official_parity returned tensors the fixture lacks: {unknown}"
+    assert not unknown, f"{path.name}: official_parity returned outputs the fixture lacks: {unknown}"
+    assert any(k.startswith("inter.") and k in case for k in got) or not any(k.startswith("inter.") for k in case), \
+        f"{path.name}: official_parity returned none of the fixture's intermediates"
     failures = []
-    for key in sorted(got, key=lambda k: (not k.startswith("output."), k)):
+    for key in sorted((k for k in got if k in case), key=lambda k: (not k.startswith("output."), k)):
         ref, out = case[key], got[key].detach().cpu()
         if out.shape != ref.shape:
             failures.append(f"{key}: shape {tuple(out.shape)} != {tuple(ref.shape)}")
