@@ -68,7 +68,9 @@ class AuxiliaryGenerator:
         pipe.unet.set_attn_processor(AttnProcessor2_0())
         for net in nets:
             net.set_attn_processor(AttnProcessor2_0())
-        pipe.to(self.device, self.dtype)
+        if pipe.unet.dtype != self.dtype:  # a pipeline built elsewhere (loaded ones come in self.dtype)
+            pipe.to(dtype=self.dtype)
+        pipe.to(self.device)
         if config.channels_last:
             pipe.unet.to(memory_format=torch.channels_last)
             for net in nets:
