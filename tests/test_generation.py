@@ -357,6 +357,30 @@ def test_concurrent_shards_equal_the_unsharded_run(tmp_path, tiny, seg_generator
     pd.testing.assert_frame_equal(table.drop(columns="seconds"), whole.drop(columns="seconds"))
 
 
+def test_paper_preset_is_controlnet4fss_generator(tmp_path, tiny):
+    paper = GenerationConfig.paper()
+    assert (paper.scheduler, paper.num_inference_steps, paper.guidance_scale, paper.resolution) == (
+        "DDIMScheduler", 2, 9.0, 512)
+    assert paper.controlnets == {"seg": "lllyasviel/sd-controlnet-seg", "hed": "lllyasviel/sd-controlnet-hed",
+                                 "scribble": "lllyasviel/sd-controlnet-scribble"}
+    # FSSpregenerate.py: f"a real shot photo of {name}," + ", " + a_prompt
+    assert paper.prompt("cat") == "a real shot photo of cat,, best quality, extremely detailed"
+    assert paper.negative_prompt.endswith("worst quality, low quality, artwork")
+    assert GenerationConfig.from_json(paper.to_json()) == paper
+    assert GenerationConfig().output_signature() != paper.output_signature()
+    local = GenerationConfig.paper(base_model=tiny.base_model, controlnets=tiny.controlnets, resolution=64,
+                                   local_files_only=True)
+    generator = AuxiliaryGenerator(local, "seg")
+    scheduler = generator.pipe.scheduler
+    assert type(scheduler).__name__ == "DDIMScheduler"
+    scheduler.set_timesteps(2)
+    assert scheduler.timesteps.tolist() == [501, 1]  # ControlNet's DDIM "uniform" steps for ddim_steps=2
+    samples = write_supports(tmp_path / "data", 1)
+    table = generate_auxiliary(samples, "seg", tmp_path / "aux", local, num_aux=2, dataset_name="toy",
+                               generator=generator, progress=False)
+    assert len(table) == 2 and table.prompt.iloc[0] == "a real shot photo of cat,, best quality, extremely detailed"
+
+
 def test_multicontrolnet_seg_plus_hed(tmp_path, tiny):
     samples = write_supports(tmp_path / "data", 1)
     table = generate_auxiliary(samples, "seg+hed", tmp_path / "aux", tiny, num_aux=1, dataset_name="toy",
