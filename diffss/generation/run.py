@@ -194,7 +194,7 @@ def generate_auxiliary(samples: Sequence, condition: str | Sequence[str], out_di
     supports, every call padded to that size; each image's noise is seeded by :func:`aux_seed`
     of (dataset, support name, class id, aux index, ``config.seed``). So a rerun reproduces the
     set, and an image regenerated alone, or in another shard, equals its batched twin bit for
-    bit (same device, dtype and batch size). ``shard`` ``"i/n"`` or ``(i, n)``: only the
+    bit (same batch size, device, dtype and thread count). ``shard`` ``"i/n"`` or ``(i, n)``: only the
     supports :func:`shard_samples` gives that shard; n processes may run at once on the same
     folder (the table is merged under a file lock). ``conditions_dir`` (default
     ``<out>/<dataset>/conditions``) holds the control conditions; missing ones are built first
