@@ -38,6 +38,6 @@ from diffss.generation.tiny import build_tiny_diffusion
 __all__ = [
     "DEFAULT_BASE_MODEL", "DEFAULT_CONTROLNETS", "DEFAULT_NEGATIVE_PROMPT", "PAPER_CONTROLNETS", "TABLE_COLUMNS",
     "TABLE_NAME", "AuxiliaryGenerator", "GenerationConfig", "GenerationResult", "aux_relpath", "aux_seed",
-    "build_tiny_diffusion", "dataset_samples", "drift_score", "edge_alignment", "generate_auxiliary", "generate_shard", "parse_shard",
-    "run_generation", "shard_device", "shard_samples", "summarize", "to_pil",
+    "build_tiny_diffusion", "dataset_samples", "drift_score", "edge_alignment", "generate_auxiliary",
+    "generate_shard", "parse_shard", "run_generation", "shard_device", "shard_samples", "summarize", "to_pil",
 ]

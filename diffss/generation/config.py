@@ -93,6 +93,7 @@ class GenerationConfig:
         return cls(**{**PAPER_SETTINGS, "controlnets": dict(PAPER_CONTROLNETS), **overrides})
 
     def images_per_call(self, num_aux: int) -> int:
+        """Pipeline call size: ``batch_size``, else ``supports_per_call`` supports' images."""
         return int(self.batch_size) if self.batch_size is not None else int(self.supports_per_call) * int(num_aux)
 
     def prompt(self, class_name: str) -> str:
