@@ -296,7 +296,7 @@ result = generate_shard(supports(folder, 9), "seg", out, shard, config, num_aux=
 """
 
 
-def test_shard_partition_is_deterministic_and_complete(tmp_path):
+def test_shard_partition_is_deterministic_and_complete(tmp_path, monkeypatch):
     from diffss.generation import parse_shard, shard_device, shard_samples
 
     samples = write_supports(tmp_path / "data", 7)
@@ -310,6 +310,10 @@ def test_shard_partition_is_deterministic_and_complete(tmp_path):
         with pytest.raises(ValueError, match="shard"):
             parse_shard(bad)
     assert shard_device("1/2", "cuda:3") == "cuda:3" and shard_device(None, None) is None
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)  # one worker per GPU, round robin
+    assert [shard_device(f"{i}/8", None) for i in range(8)] == [f"cuda:{i % 4}" for i in range(8)]
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert shard_device("5/8", None) is None  # one GPU: the default device
 
 
 def test_cross_support_batches_equal_per_support_calls(tmp_path, tiny, seg_generator):
