@@ -57,10 +57,9 @@ log = logging.getLogger(__name__)
 
 TABLE_NAME = "auxiliary.parquet"
 CONFIG_NAME = "generation_config.json"
-# Held while the table or the settings file is read-modified-written (shards share them) and
-# while conditions are built (one builder per conditions folder).
+# Held while the table or the settings file is read-modified-written (shards share them);
+# ".<conditions folder>.lock" beside the conditions folder while conditions are built.
 LOCK_NAME = ".auxiliary.lock"
-CONDITIONS_LOCK_NAME = ".conditions.lock"
 TABLE_COLUMNS = ["dataset", "support_name", "class_id", "class_name", "aux_index", "seed", "prompt", "condition",
                  "model_ids", "path", "seconds", "width", "height", "drift"]
 
@@ -301,7 +300,9 @@ def generate_shard(samples: Sequence, condition: str | Sequence[str], out_dir: s
 
     if items:
         todo = unique_samples(s for s, _ in items)
-        with FileLock(conditions_dir / CONDITIONS_LOCK_NAME):  # one condition builder at a time
+        # One condition builder at a time; the lock sits beside the folder, not in it, since
+        # the folder may be another step's recorded output.
+        with FileLock(conditions_dir.parent / f".{conditions_dir.name}.lock"):
             build_conditions(todo, kinds, conditions_dir, resolution=config.resolution,
                              hed=hed if hed is not None else config.hed_model, class_to_ade=class_to_ade,
                              progress=progress, dataset_name=dataset_name)
