@@ -171,27 +171,39 @@ def cmd_conditions(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from diffss.generation import GenerationConfig, run_generation
+    from diffss.generation import GenerationConfig, dataset_samples, generate_shard
 
-    config = GenerationConfig.from_json(args.generation_config) if args.generation_config else GenerationConfig()
+    if args.generation_config and args.preset:
+        raise ValueError("give --generation-config or --preset, not both (a preset is a config: "
+                         "save GenerationConfig.paper() as JSON to edit it)")
+    if args.generation_config:
+        config = GenerationConfig.from_json(args.generation_config)
+    else:
+        config = GenerationConfig.paper() if args.preset == "paper" else GenerationConfig()
     overrides = {
         "base_model": args.base_model,
         "num_inference_steps": args.steps,
         "resolution": args.resolution,
         "device": args.device,
         "seed": args.seed,
+        "batch_size": args.batch_size,
     }
     config = dataclasses.replace(config, **{k: v for k, v in overrides.items() if v is not None})
-    table = run_generation(
-        _dataset_kwargs(args),
-        condition=args.condition,
-        out_dir=args.output,
+    samples, dataset = dataset_samples(_dataset_kwargs(args))
+    result = generate_shard(
+        samples,
+        args.condition,
+        args.output,
+        args.shard,
         config=config,
         num_aux=args.num_aux,
+        dataset_name=dataset,
         conditions_dir=_dataset_dir(args.conditions_dir, "data/conditions", args),
         progress=not args.quiet,
     )
-    print(f"{len(table)} auxiliary images under {args.output}/{args.dataset}/{args.condition}")
+    where = "" if result.shard is None else f" (shard {result.shard[0]}/{result.shard[1]})"
+    print(f"{len(result.paths)} auxiliary images{where} under {result.folder}: {result.generated} generated, "
+          f"{result.kept} kept; table {result.table_path} has {len(result.table)} rows")
     return 0
 
 
@@ -276,8 +288,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base-model", default=None, help="hub id or local directory of Stable Diffusion 1.5")
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--resolution", type=int, default=None)
-    p.add_argument("--device", default=None)
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:<k>; default: cuda if present "
+                   "(with --shard and several GPUs: cuda:<i mod count>, one worker per GPU)")
     p.add_argument("--seed", type=int, default=None, help="global seed of the per-image seeds")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="images per pipeline call, across supports (default: the --num-aux images of one support)")
+    p.add_argument("--shard", default=None, help="i/n: only shard i (0-based) of n; n workers may share --output")
+    p.add_argument("--preset", choices=["paper"], default=None,
+                   help="paper: ControlNet4FSS's generator settings (DDIM, ControlNet 1.0; see README)")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("tiny-models", help="write tiny random SD + ControlNet models (tests, demo, offline trials)")
