@@ -69,8 +69,11 @@ def test_semantic_view_labels_every_base_class_of_an_image(tmp_path, demo_root):
     mask[:4], mask[4:8], mask[8:10], mask[10] = 5, 8, 1, 255  # classes 5 and 8 are base for fold 0 of 4 (novel 1, 2)
     Image.fromarray(mask).save(tmp_path / "masks" / "a.png")
     Image.new("RGB", (16, 16)).save(tmp_path / "images" / "a.png")
+    other = np.repeat(np.array([2, 3, 4, 6, 7, 0, 0, 0], np.uint8), 2)[:, None].repeat(16, 1)  # every class occurs
+    Image.fromarray(other).save(tmp_path / "masks" / "b.png")
+    Image.new("RGB", (16, 16)).save(tmp_path / "images" / "b.png")
     view = load_semantic_dataset("folder", root=tmp_path, fold=0, image_size=16)
-    assert view.base_class_ids == [3, 4, 5, 6, 7, 8] and len(view) == 1
+    assert view.base_class_ids == [3, 4, 5, 6, 7, 8] and len(view) == 2
     label = view[0]["label"]
     assert (label[:4] == 3).all() and (label[4:8] == 6).all()  # channel of class 5 is 3, of class 8 is 6
     assert (label[8:10] == 0).all() and (label[10] == 255).all() and (label[11:] == 0).all()
@@ -148,7 +151,7 @@ def test_bam_meta_learner_trains_on_the_frozen_base_learner_difss_protocol(demo_
 def test_cli_train_base(demo_root, tmp_path, capsys):
     out = tmp_path / "psp"
     args = ["--quiet", "train-base", "--dataset", "demo", "--root", str(demo_root), "--image-size", "32", "--steps", "2",
-            "--batch-size", "2", "--flip", "false", "--device", "cpu", "--output-dir", str(out)]
+            "--batch-size", "2", "--no-flip", "--device", "cpu", "--output-dir", str(out)]
     assert cli_main(args) == 0
     assert "base learner:" in capsys.readouterr().out
     assert json.loads((out / "base_train_config.json").read_text())["flip"] is False
