@@ -19,6 +19,13 @@ other processes on the machine).
 - ``served_vs_inprocess_throughput_ratio``: requests/s of 4 concurrent tritonclient clients
   (binary tensors, 1-shot PFENet episodes) over requests/s of back-to-back in-process
   ``session.run`` calls with the server's session settings; rounds alternate to share drift.
+- ``serve_rss_mib_worst_images``: peak RSS (the kernel's high-water mark, VmHWM, reset after
+  warm-up) of a ``diffss-serve`` with its default limits while 8 clients send the largest images
+  those limits allow: 1-shot PFENet episodes whose query, support image and mask are PNGs of
+  ``--max-image-side`` squared (together within ``--max-request-pixels``), the answer a mask of
+  that size. Goal: under 1024 MiB. ``serve_rss_mib_after_worst_images`` is the RSS once they are done.
+- ``health_latency_ms_under_load``: p99 latency of ``GET /v2/health/live`` (a new connection
+  each, as a kubelet probes) every 10 ms during that load. Goal: under 100 ms.
 """
 
 from __future__ import annotations
@@ -45,6 +52,9 @@ REPEATS = 8
 CLIENTS = 4
 REQUESTS_PER_CLIENT = 5
 ROUNDS = 2
+WORST_CLIENTS = 8
+WORST_REQUESTS_PER_CLIENT = 2
+PROBE_INTERVAL_S = 0.01
 
 
 def _cores() -> int:
@@ -249,6 +259,89 @@ def _throughput(server: ServerProcess, repo: Path) -> dict[str, float]:
     }
 
 
+def _proc_status_mib(pid: int, key: str) -> float:
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) / 1024
+    raise KeyError(key)
+
+
+def _worst_images(repo: Path, tmp: Path) -> dict[str, float]:
+    """Peak RSS and health-probe latency while 8 clients send the largest images the default limits allow."""
+    from deploy.images import ImageLimits
+
+    side = ImageLimits.max_side
+    # 3 images of side^2 per request: query, support image, mask
+    assert 3 * side * side <= ImageLimits.max_request_pixels
+    # Smooth content keeps the PNGs a few MB (under the default body limit); decoding costs the
+    # same for any content of that size.
+    ramp = np.linspace(0, 255, side, dtype=np.float32)
+    picture = np.stack([np.add.outer(ramp, ramp) / 2, np.add.outer(ramp, 255 - ramp) / 2, np.tile(ramp, (side, 1))], -1)
+    mask = np.zeros((side, side), np.uint8)
+    mask[side // 4 : 3 * side // 4, side // 3 : 2 * side // 3] = 255
+    files = [("query", _png(picture.astype(np.uint8))), ("support_image", _png(picture[::-1].astype(np.uint8))),
+             ("support_mask", _png(mask))]
+    body, headers = _multipart(files, {"model": HEADLINE})
+    server = ServerProcess(repo, tmp / "worst.log")  # the default limits, as shipped
+    pid = server.proc.pid
+    try:
+        _post(server, "/diffss/segment", body, headers)  # warm-up
+        baseline = _proc_status_mib(pid, "VmRSS")
+        with open(f"/proc/{pid}/clear_refs", "w") as clear:
+            clear.write("5")  # reset VmHWM to the current RSS
+        errors: list[BaseException] = []
+        latencies: list[float] = []
+        done = threading.Event()
+
+        def client():
+            try:
+                for _ in range(WORST_REQUESTS_PER_CLIENT):
+                    _post(server, "/diffss/segment", body, headers)
+            except BaseException as exc:
+                errors.append(exc)
+
+        def probe():
+            while not done.is_set():
+                conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
+                start = time.perf_counter()
+                conn.request("GET", "/v2/health/live")
+                status = conn.getresponse().status
+                latencies.append(time.perf_counter() - start)
+                conn.close()
+                if status != 200:
+                    errors.append(RuntimeError(f"health probe answered {status}"))
+                time.sleep(PROBE_INTERVAL_S)
+
+        prober = threading.Thread(target=probe)
+        clients = [threading.Thread(target=client) for _ in range(WORST_CLIENTS)]
+        prober.start()
+        start = time.perf_counter()
+        for t in clients:
+            t.start()
+        for t in clients:
+            t.join()
+        elapsed = time.perf_counter() - start
+        done.set()
+        prober.join()
+        if errors:
+            raise RuntimeError(f"worst-image load failed: {errors[0]}")
+        peak = _proc_status_mib(pid, "VmHWM")
+        time.sleep(1.0)
+        after = _proc_status_mib(pid, "VmRSS")
+    finally:
+        server.stop()
+    return {
+        "serve_rss_mib_worst_images": peak,
+        "serve_rss_mib_baseline": baseline,
+        "serve_rss_mib_after_worst_images": after,
+        "health_latency_ms_under_load": float(np.percentile(latencies, 99)) * 1000,
+        "health_latency_ms_under_load_max": max(latencies) * 1000,
+        "health_probes_under_load": float(len(latencies)),
+        "worst_images_requests_per_s": WORST_CLIENTS * WORST_REQUESTS_PER_CLIENT / elapsed,
+    }
+
+
 def run() -> dict[str, float]:
     if str(ROOT) not in sys.path:
         sys.path.insert(0, str(ROOT))
@@ -263,6 +356,7 @@ def run() -> dict[str, float]:
             results.update(_throughput(server, repo))
         finally:
             server.stop()
+        results.update(_worst_images(repo, Path(tmp)))
     # Other processes on the machine distort all of the above; the 1-minute load average
     # (before, after) says how busy it was.
     results["loadavg_1min_before"] = load_before

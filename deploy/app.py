@@ -14,11 +14,20 @@ People (multipart/form-data in, PNG out; see deploy/README.md):
     DELETE /diffss/supports/{support_id}
 
 Every refused request gets a 4xx and ``{"error": "..."}``; a bearer token, when set, guards
-all routes but the two health probes.
+all routes but the two health probes (``/openapi.json`` too).
+
+Bounded work: uploads are checked from their headers before decoding (deploy.images), images
+are decoded and encoded by a pool of ``image_workers`` threads, at most ``image_workers +
+max_concurrency`` image requests hold decoded tensors at once, and onnxruntime runs
+``max_concurrency`` at a time. Both pools run at a lowered CPU priority
+(deploy.runtime.lower_thread_priority); the health probes wait for none of this, so they
+answer at once under any load.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import functools
 import hmac
 import json
@@ -34,20 +43,19 @@ from fastapi.responses import JSONResponse, Response
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from deploy import images
+from deploy import images, openapi
+from deploy.contract import DEFAULT_IMAGE_SIZE, GRAPH_ROLES, IMAGE_SIZE_KEY, MAX_INPUT_SIDE_KEY
 from deploy.errors import ApiError, bad_request, not_found
-from deploy.runtime import OnnxModel
+from deploy.runtime import OnnxModel, background_threads
 from deploy.set_features import compact_features, parse_set_valued
 from deploy.support_cache import SupportCache, SupportSet
-from deploy.v2 import INFERENCE_HEADER, encode_infer_response, parse_infer_request
+from deploy.v2 import INFERENCE_HEADER, InferLimits, encode_infer_response, parse_infer_request
 
 log = logging.getLogger("diffss.serve")
 
 SERVER_NAME = "diffss-serve"
 SERVER_VERSION = "0.1.0"
 OPEN_ROUTES = ("/v2/health/live", "/v2/health/ready")
-ROLES = ("segmenter", "support_encoder", "query_decoder")
-DEFAULT_IMAGE_SIZE = 473
 
 try:  # onnxruntime's errors for inputs the graph cannot run on (inconsistent shapes, ...)
     from onnxruntime.capi.onnxruntime_pybind11_state import Fail, InvalidArgument, RuntimeException
@@ -139,21 +147,37 @@ class Family:
 def find_families(models: dict[str, OnnxModel]) -> dict[str, Family]:
     by_family: dict[str, dict[str, OnnxModel]] = {}
     for model in models.values():
-        if model.family and model.role in ROLES:
+        if model.family and model.role in GRAPH_ROLES:
             by_family.setdefault(model.family, {})[model.role] = model
     families = {}
     for name, roles in by_family.items():
-        if set(roles) != set(ROLES):
-            log.warning("family %s lacks graphs %s; people's routes will not offer it", name, set(ROLES) - set(roles))
+        if set(roles) != set(GRAPH_ROLES):
+            log.warning("family %s lacks graphs %s; people's routes will not offer it", name, set(GRAPH_ROLES) - set(roles))
             continue
         try:
-            size = int(roles["segmenter"].metadata.get("diffss.image_size", DEFAULT_IMAGE_SIZE))
+            size = int(roles["segmenter"].metadata.get(IMAGE_SIZE_KEY, DEFAULT_IMAGE_SIZE))
         except ValueError:
             size = DEFAULT_IMAGE_SIZE
         decoder = roles["query_decoder"]
         set_valued = parse_set_valued(decoder.metadata, {t.name: len(t.dims) for t in decoder.inputs}, decoder.name)
         families[name] = Family(name, roles["segmenter"], roles["support_encoder"], decoder, size, set_valued)
     return families
+
+
+def max_input_side(model: OnnxModel) -> int | None:
+    """The largest spatial axis ``model`` is served at: its ``diffss.max_input_side``, else (exports
+    that predate it) its working ``diffss.image_size``; None for graphs that are not diffss's."""
+    for key in (MAX_INPUT_SIDE_KEY, IMAGE_SIZE_KEY):
+        raw = model.metadata.get(key)
+        if raw is not None:
+            try:
+                side = int(raw)
+            except ValueError:
+                side = 0
+            if side < 1:
+                raise ValueError(f"model {model.name!r}: metadata {key} must be a positive integer, got {raw!r}")
+            return side
+    return None
 
 
 class Server:
@@ -166,15 +190,30 @@ class Server:
         max_concurrency: int = 1,
         max_shots: int = 32,
         max_body_bytes: int = 64 << 20,
+        image_limits: images.ImageLimits = images.ImageLimits(),
+        image_workers: int = 2,
+        max_tensor_side: int | None = None,
     ):
+        if image_workers < 1 or max_concurrency < 1 or max_shots < 1:
+            raise ValueError("image_workers, max_concurrency and max_shots must be positive")
         self.models = models
         self.max_body_bytes = max_body_bytes
         self.families = find_families(models)
         self.cache = support_cache or SupportCache()
         self.max_shots = max_shots
+        self.image_limits = image_limits
+        self.infer_limits = {
+            name: InferLimits(max_shots, max_tensor_side or max_input_side(model)) for name, model in models.items()
+        }
         # Runs of onnxruntime are serialised (by default): one run already uses every core,
         # and running several at once on CPU only makes each slower.
-        self.limiter = anyio.CapacityLimiter(max_concurrency)
+        self.run_pool = background_threads(max_concurrency, "diffss-run")
+        # Decoding and encoding images: a full-size image takes tens of megabytes while it is
+        # decoded, so the number at once bounds the memory (and leaves cores to the rest).
+        self.image_pool = background_threads(image_workers, "diffss-image")
+        # Requests that hold decoded tensors (decoding, waiting for onnxruntime, encoding the
+        # answer): the rest wait with their uploads still undecoded.
+        self.image_requests = anyio.Semaphore(image_workers + max_concurrency)
 
     # -- helpers --------------------------------------------------------------------------
     def model(self, name: str, version: str | None = None) -> OnnxModel:
@@ -187,12 +226,22 @@ class Server:
 
     @staticmethod
     async def offload(fn, *args):
-        """CPU-bound request work (JSON, images) in a worker thread, off the event loop."""
+        """CPU-bound request work (JSON, image headers) in a worker thread, off the event loop."""
         return await anyio.to_thread.run_sync(functools.partial(fn, *args))
+
+    @staticmethod
+    async def _in_pool(pool, fn, *args):
+        future = asyncio.get_running_loop().run_in_executor(pool, functools.partial(fn, *args))
+        with anyio.CancelScope(shield=True):  # the work runs to its end anyway: hold the caller's slot till then
+            return await future
+
+    async def image_work(self, fn, *args):
+        """Decoding or encoding images, in the bounded pool of image workers."""
+        return await self._in_pool(self.image_pool, fn, *args)
 
     async def run(self, model: OnnxModel, feeds: dict[str, np.ndarray], outputs: list[str] | None = None):
         try:
-            return await anyio.to_thread.run_sync(functools.partial(model.run, feeds, outputs), limiter=self.limiter)
+            return await self._in_pool(self.run_pool, model.run, feeds, outputs)
         except ORT_INPUT_ERRORS as exc:
             raise bad_request(f"model {model.name!r} cannot run on these inputs: {exc}") from None
 
@@ -247,7 +296,9 @@ class Server:
         encoding = request.headers.get("content-encoding")
         if encoding:
             body = await self.offload(self._decompress, body, encoding)
-        infer_request = await self.offload(parse_infer_request, body, request.headers.get(INFERENCE_HEADER), model)
+        infer_request = await self.offload(
+            parse_infer_request, body, request.headers.get(INFERENCE_HEADER), model, self.infer_limits[model.name]
+        )
         arrays = await self.run(model, infer_request.inputs, [name for name, _ in infer_request.outputs])
         content, headers = await self.offload(encode_infer_response, model, infer_request, arrays)
         return Response(content=content, headers=headers)
@@ -273,39 +324,66 @@ class Server:
         return out
 
     # -- people ---------------------------------------------------------------------------
-    def _form(self, request: Request):
-        """The multipart form, as a context manager that closes its spooled files."""
+    @contextlib.asynccontextmanager
+    async def _form(self, request: Request):
+        """The multipart form (big files spooled to disk, closed at the end)."""
         content_type = request.headers.get("content-type", "")
         if not content_type.lower().startswith("multipart/form-data"):
             raise ApiError(415, "send multipart/form-data (fields: query, support_image, support_mask, model)")
-        return request.form(max_files=2 * self.max_shots + 1, max_fields=16)
+        try:
+            form = await request.form(max_files=2 * self.max_shots + 1, max_fields=16)
+        except StarletteHTTPException as exc:
+            # the multipart parser stops at the file over max_files; say it in this API's terms
+            if "Too many files" in str(exc.detail):
+                raise bad_request(
+                    f"at most {self.max_shots} shots (support_image + support_mask pairs) and one query per request"
+                ) from None
+            raise
+        try:
+            yield form
+        finally:
+            await form.close()
 
     @staticmethod
-    async def _files(form, field: str) -> list[bytes]:
+    def _files(form, field: str) -> list:
         out = []
         for index, item in enumerate(form.getlist(field)):
             if not isinstance(item, UploadFile):
                 raise bad_request(f"{field}[{index}] must be a file upload, not a text field")
-            out.append(await item.read())
+            out.append(item.file)
         return out
 
-    async def _supports(self, form, family: Family) -> tuple[np.ndarray, np.ndarray]:
-        """[1,K,3,S,S] float32 images and [1,K,S,S] int64 masks from the form."""
-        image_files = await self._files(form, "support_image")
-        mask_files = await self._files(form, "support_mask")
-        if not image_files:
-            raise bad_request("at least one support_image (with its support_mask) is required")
-        if len(image_files) != len(mask_files):
-            raise bad_request(f"{len(image_files)} support_image files but {len(mask_files)} support_mask files")
-        if len(image_files) > self.max_shots:
-            raise bad_request(f"{len(image_files)} supports exceed the limit of {self.max_shots}")
-        return await self.offload(images.support_tensors, image_files, mask_files, family.image_size)
+    def _uploads(self, form, query: bool, supports: bool) -> dict[str, list]:
+        """The form's files by field, counted (not yet read)."""
+        files = {}
+        if query:
+            files["query"] = self._files(form, "query")
+            if len(files["query"]) != 1:
+                raise bad_request(f"exactly one query image is required, got {len(files['query'])}")
+        if supports:
+            files["support_image"] = self._files(form, "support_image")
+            files["support_mask"] = self._files(form, "support_mask")
+            shots, masks = len(files["support_image"]), len(files["support_mask"])
+            if not shots:
+                raise bad_request("at least one support_image (with its support_mask) is required")
+            if shots != masks:
+                raise bad_request(f"{shots} support_image files but {masks} support_mask files")
+            if shots > self.max_shots:
+                raise bad_request(f"at most {self.max_shots} shots per request (--max-shots), got {shots}")
+        return files
 
-    async def _query(self, form, family: Family) -> tuple[tuple[int, int], np.ndarray]:
-        files = await self._files(form, "query")
-        if len(files) != 1:
-            raise bad_request(f"exactly one query image is required, got {len(files)}")
-        return await self.offload(images.query_tensor, files[0], family.image_size)
+    async def _decode(self, form, family: Family, query: bool, supports: bool) -> dict:
+        """Headers checked against the limits first (cheap, outside the pool), then decoded in the
+        pool: ``{"query": (size, tensor)}`` and/or ``{"supports": (images, masks)}``."""
+        opened = await self.offload(images.open_request, self._uploads(form, query, supports), self.image_limits)
+        out = {}
+        if query:
+            out["query"] = await self.image_work(images.query_tensor, opened["query"][0], family.image_size)
+        if supports:
+            out["supports"] = await self.image_work(
+                images.support_tensors, opened["support_image"], opened["support_mask"], family.image_size
+            )
+        return out
 
     @staticmethod
     def _model_field(form) -> str | None:
@@ -325,22 +403,25 @@ class Server:
     async def segment(self, request: Request):
         async with self._form(request) as form:
             family = self.family(self._model_field(form))
-            query_size, query = await self._query(form, family)
-            support_images, support_masks = await self._supports(form, family)
-        (logits,) = await self.run(
-            family.segmenter,
-            {"query": query, "support_images": support_images, "support_masks": support_masks},
-            ["logits"],
-        )
-        return Response(await self.offload(images.mask_png, logits[0], *query_size), media_type="image/png")
+            async with self.image_requests:
+                decoded = await self._decode(form, family, query=True, supports=True)
+                (query_size, query), (support_images, support_masks) = decoded["query"], decoded["supports"]
+                (logits,) = await self.run(
+                    family.segmenter,
+                    {"query": query, "support_images": support_images, "support_masks": support_masks},
+                    ["logits"],
+                )
+                png = await self.image_work(images.mask_png, logits[0], *query_size)
+        return Response(png, media_type="image/png")
 
     async def register_supports(self, request: Request):
         async with self._form(request) as form:
             family = self.family(self._model_field(form))
-            support_images, support_masks = await self._supports(form, family)
-        encoder = family.support_encoder
-        names = [t.name for t in encoder.outputs]
-        features = await self.run(encoder, {"support_images": support_images, "support_masks": support_masks}, names)
+            async with self.image_requests:
+                support_images, support_masks = (await self._decode(form, family, query=False, supports=True))["supports"]
+                encoder = family.support_encoder
+                names = [t.name for t in encoder.outputs]
+                features = await self.run(encoder, {"support_images": support_images, "support_masks": support_masks}, names)
         features = dict(zip(names, features))
         if family.set_valued:  # paid once here instead of on every query against the set
             features = await self.offload(compact_features, features, family.set_valued)
@@ -359,9 +440,11 @@ class Server:
             raise not_found(f"unknown support id {support_id!r} (never registered, or evicted from the cache)")
         family = self.families[support.family]
         async with self._form(request) as form:
-            query_size, query = await self._query(form, family)
-        (logits,) = await self.run(family.query_decoder, {"query": query, **support.features}, ["logits"])
-        return Response(await self.offload(images.mask_png, logits[0], *query_size), media_type="image/png")
+            async with self.image_requests:
+                query_size, query = (await self._decode(form, family, query=True, supports=False))["query"]
+                (logits,) = await self.run(family.query_decoder, {"query": query, **support.features}, ["logits"])
+                png = await self.image_work(images.mask_png, logits[0], *query_size)
+        return Response(png, media_type="image/png")
 
     async def delete_supports(self, support_id: str):
         if not self.cache.remove(support_id):
@@ -376,11 +459,18 @@ def create_app(
     support_cache: SupportCache | None = None,
     max_concurrency: int = 1,
     max_shots: int = 32,
+    image_limits: images.ImageLimits = images.ImageLimits(),
+    image_workers: int = 2,
+    max_tensor_side: int | None = None,
 ) -> FastAPI:
+    """The application; ``max_tensor_side`` overrides every model's ``diffss.max_input_side``."""
     if max_body_bytes < 1:
         raise ValueError("max_body_bytes must be positive")
-    server = Server(models, support_cache, max_concurrency, max_shots, max_body_bytes)
-    app = FastAPI(title=SERVER_NAME, version=SERVER_VERSION, docs_url=None, redoc_url=None, openapi_url=None)
+    server = Server(
+        models, support_cache, max_concurrency, max_shots, max_body_bytes, image_limits, image_workers, max_tensor_side
+    )
+    # /openapi.json (FastAPI's default) for clients and fuzzers; no HTML docs pages
+    app = FastAPI(title=SERVER_NAME, version=SERVER_VERSION, docs_url=None, redoc_url=None)
     app.state.server = server
 
     get, post = ["GET"], ["POST"]
@@ -397,16 +487,16 @@ def create_app(
         ("/v2/models/{model_name}/versions/{model_version}", server.model_metadata, get),
         ("/v2/models/{model_name}/ready", server.model_ready, get),
         ("/v2/models/{model_name}/versions/{model_version}/ready", server.model_ready, get),
-        ("/v2/models/{model_name}/infer", server.infer, post),
-        ("/v2/models/{model_name}/versions/{model_version}/infer", server.infer, post),
+        ("/v2/models/{model_name}/infer", server.infer, post, openapi.INFER),
+        ("/v2/models/{model_name}/versions/{model_version}/infer", server.infer, post, openapi.INFER),
         ("/diffss/models", server.list_families, get),
-        ("/diffss/segment", server.segment, post),
-        ("/diffss/supports", server.register_supports, post),
-        ("/diffss/supports/{support_id}/segment", server.segment_with_supports, post),
+        ("/diffss/segment", server.segment, post, openapi.SEGMENT),
+        ("/diffss/supports", server.register_supports, post, openapi.REGISTER),
+        ("/diffss/supports/{support_id}/segment", server.segment_with_supports, post, openapi.QUERY_ONLY),
         ("/diffss/supports/{support_id}", server.delete_supports, ["DELETE"]),
     ]
-    for path, endpoint, methods in routes:
-        app.add_api_route(path, endpoint, methods=methods)
+    for path, endpoint, methods, *body in routes:
+        app.add_api_route(path, endpoint, methods=methods, openapi_extra=body[0] if body else None)
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError):

@@ -9,49 +9,38 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 
+from deploy.contract import BY_ORT, FAMILY_KEY, MODEL_FILE, ROLE_KEY, latest_version
+
 log = logging.getLogger("diffss.serve")
 
-MODEL_FILE = "model.onnx"
+BACKGROUND_NICENESS = 10
 
-# ONNX element type (as onnxruntime spells it) -> Open Inference Protocol datatype.
-ORT_TO_V2 = {
-    "tensor(float)": "FP32",
-    "tensor(float16)": "FP16",
-    "tensor(double)": "FP64",
-    "tensor(int64)": "INT64",
-    "tensor(int32)": "INT32",
-    "tensor(int16)": "INT16",
-    "tensor(int8)": "INT8",
-    "tensor(uint8)": "UINT8",
-    "tensor(uint16)": "UINT16",
-    "tensor(uint32)": "UINT32",
-    "tensor(uint64)": "UINT64",
-    "tensor(bool)": "BOOL",
-}
-V2_TO_NUMPY = {
-    "FP32": np.dtype(np.float32),
-    "FP16": np.dtype(np.float16),
-    "FP64": np.dtype(np.float64),
-    "INT64": np.dtype(np.int64),
-    "INT32": np.dtype(np.int32),
-    "INT16": np.dtype(np.int16),
-    "INT8": np.dtype(np.int8),
-    "UINT8": np.dtype(np.uint8),
-    "UINT16": np.dtype(np.uint16),
-    "UINT32": np.dtype(np.uint32),
-    "UINT64": np.dtype(np.uint64),
-    "BOOL": np.dtype(np.bool_),
-}
-NUMPY_TO_V2 = {dtype: name for name, dtype in V2_TO_NUMPY.items()}
 
+def lower_thread_priority(increment: int = BACKGROUND_NICENESS) -> None:
+    """Lower the CPU priority of the calling thread, and of the threads it starts later.
+
+    Linux keeps a nice value per thread, and new threads inherit their creator's. Model runs
+    and image work run on such threads, so the event loop, at normal priority, still answers
+    the health probes at once when they keep every core busy. Elsewhere a no-op.
+    """
+    if sys.platform.startswith("linux"):
+        tid = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + increment))
+
+
+def background_threads(workers: int, name: str) -> ThreadPoolExecutor:
+    """A pool of ``workers`` threads at lowered priority (:func:`lower_thread_priority`)."""
+    return ThreadPoolExecutor(workers, thread_name_prefix=name, initializer=lower_thread_priority)
 
 @dataclass(frozen=True)
 class TensorSpec:
@@ -118,11 +107,11 @@ class OnnxModel:
     @property
     def role(self) -> str | None:
         """``segmenter``/``support_encoder``/``query_decoder`` for diffss exports, else None."""
-        return self.metadata.get("diffss.role")
+        return self.metadata.get(ROLE_KEY)
 
     @property
     def family(self) -> str | None:
-        return self.metadata.get("diffss.family")
+        return self.metadata.get(FAMILY_KEY)
 
     @property
     def providers(self) -> list[str]:
@@ -146,10 +135,10 @@ class OnnxModel:
 def _specs(args) -> list[TensorSpec]:
     specs = []
     for arg in args:
-        datatype = ORT_TO_V2.get(arg.type)
+        datatype = BY_ORT.get(arg.type)
         if datatype is None:
             raise ValueError(f"tensor {arg.name!r} has type {arg.type}, which this server does not handle")
-        specs.append(TensorSpec(arg.name, datatype, tuple(d if isinstance(d, int) else d for d in arg.shape)))
+        specs.append(TensorSpec(arg.name, datatype.v2, tuple(arg.shape)))
     return specs
 
 
@@ -181,17 +170,21 @@ def session_options(intra_op_threads: int = 0) -> ort.SessionOptions:
     return options
 
 
-def latest_version(model_dir: Path) -> str | None:
-    versions = [p.name for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit() and (p / MODEL_FILE).is_file()]
-    return max(versions, key=int) if versions else None
-
-
-def load_model(model_dir: Path, providers: list[str], intra_op_threads: int = 0) -> OnnxModel:
+def load_model(model_dir: Path, providers: list[str], intra_op_threads: int = 0, low_priority: bool = False) -> OnnxModel:
+    """The latest version in ``model_dir``; ``low_priority``: its compute threads run at a lowered
+    CPU priority (:func:`lower_thread_priority`), as the server wants them."""
     version = latest_version(model_dir)
     if version is None:
         raise FileNotFoundError(f"{model_dir}: no <version>/{MODEL_FILE}")
     path = model_dir / version / MODEL_FILE
-    session = ort.InferenceSession(str(path), session_options(intra_op_threads), providers=providers)
+    options = session_options(intra_op_threads)
+    if low_priority:
+        # onnxruntime starts a session's compute threads when it creates the session; they
+        # inherit the priority of the thread that creates it
+        with background_threads(1, "diffss-load") as loader:
+            session = loader.submit(ort.InferenceSession, str(path), options, providers=providers).result()
+    else:
+        session = ort.InferenceSession(str(path), options, providers=providers)
     return OnnxModel(
         name=model_dir.name,
         version=version,
@@ -203,8 +196,11 @@ def load_model(model_dir: Path, providers: list[str], intra_op_threads: int = 0)
     )
 
 
-def load_repository(repo_dir: str | os.PathLike, device: str = "auto", intra_op_threads: int = 0) -> dict[str, OnnxModel]:
-    """Every ``<repo>/<model>/`` that holds a ``<version>/model.onnx``; folders without one are skipped."""
+def load_repository(
+    repo_dir: str | os.PathLike, device: str = "auto", intra_op_threads: int = 0, low_priority: bool = True
+) -> dict[str, OnnxModel]:
+    """Every ``<repo>/<model>/`` that holds a ``<version>/model.onnx``; folders without one are
+    skipped. ``low_priority`` as in :func:`load_model` (the server's default)."""
     repo_dir = Path(repo_dir)
     if not repo_dir.is_dir():
         raise FileNotFoundError(f"model repository not found: {repo_dir}")
@@ -214,7 +210,7 @@ def load_repository(repo_dir: str | os.PathLike, device: str = "auto", intra_op_
         if latest_version(model_dir) is None:
             log.warning("skipping %s: no <version>/%s inside", model_dir, MODEL_FILE)
             continue
-        model = load_model(model_dir, providers, intra_op_threads)
+        model = load_model(model_dir, providers, intra_op_threads, low_priority)
         log.info("loaded %s v%s from %s on %s", model.name, model.version, model.path, model.providers)
         models[model.name] = model
     if not models:

@@ -1,7 +1,7 @@
 """``diffss-serve``: serve an exported model repository (Triton layout) with onnxruntime.
 
     diffss-serve --model-repository models/repo [--host 127.0.0.1] [--port 8080]
-                 [--max-body-bytes 67108864] [--token SECRET]
+                 [--max-body-bytes 67108864] [--token SECRET] [--max-image-side 4096] ...
 
 The token may also come from the DIFFSS_SERVE_TOKEN environment variable (keeps it out of
 ``ps`` output). See deploy/README.md for the routes.
@@ -10,13 +10,31 @@ The token may also come from the DIFFSS_SERVE_TOKEN environment variable (keeps 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import logging
 import os
 import sys
 
+from deploy.images import ImageLimits
+
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8080
 DEFAULT_MAX_BODY_BYTES = 64 << 20
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
+
+
+def return_large_frees_to_the_os(threshold: int = 1 << 20) -> bool:
+    """Serve every allocation of ``threshold`` bytes or more with its own mmap, unmapped when freed.
+
+    glibc raises its mmap threshold to the size of the largest block freed (up to 32 MiB), after
+    which decoded images come from its heaps and their pages stay with the process: one large
+    request used to leave the server hundreds of megabytes bigger. A fixed threshold stops that.
+    Returns False where the C library is not glibc.
+    """
+    try:
+        return bool(ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, threshold))
+    except (OSError, AttributeError):
+        return False
 
 
 def positive_int(text: str) -> int:
@@ -42,7 +60,16 @@ def build_parser() -> argparse.ArgumentParser:
                         help="onnxruntime runs executing at once (default %(default)s: each run uses all cores)")
     parser.add_argument("--support-cache-size", type=positive_int, default=256, help="registered support sets kept (LRU)")
     parser.add_argument("--support-cache-bytes", type=positive_int, default=1 << 30, help="memory bound of that cache")
-    parser.add_argument("--max-shots", type=positive_int, default=32, help="most support images per request")
+    parser.add_argument("--max-shots", type=positive_int, default=32,
+                        help="most support images per request, on the people's routes and in v2 tensors (shots axis)")
+    parser.add_argument("--max-image-side", type=positive_int, default=ImageLimits.max_side,
+                        help="largest width/height of an uploaded PNG/JPEG, read from its header (default %(default)s)")
+    parser.add_argument("--max-request-pixels", type=positive_int, default=ImageLimits.max_request_pixels,
+                        help="all uploaded images and masks of one request together (default %(default)s)")
+    parser.add_argument("--image-workers", type=positive_int, default=2,
+                        help="threads decoding/encoding images at once; bounds their memory (default %(default)s)")
+    parser.add_argument("--max-tensor-side", type=positive_int, default=None,
+                        help="largest height/width of a v2 image tensor (default: each model's diffss.max_input_side)")
     parser.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     return parser
 
@@ -56,19 +83,23 @@ def main(argv: list[str] | None = None) -> int:
     from deploy.runtime import load_repository
     from deploy.support_cache import SupportCache
 
+    return_large_frees_to_the_os()
     try:
         models = load_repository(args.model_repository, device=args.device, intra_op_threads=args.threads)
+        app = create_app(
+            models,
+            max_body_bytes=args.max_body_bytes,
+            token=args.token,
+            support_cache=SupportCache(args.support_cache_size, args.support_cache_bytes),
+            max_concurrency=args.max_concurrency,
+            max_shots=args.max_shots,
+            image_limits=ImageLimits(args.max_image_side, args.max_request_pixels),
+            image_workers=args.image_workers,
+            max_tensor_side=args.max_tensor_side,
+        )
     except (FileNotFoundError, ValueError) as exc:
         print(f"diffss-serve: {exc}", file=sys.stderr)
         return 2
-    app = create_app(
-        models,
-        max_body_bytes=args.max_body_bytes,
-        token=args.token,
-        support_cache=SupportCache(args.support_cache_size, args.support_cache_bytes),
-        max_concurrency=args.max_concurrency,
-        max_shots=args.max_shots,
-    )
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, access_log=False,
                 timeout_keep_alive=65)
     return 0

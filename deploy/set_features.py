@@ -15,16 +15,16 @@ import json
 
 import numpy as np
 
-SET_VALUED_METADATA = "diffss.set_valued_inputs"
+from deploy.contract import SET_VALUED_KEY
 
 
 def parse_set_valued(metadata: dict[str, str], input_ranks: dict[str, int], model_name: str) -> dict[str, int]:
     """``{input name: vector axis}`` from a decoder's metadata ({} when absent); a malformed
     entry raises ValueError naming the model and the metadata key."""
-    raw = metadata.get(SET_VALUED_METADATA)
+    raw = metadata.get(SET_VALUED_KEY)
     if raw is None:
         return {}
-    where = f"model {model_name!r}: metadata {SET_VALUED_METADATA}"
+    where = f"model {model_name!r}: metadata {SET_VALUED_KEY}"
     try:
         declared = json.loads(raw)
     except json.JSONDecodeError as exc:

@@ -6,8 +6,10 @@ raw little-endian tensors in input order, each input saying its byte count in
 ``parameters.binary_data_size``; outputs come back binary when the request asks for it
 (``parameters.binary_data_output`` or an output's ``parameters.binary_data``).
 
-Every check names the input and what is wrong, and raises ``ApiError(400)``: a malformed
-request never reaches onnxruntime.
+Every check names the input and what is wrong, and raises ``ApiError`` (400; 413 for a
+spatial axis over the model's maximum input side): a malformed request, non-finite numbers,
+more shots than ``--max-shots`` or images larger than the model is served at never reach
+onnxruntime. Responses are strict JSON (no ``NaN`` tokens).
 """
 
 from __future__ import annotations
@@ -18,10 +20,27 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from deploy.errors import bad_request
-from deploy.runtime import NUMPY_TO_V2, V2_TO_NUMPY, OnnxModel
+from deploy.contract import BY_NUMPY, BY_V2, SHOTS, SPATIAL_AXES
+from deploy.errors import ApiError, bad_request
+from deploy.runtime import OnnxModel
 
 INFERENCE_HEADER = "inference-header-content-length"
+
+
+@dataclass(frozen=True)
+class InferLimits:
+    """Bounds on what one request may ask a graph to run on (None: unbounded).
+
+    ``max_shots`` caps the ``shots`` axis; ``max_input_side`` caps the spatial axes
+    (:data:`deploy.contract.SPATIAL_AXES`), because the model's memory grows with them.
+    """
+
+    max_shots: int | None = None
+    max_input_side: int | None = None
+
+
+def _numpy_dtype(datatype: str) -> np.dtype:
+    return np.dtype(BY_V2[datatype].numpy)
 
 
 @dataclass
@@ -45,9 +64,11 @@ def _parse_shape(raw, name: str) -> list[int]:
     return raw
 
 
-def _check_shape(model: OnnxModel, name: str, shape: list[int], bindings: dict[str, tuple[int, str]]) -> None:
+def _check_shape(
+    model: OnnxModel, name: str, shape: list[int], bindings: dict[str, tuple[int, str]], limits: InferLimits
+) -> None:
     """Rank and fixed axes as the graph says; a named dynamic axis (batch, shots, ...) must have
-    the same length in every input that shares it."""
+    the same length in every input that shares it, and stay within ``limits``."""
     spec = model.input(name)
     if len(shape) != len(spec.dims):
         raise bad_request(
@@ -63,6 +84,14 @@ def _check_shape(model: OnnxModel, name: str, shape: list[int], bindings: dict[s
             if seen[0] != got:
                 raise bad_request(
                     f"input {name!r}: axis {axis} ({want}) is {got} but input {seen[1]!r} has {want} = {seen[0]}"
+                )
+            if want == SHOTS and limits.max_shots and got > limits.max_shots:
+                raise bad_request(f"at most {limits.max_shots} shots per request (--max-shots); input {name!r} has {got}")
+            if want in SPATIAL_AXES and limits.max_input_side and got > limits.max_input_side:
+                raise ApiError(
+                    413,
+                    f"input {name!r}: {want} {got} exceeds the largest side model {model.name!r} is served at, "
+                    f"{limits.max_input_side}; resize the images to at most {limits.max_input_side} pixels per side",
                 )
 
 
@@ -82,7 +111,7 @@ def _json_tensor(data, datatype: str, shape: list[int], name: str) -> np.ndarray
         raise bad_request(f"input {name!r}: 'data' holds {values.dtype} values, not {datatype}")
     if values.size != math.prod(shape):
         raise bad_request(f"input {name!r}: 'data' has {values.size} elements but shape {shape} needs {math.prod(shape)}")
-    dtype = V2_TO_NUMPY[datatype]
+    dtype = _numpy_dtype(datatype)
     if kind in "iu" and dtype.kind in "iu":
         info = np.iinfo(dtype)
         if values.size and (values.min() < info.min or values.max() > info.max):
@@ -90,7 +119,14 @@ def _json_tensor(data, datatype: str, shape: list[int], name: str) -> np.ndarray
     return values.astype(dtype, copy=False).reshape(shape)
 
 
-def parse_infer_request(body: bytes, header_length: str | None, model: OnnxModel) -> InferRequest:
+def _check_finite(array: np.ndarray, name: str) -> None:
+    if array.dtype.kind == "f" and not np.isfinite(array).all():
+        raise bad_request(f"input {name!r} holds NaN or infinite values; only finite numbers are accepted")
+
+
+def parse_infer_request(
+    body: bytes, header_length: str | None, model: OnnxModel, limits: InferLimits = InferLimits()
+) -> InferRequest:
     if header_length is not None:
         try:
             json_size = int(header_length)
@@ -130,13 +166,13 @@ def parse_infer_request(body: bytes, header_length: str | None, model: OnnxModel
         if datatype != spec.datatype:
             raise bad_request(f"input {name!r}: datatype {datatype!r} does not match the model's {spec.datatype}")
         shape = _parse_shape(raw.get("shape"), name)
-        _check_shape(model, name, shape, bindings)
+        _check_shape(model, name, shape, bindings, limits)
         parameters = _as_dict(raw.get("parameters") or {}, f"input {name!r} parameters")
         size = parameters.get("binary_data_size")
         if size is not None:
             if "data" in raw:
                 raise bad_request(f"input {name!r}: give either 'data' or binary_data_size, not both")
-            dtype = V2_TO_NUMPY[datatype]
+            dtype = _numpy_dtype(datatype)
             expected_size = math.prod(shape) * dtype.itemsize
             if not isinstance(size, int) or isinstance(size, bool) or size != expected_size:
                 raise bad_request(
@@ -152,6 +188,7 @@ def parse_infer_request(body: bytes, header_length: str | None, model: OnnxModel
             inputs[name] = _json_tensor(raw["data"], datatype, shape, name)
         else:
             raise bad_request(f"input {name!r}: neither 'data' nor parameters.binary_data_size given")
+        _check_finite(inputs[name], name)
     if offset != len(binary):
         raise bad_request(f"the binary section has {len(binary)} bytes but the inputs declare {offset}")
     missing = [t.name for t in model.inputs if t.name not in inputs]
@@ -184,21 +221,30 @@ def parse_infer_request(body: bytes, header_length: str | None, model: OnnxModel
 
 
 def encode_infer_response(model: OnnxModel, request: InferRequest, arrays: list[np.ndarray]) -> tuple[bytes, dict[str, str]]:
-    """(body, headers); binary outputs follow the JSON header, whose length goes in a header."""
+    """(body, headers); binary outputs follow the JSON header, whose length goes in a header.
+
+    JSON cannot carry NaN or infinities: an output holding them is refused unless asked for as binary.
+    """
     entries, blobs = [], []
     for (name, binary), array in zip(request.outputs, arrays):
-        entry = {"name": name, "datatype": NUMPY_TO_V2[array.dtype], "shape": list(array.shape)}
+        entry = {"name": name, "datatype": BY_NUMPY[array.dtype.name].v2, "shape": list(array.shape)}
         if binary:
             raw = np.ascontiguousarray(array).tobytes()
             entry["parameters"] = {"binary_data_size": len(raw)}
             blobs.append(raw)
+        elif array.dtype.kind == "f" and not np.isfinite(array).all():
+            raise ApiError(
+                422,
+                f"output {name!r} of model {model.name!r} holds NaN or infinite values, which JSON cannot carry; "
+                "ask for it as binary (parameters.binary_data: true)",
+            )
         else:
             entry["data"] = array.ravel().tolist()
         entries.append(entry)
     response = {"model_name": model.name, "model_version": model.version, "outputs": entries}
     if request.id is not None:
         response["id"] = request.id
-    header = json.dumps(response, separators=(",", ":")).encode()
+    header = json.dumps(response, separators=(",", ":"), allow_nan=False).encode()
     if not blobs:
         return header, {"content-type": "application/json"}
     return header + b"".join(blobs), {

@@ -40,3 +40,21 @@ def write_bytes_atomic(target: str | os.PathLike, data: bytes) -> None:
 def write_text_atomic(target: str | os.PathLike, text: str) -> None:
     with atomic_path(target) as tmp:
         tmp.write_text(text)
+
+
+def remove_stale_temporaries(root: str | os.PathLike, recursive: bool = True) -> int:
+    """Delete temporaries of :func:`atomic_path` under ``root`` (or, with ``recursive=False``,
+    directly in it).
+
+    A SIGKILL between creating the temporary and renaming it leaves ``.<name>.<random>.tmp<ext>``
+    behind; a rerun (one writer per folder) removes them. Returns how many were removed.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        return 0
+    removed = 0
+    for path in (root.rglob if recursive else root.glob)(".*.tmp*"):
+        if path.is_file() and ".tmp" in path.name:
+            path.unlink(missing_ok=True)
+            removed += 1
+    return removed

@@ -1,8 +1,10 @@
 """The ``diffss`` command line: one subcommand per pipeline stage.
 
-``diffss train`` / ``diffss evaluate`` take every field of :class:`~diffss.train.TrainConfig` /
-:class:`~diffss.train.EvalConfig` as an option (``--true-shot 1 --aux-shot 4``) or a JSON file
-(``--config run.json``; options override it). ``diffss conditions`` and ``diffss generate`` work on
+``diffss train`` / ``diffss evaluate`` / ``diffss train-base`` take every field of
+:class:`~diffss.train.TrainConfig` / :class:`~diffss.train.EvalConfig` /
+:class:`~diffss.train_base.BaseTrainConfig` as an option (``--true-shot 1 --aux-shot 4``) or a
+JSON file (``--config run.json``; options override it). ``diffss convert-checkpoint`` turns an
+official PFENet / BAM / HSNet checkpoint into a diffss model folder. ``diffss conditions`` and ``diffss generate`` work on
 any dataset that :func:`diffss.data.load_dataset` reads.
 """
 
@@ -18,6 +20,14 @@ from pathlib import Path
 from typing import Any, Sequence
 
 
+def _parse_bool(text: str) -> bool:
+    if text.lower() in ("true", "1", "yes"):
+        return True
+    if text.lower() in ("false", "0", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
 def _add_dataclass_options(parser: argparse.ArgumentParser, cls: type) -> None:
     hints = typing.get_type_hints(cls)
     for field in dataclasses.fields(cls):
@@ -25,25 +35,40 @@ def _add_dataclass_options(parser: argparse.ArgumentParser, cls: type) -> None:
         args = typing.get_args(hint)
         origin = typing.get_origin(hint)
         flag = "--" + field.name.replace("_", "-")
-        if origin is tuple:
-            parser.add_argument(flag, type=int, nargs="+", default=None, help=f"default {field.default}")
-            continue
         if origin in (typing.Union, types.UnionType):
             base = next(a for a in args if a is not type(None))
         else:
             base = hint
+        if base is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None,
+                                help=f"default {field.default}")
+            continue
+        if typing.get_origin(base) is tuple:
+            parser.add_argument(flag, type=int, nargs="+", default=None, help=f"default {field.default}")
+            continue
         parser.add_argument(flag, type=base, default=None, help=f"default {field.default}")
 
 
 def _config_from_args(cls: type, args: argparse.Namespace):
     values: dict[str, Any] = {}
-    if getattr(args, "config", None):
-        values.update(json.loads(Path(args.config).read_text()))
+    path = getattr(args, "config", None)
+    if path:
+        try:
+            loaded = json.loads(Path(path).read_text())
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"--config {path}: cannot read a JSON {cls.__name__}: {exc}") from exc
+        if not isinstance(loaded, dict):
+            raise ValueError(f"--config {path}: expected a JSON object of {cls.__name__} fields, "
+                             f"got {type(loaded).__name__}")
+        values.update(loaded)
     for field in dataclasses.fields(cls):
         value = getattr(args, field.name, None)
         if value is not None:
             values[field.name] = value
-    return cls.from_dict(values)
+    try:
+        return cls.from_dict(values)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{exc} (from --config {path} and the options)" if path else str(exc)) from exc
 
 
 def _dataset_options(parser: argparse.ArgumentParser) -> None:
@@ -52,10 +77,12 @@ def _dataset_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--fold", type=int, default=0)
     parser.add_argument("--split", default="test", help="train | test (| val for fss1000)")
     parser.add_argument("--image-size", type=int, default=None, help="resize episodes to this size")
+    parser.add_argument("--skip-bad", action="store_true", help="leave out bad samples (counted) instead of failing")
 
 
 def _dataset_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    kwargs = {"name": args.dataset, "root": args.root, "fold": args.fold, "split": args.split}
+    kwargs = {"name": args.dataset, "root": args.root, "fold": args.fold, "split": args.split,
+              "skip_bad": args.skip_bad}
     if args.image_size:
         kwargs["image_size"] = args.image_size
     return kwargs
@@ -70,11 +97,47 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train_base(args: argparse.Namespace) -> int:
+    from diffss.train_base import BaseTrainConfig, train_base
+
+    config = _config_from_args(BaseTrainConfig, args)
+    out = train_base(config, progress=not args.quiet)
+    print(f"base learner: {out}")
+    return 0
+
+
+def cmd_convert_checkpoint(args: argparse.Namespace) -> int:
+    from diffss.models import convert_official_checkpoint
+
+    config: dict[str, Any] = {}
+    for item in args.option:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--option expects KEY=JSON, got {item!r}")
+        try:
+            config[key] = json.loads(value)
+        except json.JSONDecodeError:
+            config[key] = value  # a bare string
+    for key in ("shot", "backbone", "fold", "dataset"):
+        if getattr(args, key) is not None:
+            config[key] = getattr(args, key)
+    paths = [args.checkpoint] + ([args.base_learner] if args.base_learner else [])
+    try:
+        out = convert_official_checkpoint(args.model, paths, args.output, **config)
+    except NotImplementedError as exc:
+        raise ValueError(str(exc)) from exc
+    print(f"converted {args.model} checkpoint {args.checkpoint} -> {out} (load with diffss.models.load_model)")
+    return 0
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from diffss.train import EvalConfig, evaluate
 
     config = _config_from_args(EvalConfig, args)
     result = evaluate(args.checkpoint, config, progress=not args.quiet)
+    protocol = result.protocol
+    print(f"protocol {protocol['family']}: {protocol['resize']} to {protocol['size'] or 'the dataset size'} px, "
+          f"scored at the {protocol['score_at']} size, seeds {list(protocol['seeds'])}")
     print(result.per_class.to_string(index=False))
     print(f"mIoU {result.miou:.2f}  FB-IoU {result.fbiou:.2f}")
     if args.output:
@@ -108,9 +171,15 @@ def cmd_conditions(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from diffss.generation import GenerationConfig, run_generation
+    from diffss.generation import GenerationConfig, dataset_samples, generate_shard
 
-    config = GenerationConfig.from_json(args.generation_config) if args.generation_config else GenerationConfig()
+    if args.generation_config and args.preset:
+        raise ValueError("give --generation-config or --preset, not both (a preset is a config: "
+                         "save GenerationConfig.paper() as JSON to edit it)")
+    if args.generation_config:
+        config = GenerationConfig.from_json(args.generation_config)
+    else:
+        config = GenerationConfig.paper() if args.preset == "paper" else GenerationConfig()
     controlnets = dict(config.controlnets)
     for item in args.controlnet or []:
         kind, sep, model = item.partition("=")
@@ -124,18 +193,24 @@ def cmd_generate(args: argparse.Namespace) -> int:
         "resolution": args.resolution,
         "device": args.device,
         "seed": args.seed,
+        "batch_size": args.batch_size,
     }
     config = dataclasses.replace(config, **{k: v for k, v in overrides.items() if v is not None})
-    table = run_generation(
-        _dataset_kwargs(args),
-        condition=args.condition,
-        out_dir=args.output,
+    samples, dataset = dataset_samples(_dataset_kwargs(args))
+    result = generate_shard(
+        samples,
+        args.condition,
+        args.output,
+        args.shard,
         config=config,
         num_aux=args.num_aux,
+        dataset_name=dataset,
         conditions_dir=_dataset_dir(args.conditions_dir, "data/conditions", args),
         progress=not args.quiet,
     )
-    print(f"{len(table)} auxiliary images under {args.output}/{args.dataset}/{args.condition}")
+    where = "" if result.shard is None else f" (shard {result.shard[0]}/{result.shard[1]})"
+    print(f"{len(result.paths)} auxiliary images{where} under {result.folder}: {result.generated} generated, "
+          f"{result.kept} kept; table {result.table_path} has {len(result.table)} rows")
     return 0
 
 
@@ -221,6 +296,14 @@ def _study_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None)
 
 
+def cmd_demo_data(args: argparse.Namespace) -> int:
+    from diffss.data import build_demo_dataset
+
+    root = build_demo_dataset(args.root, seed=args.seed, num_classes=args.num_classes, per_class=args.per_class)
+    print(f"demo dataset under {root} (use --dataset demo --root {root})")
+    return 0
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from diffss.export import export_model_repository
 
@@ -231,6 +314,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from diffss.train import EvalConfig, TrainConfig
+    from diffss.train_base import BaseTrainConfig
 
     parser = argparse.ArgumentParser(prog="diffss", description=__doc__.splitlines()[0])
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -240,6 +324,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="TrainConfig as JSON; options override it")
     _add_dataclass_options(p, TrainConfig)
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("train-base", help="BAM's base learner: a PSPNet on the fold's base classes")
+    p.add_argument("--config", help="BaseTrainConfig as JSON; options override it")
+    _add_dataclass_options(p, BaseTrainConfig)
+    p.set_defaults(func=cmd_train_base)
+
+    p = sub.add_parser("convert-checkpoint", help="official PFENet / BAM / HSNet checkpoint -> diffss model folder")
+    p.add_argument("checkpoint", help="the official .pth (a state dict or {'state_dict': ...}, 'module.' prefixes allowed)")
+    p.add_argument("--from", dest="model", required=True, choices=("pfenet", "bam", "hsnet"), help="which official model")
+    p.add_argument("--output", required=True, help="folder to write (config.json + model.safetensors)")
+    p.add_argument("--base-learner", help="bam: the PSPNet best.pth of its base learner, merged with the checkpoint")
+    p.add_argument("--shot", type=int, help="bam: total supports K (default: read from kshot_rw)")
+    p.add_argument("--backbone", help="default: read from the weights")
+    p.add_argument("--fold", type=int, help="bam: the official split, which names the base learner's classes")
+    p.add_argument("--dataset", help="bam: pascal5i (default) or coco20i, with --fold")
+    p.add_argument("--option", action="append", default=[], metavar="KEY=JSON", help="any other model argument, e.g. bins=[60,30,15,8]")
+    p.set_defaults(func=cmd_convert_checkpoint)
 
     p = sub.add_parser("evaluate", help="mIoU / FB-IoU on fixed test episodes")
     p.add_argument("checkpoint", help="checkpoint directory written by `diffss train`")
@@ -268,8 +369,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ControlNet of a condition kind: hub id or folder (e.g. one `diffss train-controlnet` wrote)")
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--resolution", type=int, default=None)
-    p.add_argument("--device", default=None)
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:<k>; default: cuda if present "
+                   "(with --shard and several GPUs: cuda:<i mod count>, one worker per GPU)")
     p.add_argument("--seed", type=int, default=None, help="global seed of the per-image seeds")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="images per pipeline call, across supports (default: the --num-aux images of one support)")
+    p.add_argument("--shard", default=None, help="i/n: only shard i (0-based) of n; n workers may share --output")
+    p.add_argument("--preset", choices=["paper"], default=None,
+                   help="paper: ControlNet4FSS's generator settings (DDIM, ControlNet 1.0; see README)")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("tiny-models", help="write tiny random SD + ControlNet models (tests, demo, offline trials)")
@@ -322,6 +429,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--xshot", type=int, nargs="+", default=[0, 1, 2, 4])
     p.add_argument("--paper-aux-shot", type=int, default=4, help="1 real + N aux at training and test (0: skip)")
     p.set_defaults(func=cmd_demo_study)
+
+    p = sub.add_parser("demo-data", help="build the procedural demo dataset (the only command that writes one)")
+    p.add_argument("--root", default="data/raw/demo", help="an empty folder, or an earlier demo build")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--num-classes", type=int, default=20)
+    p.add_argument("--per-class", type=int, default=12)
+    p.set_defaults(func=cmd_demo_data)
 
     p = sub.add_parser("export", help="ONNX model repository (Triton layout) from a checkpoint")
     p.add_argument("checkpoint")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import random
 from dataclasses import dataclass, field
@@ -24,12 +25,16 @@ from PIL import Image
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from diffss.atomic import atomic_path, write_text_atomic
-from diffss.data import AuxiliarySupports, load_dataset
+from diffss.atomic import atomic_path, remove_stale_temporaries, write_text_atomic
+from diffss.checkpoint import Checkpoint, CheckpointDir, CheckpointError
+from diffss.data import AuxiliarySupports, collate_episodes, load_dataset
+from diffss.data.episodes import AUX_PAIRING
 from diffss.metrics import FewShotMeter
-from diffss.models import FewShotSegmenter, build_model, load_model, segmentation_loss
+from diffss.models import MODEL_REGISTRY, FewShotSegmenter, build_model, load_model, segmentation_loss
+from diffss.protocol import FAMILIES, SCORE_AT, EvalProtocol, protocol_for, scored_prediction
 
 IGNORE_INDEX = 255
+log = logging.getLogger(__name__)
 
 
 class _JsonConfig:
@@ -79,9 +84,20 @@ class TrainConfig(_JsonConfig):
     checkpoint_every: int = 100
     # Weight of PFENet's per-scale auxiliary losses (the paper uses 1.0).
     aux_loss_weight: float = 1.0
+    # Leave out samples whose files are bad (counted, logged) instead of failing.
+    skip_bad: bool = False
+    # BAM: the base learner folder written by `diffss train-base` (frozen while the meta learner trains)
+    base_learner: str | None = None
+    # which real support each aux image comes from: "round_robin" or "first" (DifFSS-BAM)
+    aux_pairing: str = "round_robin"
 
     def __post_init__(self) -> None:
         _check_positive(self, "true_shot", "steps", "batch_size", "image_size", "checkpoint_every")
+        _check_aux_pairing(self)
+        if self.model == "bam" and not self.base_learner:
+            raise ValueError("TrainConfig.base_learner is required for model 'bam': train one with `diffss train-base`")
+        if self.base_learner and self.model != "bam":
+            raise ValueError(f"TrainConfig.base_learner is for model 'bam', not {self.model!r}")
         if self.aux_shot < 0:
             raise ValueError(f"TrainConfig.aux_shot must be >= 0, got {self.aux_shot}")
         if self.aux_shot and not self.auxiliary_table:
@@ -100,23 +116,44 @@ class EvalConfig(_JsonConfig):
     auxiliary_table: str | None = None
     condition: str | None = None
     max_drift: float | None = None
+    # The fields below left at None take the evaluation protocol of the model and dataset
+    # (diffss.protocol): PFENet/BAM pad to 473 px on PASCAL-5i and score at the original size,
+    # HSNet squashes to 400 px and scores there; BAM averages 5 seeds x 1000 episodes.
     episodes: int | None = None
-    # BAM averages 5 seeds; HSNet uses one. Results are averaged over these.
-    seeds: tuple[int, ...] = (0,)
-    image_size: int = 96
+    seeds: tuple[int, ...] | None = None
+    image_size: int | None = None
+    # "pfenet" | "bam" | "hsnet": another model family's protocol; None: the model's own
+    protocol: str | None = None
+    # "original" (HSNet's use_original_imgsize) | "input"
+    score_at: str | None = None
     batch_size: int = 8
     device: str = "auto"
     num_examples: int = 4
+    skip_bad: bool = False
+    aux_pairing: str = "round_robin"
 
     def __post_init__(self) -> None:
-        _check_positive(self, "shot", "image_size", "batch_size")
+        _check_positive(self, "shot", "batch_size")
+        _check_aux_pairing(self)
+        if self.image_size is not None and self.image_size < 16:
+            raise ValueError(f"EvalConfig.image_size must be >= 16 or None, got {self.image_size}")
+        if self.protocol is not None and self.protocol not in FAMILIES:
+            raise ValueError(f"EvalConfig.protocol must be one of {FAMILIES} or None, got {self.protocol!r}")
+        if self.score_at is not None and self.score_at not in SCORE_AT:
+            raise ValueError(f"EvalConfig.score_at must be one of {SCORE_AT} or None, got {self.score_at!r}")
         if self.aux_shot < 0:
             raise ValueError(f"EvalConfig.aux_shot must be >= 0, got {self.aux_shot}")
         if self.aux_shot and not self.auxiliary_table:
             raise ValueError("EvalConfig.auxiliary_table is required when aux_shot > 0")
-        if not self.seeds:
-            raise ValueError("EvalConfig.seeds must name at least one seed")
-        self.seeds = tuple(int(s) for s in self.seeds)
+        if self.seeds is not None:
+            if not self.seeds:
+                raise ValueError("EvalConfig.seeds must name at least one seed (or None: the protocol's)")
+            self.seeds = tuple(int(s) for s in self.seeds)
+
+    def protocol_for(self, model_name: str) -> EvalProtocol:
+        """The protocol ``evaluate`` uses for a model of ``model_name`` under this config."""
+        return protocol_for(model_name, self.dataset, family=self.protocol, image_size=self.image_size,
+                            score_at=self.score_at, episodes=self.episodes, seeds=self.seeds)
 
 
 @dataclass
@@ -126,6 +163,7 @@ class EvalResult:
     per_class: pd.DataFrame
     per_seed: list[dict[str, float]] = field(default_factory=list)
     examples: list[Image.Image] = field(default_factory=list)
+    protocol: dict[str, Any] = field(default_factory=dict)
 
     def summary(self) -> dict[str, float]:
         return {"miou": self.miou, "fbiou": self.fbiou}
@@ -136,6 +174,21 @@ def _check_positive(cfg: Any, *names: str) -> None:
         value = getattr(cfg, name)
         if value < 1:
             raise ValueError(f"{type(cfg).__name__}.{name} must be >= 1, got {value}")
+
+
+def _check_aux_pairing(cfg: Any) -> None:
+    if cfg.aux_pairing not in AUX_PAIRING:
+        raise ValueError(f"{type(cfg).__name__}.aux_pairing must be one of {AUX_PAIRING}, got {cfg.aux_pairing!r}")
+
+
+def _model_options(config: TrainConfig) -> dict[str, Any]:
+    """Model arguments that come from the training setup rather than from the model's defaults."""
+    options: dict[str, Any] = {}
+    if config.base_learner:
+        options["base_learner"] = config.base_learner
+    if getattr(MODEL_REGISTRY.get(config.model), "fixed_shot_count", False):  # BAM: K = real + auxiliary supports
+        options["shot"] = config.true_shot + config.aux_shot
+    return options
 
 
 def resolve_device(device: str) -> torch.device:
@@ -157,32 +210,45 @@ def _auxiliary(table: str | None, condition: str | None, max_drift: float | None
 
 
 def _episode_loss(model: FewShotSegmenter, batch: dict[str, Any], device: torch.device, aux_weight: float) -> torch.Tensor:
+    extra = {"class_ids": batch["class_id"].to(device)} if model.uses_episode_class else {}
     logits, aux_logits = model.forward_train(
-        batch["query_image"].to(device), batch["support_images"].to(device), batch["support_masks"].to(device)
+        batch["query_image"].to(device), batch["support_images"].to(device), batch["support_masks"].to(device), **extra
     )
     return segmentation_loss(logits, batch["query_mask"].to(device), aux_logits, aux_weight=aux_weight, ignore_index=IGNORE_INDEX)
 
 
-def train(config: TrainConfig, tracker: Any = None, progress: bool = True) -> Path:
-    """Train a segmenter episodically; returns the checkpoint directory.
+CHECKPOINTS = "checkpoints"  # step folders under output_dir (diffss.checkpoint)
+KEEP_CHECKPOINTS = 2  # the newest and one to fall back to if it fails verification
+STATE_NAME = "trainer_state.pt"
+MODEL_FILES = ("model.safetensors", "config.json")  # config last: its presence means the pair is whole
 
-    The directory holds ``config.json`` + ``model.safetensors`` (the model, loadable with
-    :func:`diffss.models.load_model`), ``train_config.json``, ``trainer_state.pt`` and
-    ``history.csv``. Rerunning with the same ``output_dir`` resumes from the last checkpoint
-    and, because episode sampling and shuffling are functions of (seed, epoch), continues on
-    exactly the batches an uninterrupted run would have seen.
+
+def train(config: TrainConfig, tracker: Any = None, progress: bool = True) -> Path:
+    """Train a segmenter episodically; returns the output directory.
+
+    Every file the run will read is checked before anything is written (a bad dataset fails in
+    seconds, naming the file). ``output_dir`` then holds ``train_config.json``, ``history.csv``,
+    the latest model as ``config.json`` + ``model.safetensors`` (``load_model(output_dir)``) and
+    ``checkpoints/step-*/``: atomic checkpoints (model, optimizer/scheduler/step state, manifest;
+    see :mod:`diffss.checkpoint`). Rerunning with the same ``output_dir`` resumes from the newest
+    verified checkpoint and, because episode sampling and shuffling are functions of
+    (seed, epoch), continues on exactly the batches an uninterrupted run would have seen.
     """
     out = Path(config.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    state_path = out / "trainer_state.pt"
+    checkpoints = CheckpointDir(out / CHECKPOINTS, keep=KEEP_CHECKPOINTS)
     saved_config = out / "train_config.json"
-    if saved_config.exists() and state_path.exists():
+    legacy_state = out / STATE_NAME  # layout before checkpoint folders: weights and state not verifiable as a pair
+    if saved_config.exists() and (checkpoints.steps() or legacy_state.exists()):
         previous = TrainConfig.from_json(saved_config)
         if {**previous.to_dict(), "steps": 0} != {**config.to_dict(), "steps": 0}:
             raise ValueError(
                 f"{out} holds a run with a different TrainConfig; use a new output_dir or delete {out}"
             )
-    write_text_atomic(saved_config, json.dumps(config.to_dict(), indent=2))
+    if legacy_state.exists() and not checkpoints.steps():
+        if int(torch.load(legacy_state, map_location="cpu", weights_only=False)["step"]) >= config.steps:
+            return out  # finished: its final model was written before the state that says so
+        raise ValueError(f"{out} holds an unfinished run in the old checkpoint layout ({legacy_state}), whose "
+                         f"weights and state cannot be checked to belong to the same step; delete {out} to start over")
 
     device = resolve_device(config.device)
     seed_everything(config.seed)
@@ -196,20 +262,39 @@ def train(config: TrainConfig, tracker: Any = None, progress: bool = True) -> Pa
         image_size=config.image_size,
         aux_shot=config.aux_shot,
         auxiliary=_auxiliary(config.auxiliary_table, config.condition, config.max_drift),
+        skip_bad=config.skip_bad,
+        aux_pairing=config.aux_pairing,
     )
-    model = build_model(config.model, backbone=config.backbone, pretrained=config.pretrained).to(device)
+    dataset.validate(full_decode=False)  # before the first write: the run reads every training sample
+    if dataset.skipped:
+        log.warning("train: %d bad sample(s) skipped (skip_bad), e.g. %s", len(dataset.skipped), dataset.skipped[0][1])
+
+    out.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(out, recursive=False)  # left by a killed run's atomic writes
+    checkpoints.clean()
+    write_text_atomic(saved_config, json.dumps(config.to_dict(), indent=2))
+    model = build_model(config.model, backbone=config.backbone, pretrained=config.pretrained, **_model_options(config)).to(device)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-    # PFENet's poly schedule (power 0.9) over the whole run.
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: (1 - min(s, config.steps - 1) / config.steps) ** 0.9)
+    if model.train_optimizer == "adam":  # HSNet: plain Adam at a constant rate
+        optimizer = torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+    else:
+        optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+        # PFENet's poly schedule (power 0.9) over the whole run.
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: (1 - min(s, config.steps - 1) / config.steps) ** 0.9)
 
     step, history = 0, []
-    if state_path.exists():
-        state = torch.load(state_path, map_location=device, weights_only=False)
-        model.load_state_dict(load_model(out).state_dict())
+    latest = checkpoints.latest()  # verified against its manifest; a corrupt newest one is rolled back
+    if latest is not None:
+        state = latest.load(STATE_NAME, map_location=device)
+        if int(state["step"]) != latest.step:
+            raise CheckpointError(f"{latest.file(STATE_NAME)} is at step {state['step']}, its checkpoint at "
+                                  f"step {latest.step}", latest.path)
+        model.load_state_dict(load_model(latest.path).state_dict())
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         step, history = int(state["step"]), list(state["history"])
+        _publish(latest, out, history)  # the top-level model may predate the newest checkpoint
     if step >= config.steps:
         return out
 
@@ -244,65 +329,71 @@ def train(config: TrainConfig, tracker: Any = None, progress: bool = True) -> Pa
             if tracker is not None:
                 tracker.log({"train/loss": history[-1]["loss"], "train/lr": history[-1]["lr"]}, step=step)
             if step % config.checkpoint_every == 0 or step == config.steps:
-                _save_checkpoint(out, model, optimizer, scheduler, step, history)
+                _save_checkpoint(checkpoints, out, model, optimizer, scheduler, step, history)
             if step >= config.steps:
                 break
     bar.close()
     return out
 
 
-def _save_checkpoint(out: Path, model: FewShotSegmenter, optimizer, scheduler, step: int, history: list[dict]) -> None:
-    # Model first, then the state that says which step it belongs to: a stop between the two
-    # leaves the previous state pointing at a model at most checkpoint_every steps newer,
-    # which the resume reloads consistently from the model file.
-    model.save_pretrained(out)
-    with atomic_path(out / "trainer_state.pt") as tmp:
-        torch.save(
-            {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step, "history": history},
-            tmp,
-        )
+def _save_checkpoint(checkpoints: CheckpointDir, out: Path, model: FewShotSegmenter, optimizer, scheduler,
+                     step: int, history: list[dict]) -> None:
+    # Model and state go into one step folder that is renamed into place: both or neither.
+    state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step, "history": history}
+    checkpoint = checkpoints.save(step, write=model.save_pretrained, objects={STATE_NAME: state})
+    _publish(checkpoint, out, history)
+
+
+def _publish(checkpoint: Checkpoint, out: Path, history: list[dict]) -> None:
+    """The checkpoint's model as ``out``'s ``config.json`` + ``model.safetensors`` (hard links), and
+    the loss history as ``history.csv``: what ``load_model(out)`` and readers of the run see."""
+    checkpoint.publish(MODEL_FILES, out)
     with atomic_path(out / "history.csv") as tmp:
-        pd.DataFrame(history).to_csv(tmp, index=False)
+        pd.DataFrame(history, columns=["step", "loss", "lr"]).to_csv(tmp, index=False)
 
 
 @torch.no_grad()
 def evaluate(model_or_checkpoint_dir: FewShotSegmenter | str | Path, config: EvalConfig, tracker: Any = None, progress: bool = True) -> EvalResult:
-    """Evaluate on fixed test episodes, once per seed; mIoU/FB-IoU are averaged over seeds."""
+    """Evaluate on fixed test episodes, once per seed of the protocol (``config.protocol_for``);
+    mIoU/FB-IoU are averaged over seeds. ``result.protocol`` records the protocol used."""
     device = resolve_device(config.device)
     if isinstance(model_or_checkpoint_dir, (str, Path)):
         model = load_model(model_or_checkpoint_dir)
     else:
         model = model_or_checkpoint_dir
     model = model.to(device).eval()
+    protocol = config.protocol_for(model.model_name)
     auxiliary = _auxiliary(config.auxiliary_table, config.condition, config.max_drift)
 
     per_seed, meters, examples = [], [], []
     class_names: dict[int, str] = {}
-    for seed in config.seeds:
+    for seed in protocol.seeds:
         dataset = load_dataset(
             config.dataset,
             root=config.root,
             fold=config.fold,
             split="test",
             shot=config.shot,
-            episodes=config.episodes,
+            episodes=protocol.episodes,
             seed=seed,
-            image_size=config.image_size,
+            image_size=protocol.size,
             aux_shot=config.aux_shot,
             auxiliary=auxiliary,
+            skip_bad=config.skip_bad,
+            resize=protocol.resize,
+            original_labels=protocol.score_at == "original",
+            query_sampling=protocol.query_order,
+            aux_pairing=config.aux_pairing,
         )
         class_names = dataset.class_names
         meter = FewShotMeter(dataset.class_ids)
-        loader = DataLoader(dataset, batch_size=config.batch_size, shuffle=False)
+        loader = DataLoader(dataset, batch_size=config.batch_size, shuffle=False, collate_fn=collate_episodes)
         for batch in tqdm(loader, desc=f"eval {config.dataset} fold {config.fold} seed {seed}", disable=not progress):
-            logits = model(
-                batch["query_image"].to(device),
-                batch["support_images"].to(device),
-                batch["support_masks"].to(device),
-            )
-            pred = logits.argmax(dim=1).cpu()
-            meter.update(pred, batch["query_mask"], batch["class_id"])
-            if len(examples) < config.num_examples and seed == config.seeds[0]:
+            pred, label = scored_prediction(model, batch, protocol, device)
+            meter.update(pred, label, batch["class_id"])
+            if len(examples) < config.num_examples and seed == protocol.seeds[0]:
+                if protocol.score_at != "input":  # the panels show the episode at the input size
+                    pred = scored_prediction(model, batch, dataclasses.replace(protocol, score_at="input"), device)[0]
                 examples.extend(_example_panels(batch, pred, config.num_examples - len(examples)))
         scores = meter.compute()
         per_seed.append({"seed": seed, "miou": scores["miou"], "fbiou": scores["fbiou"]})
@@ -315,6 +406,7 @@ def evaluate(model_or_checkpoint_dir: FewShotSegmenter | str | Path, config: Eva
         per_class=per_class,
         per_seed=per_seed,
         examples=examples,
+        protocol=protocol.to_dict(),
     )
     if tracker is not None:
         tracker.log({"eval/miou": result.miou, "eval/fbiou": result.fbiou})

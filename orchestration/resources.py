@@ -23,8 +23,8 @@ import dagster as dg
 from orchestration.partitions import CONDITIONS, DATASET_FOLDS
 
 KNOWN_DATASETS = tuple(DATASET_FOLDS)
-SEGMENTER_MODELS = ("pfenet", "prototype")
-SEGMENTER_BACKBONES = ("resnet50", "resnet18", "small")
+SEGMENTER_MODELS = ("pfenet", "prototype", "hsnet")
+SEGMENTER_BACKBONES = ("resnet50", "resnet101", "resnet18", "small")  # hsnet: resnet50 | resnet101
 DTYPES = ("float32", "float16", "bfloat16")
 # The tiny demo set is a marker, not a path: the resource builds it on first use.
 TINY_DIFFUSION = "tiny"

@@ -3,10 +3,21 @@
 from __future__ import annotations
 
 import pandas as pd
+import pytest
+import torch
 from PIL import Image
 
 from diffss.cli import main as cli_main
 from diffss.data import AuxiliarySupports, build_demo_dataset, load_dataset
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # Tiny models on a shared 2-core machine: a second OpenMP thread turns others' load into stalls.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def test_conditions_and_generation_from_the_command_line(tmp_path, capsys, monkeypatch):
@@ -33,7 +44,23 @@ def test_conditions_and_generation_from_the_command_line(tmp_path, capsys, monke
     assert cli_main(generate) == 0
     assert {p: p.stat().st_mtime_ns for p in paths} == before
 
-    # A wrong dataset name is reported as an error, not a traceback.
+    # Two shards (as two workers would run them) make the same files as the single run.
+    capsys.readouterr()
+    sharded = [*generate, "--output", "sharded"]
+    for shard in ("1/2", "0/2"):
+        assert cli_main([*sharded, "--shard", shard]) == 0
+        assert f"(shard {shard})" in capsys.readouterr().out
+    ours, theirs = tmp_path / "data/auxiliary/demo/seg", tmp_path / "sharded/demo/seg"
+    files = sorted(p.relative_to(ours) for p in ours.rglob("*.png"))
+    assert files == sorted(p.relative_to(theirs) for p in theirs.rglob("*.png"))
+    assert all((ours / f).read_bytes() == (theirs / f).read_bytes() for f in files)
+    assert len(pd.read_parquet(theirs / "auxiliary.parquet")) == len(table)
+
+    # A wrong dataset name, a bad shard or two configs are reported as errors, not tracebacks.
     capsys.readouterr()
     assert cli_main(["generate", "--dataset", "pascal6i", "--generation-config", "models/generation_config.json"]) == 2
     assert "pascal6i" in capsys.readouterr().err
+    assert cli_main([*generate, "--shard", "2/2"]) == 2
+    assert "shard 2/2" in capsys.readouterr().err
+    assert cli_main([*generate, "--preset", "paper"]) == 2
+    assert "--preset" in capsys.readouterr().err

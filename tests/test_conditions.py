@@ -27,6 +27,7 @@ from diffss.conditions import (  # noqa: E402
     scribble_from_hed,
     seg_condition,
 )
+from diffss.data import build_demo_dataset  # noqa: E402
 
 WALL = (120, 120, 120)  # ADE20k index 0, the background colour
 AIRPLANE = (0, 255, 82)  # ADE20k 90, PASCAL "aeroplane"
@@ -182,13 +183,14 @@ def test_build_conditions_writes_restricted_maps_and_resumes(tmp_path, random_he
 def test_bad_inputs_raise_clear_errors(tmp_path):
     s = make_sample(tmp_path, "a", 1, "aeroplane")
     s.mask = s.mask[:-3]
-    with pytest.raises(ValueError, match="mask shape"):
+    with pytest.raises(ValueError, match=r"size mismatch: image .*a\.png is 80x60 but its mask"):
         build_conditions([s], "seg", tmp_path / "c", resolution=32, progress=False)
     with pytest.raises(ValueError, match="unknown condition kind 'canny'"):
         build_conditions([s], "canny", tmp_path / "c", progress=False)
 
 
 def test_run_conditions_on_demo_dataset(tmp_path):
+    build_demo_dataset(tmp_path / "demo", num_classes=4, per_class=2)
     kwargs = dict(name="demo", root=tmp_path / "demo", fold=0, split="test", num_classes=4, per_class=2)
     table = run_conditions(kwargs, "seg", tmp_path / "cond", resolution=32, progress=False)
     assert len(table) == 2 and set(table.kind) == {"seg"}

@@ -1,6 +1,7 @@
 """ONNX export: checker, opset, Triton layout, parity with PyTorch, dynamic batch/shots/size.
 
-Both real models (prototype, PFENet; small backbone, random init) are exported once per module.
+The real models (prototype and PFENet on the small backbone, BAM as DifFSS-BAM uses it: K = 5,
+HSNet on ResNet-50; random init) are exported once per module.
 """
 
 from __future__ import annotations
@@ -26,13 +27,19 @@ from diffss.export.optimize import reduce_max_over_last_axis
 from diffss.models import build_model
 
 ROLES = ("segmenter", "support_encoder", "query_decoder")
-SAMPLE = 64  # PFENet needs >= 64 px (feature stride 8, coarsest pyramid scale 1/8)
+SAMPLE = 64  # PFENet needs >= 64 px (feature stride 8, coarsest bin 1/8 of the features)
+BAM_SHOTS = 5  # DifFSS-BAM: 1 real + 4 auxiliary supports through the K-shot reweighting
+BACKBONE = {"prototype": "small", "pfenet": "small", "bam": "small", "hsnet": "resnet50"}  # HSNet: torchvision ResNets only
 
 
-@pytest.fixture(scope="module", params=["prototype", "pfenet"])
+def build_small(name: str):
+    return build_model(name, backbone=BACKBONE[name], **({"shot": BAM_SHOTS} if name == "bam" else {}))
+
+
+@pytest.fixture(scope="module", params=["prototype", "pfenet", "bam", "hsnet"])
 def exported(request, tmp_path_factory):
     torch.manual_seed(0)
-    model = build_model(request.param, backbone="small").eval()
+    model = build_small(request.param).eval()
     repo = tmp_path_factory.mktemp(f"repo_{request.param}")
     if request.param == "prototype":  # from a checkpoint folder, as the pipeline does
         source = model.save_pretrained(tmp_path_factory.mktemp("ckpt") / "prototype")
@@ -71,18 +78,17 @@ def test_checker_opset_and_dynamic_axes(exported):
         assert {o.domain: o.version for o in proto.opset_import}[""] == 17
         meta = {p.key: p.value for p in proto.metadata_props}
         assert meta["diffss.role"] == role and meta["diffss.family"] == "diffss"
-        assert meta["diffss.image_size"] == "64"
+        assert meta["diffss.image_size"] == meta["diffss.max_input_side"] == "64"
         dims = {v.name: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim] for v in proto.graph.input}
         if "query" in dims:
             assert dims["query"] == ["batch", 3, "height", "width"]
+        shots = BAM_SHOTS if exported[0] == "bam" else "shots"  # BAM's K is fixed by its weights
         if "support_images" in dims:
-            assert dims["support_images"] == ["batch", "shots", 3, "support_height", "support_width"]
-            assert dims["support_masks"] == ["batch", "shots", "support_height", "support_width"]
+            assert dims["support_images"] == ["batch", shots, 3, "support_height", "support_width"]
+            assert dims["support_masks"] == ["batch", shots, "support_height", "support_width"]
         assert result["models"][role]["trace_warnings"] == []
-    # PFENet's prior (max over support pixels of a MatMul) is rewritten to reduce the last axis
-    name = exported[0]
-    expected = {"segmenter": 1, "support_encoder": 0, "query_decoder": 1} if name == "pfenet" else dict.fromkeys(ROLES, 0)
-    assert {role: result["models"][role]["rewrites"] for role in ROLES} == expected
+    # the prior's max over support pixels already reduces the last axis: nothing to rewrite
+    assert {role: result["models"][role]["rewrites"] for role in ROLES} == dict.fromkeys(ROLES, 0)
 
 
 def test_parity_recorded_and_within_thresholds(exported):
@@ -94,13 +100,14 @@ def test_parity_recorded_and_within_thresholds(exported):
     assert parity["argmax_agreement"] >= MIN_ARGMAX_AGREEMENT == 0.999
     shapes = {(c["batch"], c["shots"], c["height"], c["width"]) for c in parity["cases"]}
     assert len(shapes) == 3 and all(s[2:] != (SAMPLE, SAMPLE) for s in shapes)
-    assert {c["shots"] for c in parity["cases"]} == {1, 3, 5}
+    assert {c["shots"] for c in parity["cases"]} == ({BAM_SHOTS} if exported[0] == "bam" else {1, 3, 5})
 
 
 @pytest.mark.parametrize("batch,shots,height,width", [(3, 1, 72, 64), (2, 6, 64, 80)])
 def test_dynamic_batch_shots_and_size_match_torch(exported, batch, shots, height, width):
     """K-shot fusion in the graph stays correct for K never seen at export (dynamic K axis)."""
     _, model, _, result = exported
+    shots = model.shot_count or shots
     query, support_images, support_masks = sample_episode(batch, shots, height, width, seed=7)
     with torch.no_grad():
         reference = model(query, support_images, support_masks).numpy()
@@ -120,8 +127,8 @@ def test_parity_detects_a_diverging_model(exported):
     """The parity check has teeth: weights changed after export make it fail."""
     name, _, repo, _ = exported
     torch.manual_seed(123)
-    other = build_model(name, backbone="small").eval()
-    parity = measure_parity(other, repo, cases=[(1, 2, SAMPLE, SAMPLE)])
+    other = build_small(name).eval()
+    parity = measure_parity(other, repo, cases=[(1, other.shot_count or 2, SAMPLE, SAMPLE)])
     assert parity["passed"] is False
     assert parity["max_abs_logit_diff"] > MAX_ABS_LOGIT_DIFF
 
@@ -247,20 +254,23 @@ def test_set_valued_support_features_compact_exactly(exported):
     """The decoder metadata names the model's set-valued inputs, and compacting them (as the
     server does on registration) leaves the decoder's logits unchanged, for any mix of
     foreground fractions, including an all-foreground shot (nothing to drop) and empty ones."""
-    from deploy.set_features import SET_VALUED_METADATA, compact_set_valued
+    from deploy.contract import SET_VALUED_KEY
+    from deploy.set_features import compact_set_valued
 
     name, model, _, result = exported
     decoder = _session(result["models"]["query_decoder"]["onnx"])
     meta = decoder.get_modelmeta().custom_metadata_map
-    declared = json.loads(meta.get(SET_VALUED_METADATA, "{}"))
-    assert declared == model.set_valued_support_features == ({"support_high": 2} if name == "pfenet" else {})
+    declared = json.loads(meta.get(SET_VALUED_KEY, "{}"))
+    assert declared == model.set_valued_support_features == ({} if name in ("prototype", "hsnet") else {"support_high": 2})
     encoder = _session(result["models"]["support_encoder"]["onnx"])
     names = [o.name for o in encoder.get_outputs()]
     query, support_images, _ = sample_episode(1, 5, 72, 80, seed=3)
     masks = _varied_masks(SAMPLE)
     images = torch.rand(1, 5, 3, SAMPLE, SAMPLE, generator=torch.Generator().manual_seed(4))
     # shot sets: all five (the all-foreground one leaves nothing to drop) and the last four
-    for shots, shrinks in ((slice(0, 5), False), (slice(1, 5), True)):
+    # (BAM takes exactly five: the last four and the second again)
+    partial = [1, 2, 3, 4, 1] if model.shot_count == 5 else [1, 2, 3, 4]
+    for shots, shrinks in (([0, 1, 2, 3, 4], False), (partial, True)):
         feeds = {"support_images": images[:, shots].numpy(), "support_masks": masks[:, shots].numpy()}
         features = dict(zip(names, encoder.run(names, feeds)))
         compacted = {n: compact_set_valued(f, declared[n]) if n in declared else f for n, f in features.items()}
@@ -315,3 +325,30 @@ def test_bad_set_valued_declarations_are_named():
         model.set_valued_support_features = bad
         with pytest.raises(ValueError, match=words):
             set_valued_features(model, specs, features)
+
+
+def test_contract_datatypes_match_onnx_numpy_and_onnxruntime(tmp_path):
+    """deploy.contract's one datatype table (used by the exporter's Triton configs and by the
+    server) spells every type as ONNX, numpy and onnxruntime themselves do."""
+    from onnx import TensorProto, helper
+
+    from deploy.contract import DATATYPES
+
+    for datatype in DATATYPES:
+        assert TensorProto.DataType.Name(datatype.onnx).lower() == datatype.onnx_name
+        assert helper.tensor_dtype_to_np_dtype(datatype.onnx) == np.dtype(datatype.numpy)
+        value = helper.make_tensor_value_info("x", datatype.onnx, [2])
+        out = helper.make_tensor_value_info("y", datatype.onnx, [2])
+        graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "identity", [value], [out])
+        path = tmp_path / f"{datatype.v2}.onnx"
+        onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), str(path))
+        assert _session(path).get_inputs()[0].type == datatype.ort, datatype
+def test_parity_threshold_scales_with_the_logits():
+    """Float32 noise grows with magnitude: 2e-4 off logits of ~40 is within tolerance, 2e-4 off
+    logits of ~0.5 is not (absolute 1e-4 below 1)."""
+    from diffss.export.parity import _compare
+
+    large = np.linspace(-40, 40, 50, dtype=np.float32).reshape(1, 2, 5, 5)
+    assert _compare(large, large + 2e-4)["max_scaled_logit_diff"] == pytest.approx(5e-6, rel=1e-2)
+    small = large / 80
+    assert _compare(small, small + 2e-4)["max_scaled_logit_diff"] == pytest.approx(2e-4, rel=1e-2)

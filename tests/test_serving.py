@@ -1,7 +1,7 @@
 """diffss-serve in a subprocess on loopback, driven by tritonclient and plain HTTP.
 
-One repository holds both real models (prototype as family "proto", PFENet as "pfenet"; small
-backbone, random init), exported with the public export API.
+One repository holds the real models (prototype as family "proto" and PFENet as "pfenet" on the
+small backbone, HSNet as "hsnet" on ResNet-50; random init), exported with the public export API.
 """
 
 from __future__ import annotations
@@ -30,23 +30,26 @@ from diffss.models import build_model
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZE = 64  # working size of the people's routes (image_size recorded at export)
+MAX_SIDE = 2 * SIZE  # largest v2 image side (max_input_side recorded at export)
 MAX_BODY = 4_000_000
 TOKEN = "s3cret-token"
+FAMILIES = ("proto", "pfenet", "hsnet")
 
 
 # -- fixtures ---------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory):
     repo = tmp_path_factory.mktemp("model_repository")
-    for family, arch in (("proto", "prototype"), ("pfenet", "pfenet")):
+    for family, arch, backbone in (("proto", "prototype", "small"), ("pfenet", "pfenet", "small"), ("hsnet", "hsnet", "resnet50")):
         torch.manual_seed(0)
-        model = build_model(arch, backbone="small").eval()
+        model = build_model(arch, backbone=backbone).eval()
         result = export_model_repository(
-            model, repo, name=family, sample_size=SIZE, image_size=SIZE, parity_cases=[(1, 2, SIZE, SIZE)]
+            model, repo, name=family, sample_size=SIZE, image_size=SIZE, max_input_side=MAX_SIDE,
+            parity_cases=[(1, 2, SIZE, SIZE)],
         )
         assert result["parity"]["passed"]
     # one parity record per exported model in the shared repository
-    assert set(json.loads((repo / "parity.json").read_text())) == {"proto", "pfenet"}
+    assert set(json.loads((repo / "parity.json").read_text())) == set(FAMILIES)
     return repo
 
 
@@ -158,7 +161,7 @@ def assert_client_error(status: int, body: bytes, expected_status: int, *words: 
 # -- protocol ---------------------------------------------------------------------------------
 def test_health_and_metadata(client):
     assert client.is_server_live() and client.is_server_ready()
-    for family in ("proto", "pfenet"):
+    for family in FAMILIES:
         for role in ("segmenter", "support_encoder", "query_decoder"):
             assert client.is_model_ready(f"{family}_{role}")
     assert not client.is_model_ready("no_such_model")
@@ -173,11 +176,11 @@ def test_health_and_metadata(client):
     assert client.get_model_metadata("proto_segmenter", model_version="1")["name"] == "proto_segmenter"
     assert "binary_tensor_data" in client.get_server_metadata()["extensions"]
     index = client.get_model_repository_index()
-    assert len(index) == 6 and all(entry["state"] == "READY" for entry in index)
+    assert len(index) == 9 and all(entry["state"] == "READY" for entry in index)
 
 
 @pytest.mark.parametrize("binary", [False, True], ids=["json", "binary"])
-@pytest.mark.parametrize("family", ["proto", "pfenet"])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_infer_matches_onnxruntime(client, repo, family, binary):
     query, support_images, support_masks = episode(batch=2, shots=3, h=SIZE, w=SIZE + 16, seed=1)
     feeds = {"query": query, "support_images": support_images, "support_masks": support_masks}
@@ -296,12 +299,33 @@ def test_pfenet_registered_supports_are_compacted_and_answer_like_the_full_route
         assert (cached == full).mean() >= 0.999
 
 
+def test_hsnet_registered_supports_answer_like_the_full_route(server, client):
+    """HSNet's cache is its masked support taps: a registered 3-shot set (the vote) is not
+    encoded again per query and answers like the full episode graph."""
+    query_png = png(picture(56, 60, 4))
+    shots = _support_files(3)
+    body, headers = multipart([("query", query_png), *shots], {"model": "hsnet"})
+    status, _, full_bytes = request(server, "POST", "/diffss/segment", body, headers)
+    assert status == 200, full_bytes
+    body, headers = multipart(shots, {"model": "hsnet"})
+    status, _, raw = request(server, "POST", "/diffss/supports", body, headers)
+    assert status == 201, raw
+    support_id = json.loads(raw)["support_id"]
+    encodes = _stats(client, "hsnet_support_encoder")
+    body, headers = multipart([("query", query_png)])
+    status, _, cached_bytes = request(server, "POST", f"/diffss/supports/{support_id}/segment", body, headers)
+    assert status == 200 and _stats(client, "hsnet_support_encoder") == encodes
+    full = np.asarray(Image.open(io.BytesIO(full_bytes)))
+    cached = np.asarray(Image.open(io.BytesIO(cached_bytes)))
+    assert cached.shape == full.shape == (56, 60) and (cached == full).mean() >= 0.999
+
+
 def test_people_route_needs_model_choice_when_several(server):
     body, headers = multipart([("query", png(picture(32, 32, 2))), *_support_files(1)])
     status, _, raw = request(server, "POST", "/diffss/segment", body, headers)
-    assert_client_error(status, raw, 400, "proto", "pfenet")
+    assert_client_error(status, raw, 400, *FAMILIES)
     status, _, raw = request(server, "GET", "/diffss/models")
-    assert status == 200 and {m["name"] for m in json.loads(raw)["models"]} == {"proto", "pfenet"}
+    assert status == 200 and {m["name"] for m in json.loads(raw)["models"]} == set(FAMILIES)
 
 
 # -- bad input: 4xx + JSON error, server keeps serving ----------------------------------------
@@ -456,6 +480,10 @@ def test_bearer_token_guards_all_but_health(repo, tmp_path):
         query, support_images, support_masks = episode()
         feeds = {"query": query, "support_images": support_images, "support_masks": support_masks}
         assert client.infer("proto_segmenter", triton_inputs(feeds, True), headers=auth).as_numpy("logits").shape == (1, 2, SIZE, SIZE)
+        status, _, raw = request(srv, "GET", "/openapi.json")
+        assert_client_error(status, raw, 401, "token")
+        status, _, raw = request(srv, "GET", "/openapi.json", headers=auth)
+        assert status == 200 and "/v2/models/{model_name}/infer" in json.loads(raw)["paths"]
     finally:
         srv.stop()
 
@@ -486,9 +514,325 @@ def test_cli_refuses_a_missing_repository(tmp_path):
     assert result.returncode == 2 and "missing" in result.stderr
 
 
-def test_deploy_does_not_import_torch():
+def test_deploy_does_not_import_torch(tmp_path):
+    """deploy/ alone, as deploy/Dockerfile ships it, imports without torch and without diffss
+    (the contract it shares with diffss.export lives in deploy/contract.py)."""
+    import shutil
+
+    shutil.copytree(ROOT / "deploy", tmp_path / "deploy", ignore=shutil.ignore_patterns("__pycache__", "dagster"))
     code = (
-        "import sys, deploy.server, deploy.app, deploy.runtime, deploy.v2, deploy.images, deploy.support_cache; "
-        "deploy.server.build_parser(); assert 'torch' not in sys.modules, 'torch imported'"
+        f"import sys; sys.path.insert(0, {str(tmp_path)!r}); "
+        "import deploy.server, deploy.app, deploy.runtime, deploy.v2, deploy.images, deploy.support_cache, deploy.contract; "
+        "deploy.server.build_parser(); "
+        "assert 'torch' not in sys.modules, 'torch imported'; "
+        "assert not [m for m in sys.modules if m.split('.')[0] == 'diffss'], 'diffss imported'; "
+        f"assert deploy.__file__.startswith({str(tmp_path)!r}), deploy.__file__"
     )
-    subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, timeout=60, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    subprocess.run([sys.executable, "-c", code], cwd=tmp_path, check=True, timeout=60, env=env)
+
+
+# -- bounded work: size limits, decoding pool, health under load (issue 12, section 5) -------
+LIMITED_SIDE = 1024  # the limited server's --max-image-side; --max-request-pixels fits one 1-shot episode of it
+LIMITED_TENSOR_SIDE = 96
+LIMITED_SHOTS = 2
+
+
+@pytest.fixture(scope="module")
+def limited(repo, tmp_path_factory):
+    srv = start_server(
+        repo, tmp_path_factory.mktemp("logs") / "limited.log",
+        "--max-image-side", str(LIMITED_SIDE), "--max-request-pixels", str(3 * LIMITED_SIDE**2),
+        "--max-shots", str(LIMITED_SHOTS), "--max-tensor-side", str(LIMITED_TENSOR_SIDE),
+    )
+    yield srv
+    log = srv.stop()
+    assert "Traceback" not in log and " 500 " not in log, log
+
+
+def blank_png(width: int, height: int) -> bytes:
+    """A black 8-bit grey PNG: kilobytes on the wire for any number of pixels (a decompression
+    bomb when large). Written with zlib directly: PIL's encoder takes seconds on a 1-pixel-wide one."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    rows = bytes(height * (width + 1))  # per row: filter type 0, then zero pixels
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows, 9)) + chunk(b"IEND", b"")
+
+
+@pytest.fixture(scope="module")
+def bombs() -> dict[str, bytes]:
+    """The issue's files: one 38 KB PNG of 6300x6300 and one PNG of 1x40,000,000."""
+    return {"square": blank_png(6300, 6300), "line": blank_png(1, 40_000_000)}
+
+
+def proc_mib(pid: int, key: str) -> float:
+    """VmRSS / VmHWM (peak) of a process, in MiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) / 1024
+    raise KeyError(key)
+
+
+def reset_peak_rss(pid: int) -> None:
+    Path(f"/proc/{pid}/clear_refs").write_text("5")  # VmHWM := VmRSS
+
+
+def test_oversized_images_are_refused_from_their_headers(server, bombs):
+    """Images over the per-image side or the per-request pixels get a 413 naming the limit,
+    before any pixel is decoded: the server's peak memory does not move."""
+    assert len(bombs["square"]) < 40_000
+    pid = server.proc.pid
+    reset_peak_rss(pid)
+    rss = proc_mib(pid, "VmRSS")
+    small_pair = _support_files(1, 48, 40)
+    big = blank_png(4096, 4096)  # the largest side allowed; five of them are too many pixels together
+    cases = [
+        ("6300x6300 query", [("query", bombs["square"]), *small_pair], ("query: 6300x6300", "4096 pixels per side")),
+        ("1x40000000 support", [("query", png(picture(40, 40, 1))), ("support_image", bombs["line"]),
+                                ("support_mask", bombs["line"])], ("support_image[0]: 1x40000000", "4096")),
+        ("pixels per request", [("query", big), ("support_image", big), ("support_mask", big), ("support_image", big),
+                                ("support_mask", big)], ("83886080 pixels", "limit of 67108864 pixels per request")),
+    ]
+    for label, files, words in cases:
+        body, headers = multipart(files, {"model": "proto"})
+        status, _, raw = request(server, "POST", "/diffss/segment", body, headers)
+        assert_client_error(status, raw, 413, *words)
+    assert proc_mib(pid, "VmHWM") - rss < 64, "images were decoded"
+    assert server.alive()
+
+
+def test_image_decoding_runs_in_a_bounded_pool(repo, monkeypatch):
+    """In-process: six concurrent episodes, but never more than --image-workers (default 2)
+    images decode at once; the others wait undecoded, and the health probe does not wait."""
+    import asyncio
+    import time
+
+    import httpx
+
+    from deploy import images
+    from deploy.app import create_app
+    from deploy.runtime import load_repository
+
+    app = create_app(load_repository(repo, device="cpu"))
+    decode, lock, release = images.image_tensor, threading.Lock(), threading.Event()
+    running, peak = 0, 0
+
+    def tracked(*args):
+        nonlocal running, peak
+        with lock:
+            running += 1
+            peak = max(peak, running)
+        try:
+            release.wait(timeout=60)
+            return decode(*args)
+        finally:
+            with lock:
+                running -= 1
+
+    monkeypatch.setattr(images, "image_tensor", tracked)
+    body, headers = multipart([("query", png(picture(40, 40, 1))), *_support_files(1)], {"model": "proto"})
+
+    async def scenario():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://diffss") as http:
+            posts = [asyncio.create_task(http.post("/diffss/segment", content=body, headers=headers)) for _ in range(6)]
+            for _ in range(500):  # until the pool is busy, then a little longer for any excess to show
+                if peak >= 2:
+                    break
+                await asyncio.sleep(0.01)
+            await asyncio.sleep(0.3)
+            start = time.perf_counter()
+            health = await http.get("/v2/health/live")
+            health_s = time.perf_counter() - start
+            release.set()
+            return health, health_s, await asyncio.gather(*posts)
+
+    health, health_s, responses = asyncio.run(scenario())
+    assert [r.status_code for r in responses] == [200] * 6
+    assert peak == 2, f"{peak} images decoded at once"
+    assert health.status_code == 200 and health_s < 1.0
+
+
+def test_health_answers_under_image_load(limited, bombs):
+    """Six clients send the largest images the limits allow while the issue's three bombs
+    arrive: the bombs get 413 at once, every episode is answered, the liveness probe keeps
+    answering (the benchmark holds it to p99 < 100 ms) and the peak memory stays bounded."""
+    pid = limited.proc.pid
+    reset_peak_rss(pid)
+    side = LIMITED_SIDE
+    ramp = np.linspace(0, 255, side).astype(np.uint8)
+    image = np.stack([np.add.outer(ramp // 2, ramp // 2)] * 3, -1)
+    episode_body = multipart([("query", png(image)), ("support_image", png(image[::-1])),
+                              ("support_mask", png(blob_mask(side, side)))], {"model": "pfenet"})
+    bomb_bodies = [multipart([("query", bombs[kind]), *_support_files(1)], {"model": "pfenet"})
+                   for kind in ("square", "line", "line")]
+    statuses: list[int] = []
+    latencies: list[float] = []
+    done = threading.Event()
+
+    def send(body_headers, times):
+        for _ in range(times):
+            statuses.append(request(limited, "POST", "/diffss/segment", *body_headers)[0])
+
+    def probe():
+        import time
+
+        while not done.is_set():
+            start = time.perf_counter()
+            assert request(limited, "GET", "/v2/health/live")[0] == 200
+            latencies.append(time.perf_counter() - start)
+            time.sleep(0.01)
+
+    prober = threading.Thread(target=probe)
+    prober.start()
+    senders = [threading.Thread(target=send, args=(episode_body, 2)) for _ in range(6)]
+    senders += [threading.Thread(target=send, args=(b, 1)) for b in bomb_bodies]
+    for t in senders:
+        t.start()
+    for t in senders:
+        t.join(timeout=300)
+    done.set()
+    prober.join()
+    assert sorted(statuses) == [200] * 12 + [413] * 3
+    assert np.percentile(latencies, 99) < 0.25 and max(latencies) < 2.0, sorted(latencies)[-5:]
+    assert proc_mib(pid, "VmHWM") < 1024
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread nice values are Linux's")
+def test_model_runs_and_image_work_run_below_the_event_loop(repo):
+    """The priority the health probes rely on: onnxruntime's compute threads of a server-loaded
+    model and the threads of its pools run 10 nice levels below the thread that loaded them."""
+    from deploy.runtime import background_threads, load_model
+
+    def thread_nices() -> dict[str, int]:
+        nices = {}
+        for stat in Path("/proc/self/task").glob("*/stat"):
+            nices[stat.parent.name] = int(stat.read_text().rsplit(")", 1)[1].split()[16])
+        return nices
+
+    expected = min(19, os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) + 10)
+    before = thread_nices()
+    model = load_model(repo / "proto_segmenter", ["CPUExecutionProvider"], intra_op_threads=3, low_priority=True)
+    started = {tid: nice for tid, nice in thread_nices().items() if tid not in before}
+    assert started and set(started.values()) == {expected}, started
+    with background_threads(1, "test") as pool:
+        assert pool.submit(os.getpriority, os.PRIO_PROCESS, 0).result() == expected
+    assert model.run(dict(zip(("query", "support_images", "support_masks"), episode(h=32, w=32))))[0].shape == (1, 2, 32, 32)
+
+
+def test_shot_limit_on_both_protocols(limited, client):
+    """--max-shots bounds v2 tensors too, and the people's routes say so in their own terms."""
+    query, support_images, support_masks = episode(shots=LIMITED_SHOTS + 1, h=32, w=32)
+    feeds = {"query": query, "support_images": support_images, "support_masks": support_masks}
+    with pytest.raises(InferenceServerException) as info:
+        triton.InferenceServerClient(limited.url).infer("proto_segmenter", triton_inputs(feeds, True))
+    assert info.value.status() == "400" and f"at most {LIMITED_SHOTS} shots" in info.value.message()
+    body, headers = multipart([("query", png(picture(40, 40, 1))), *_support_files(LIMITED_SHOTS + 1)], {"model": "proto"})
+    status, _, raw = request(limited, "POST", "/diffss/segment", body, headers)
+    assert_client_error(status, raw, 400, f"at most {LIMITED_SHOTS} shots")
+    assert "Too many files" not in json.loads(raw)["error"]
+    # within the limit: answered
+    query, support_images, support_masks = episode(shots=LIMITED_SHOTS, h=32, w=32)
+    feeds = {"query": query, "support_images": support_images, "support_masks": support_masks}
+    assert triton.InferenceServerClient(limited.url).infer("proto_segmenter", triton_inputs(feeds, True)).as_numpy("logits").shape == (1, 2, 32, 32)
+
+
+def test_v2_image_side_is_bounded_by_the_model(client, limited):
+    """A v2 image tensor larger than the model's recorded diffss.max_input_side (or the
+    server's --max-tensor-side) gets a 413 naming the limit: the model's memory grows with it."""
+    query, support_images, support_masks = episode(h=SIZE, w=MAX_SIDE + 1)
+    feeds = {"query": query, "support_images": support_images, "support_masks": support_masks}
+    with pytest.raises(InferenceServerException) as info:
+        client.infer("pfenet_segmenter", triton_inputs(feeds, True))
+    assert info.value.status() == "413" and f"width {MAX_SIDE + 1}" in info.value.message()
+    assert f"at most {MAX_SIDE}" in info.value.message()
+    query, support_images, support_masks = episode(h=LIMITED_TENSOR_SIDE + 4, w=SIZE)
+    feeds = {"query": query, "support_images": support_images, "support_masks": support_masks}
+    with pytest.raises(InferenceServerException) as info:
+        triton.InferenceServerClient(limited.url).infer("proto_segmenter", triton_inputs(feeds, True))
+    assert info.value.status() == "413" and f"at most {LIMITED_TENSOR_SIDE}" in info.value.message()
+
+
+def test_v2_refuses_non_finite_inputs(server, client):
+    """NaN/Inf inputs get a 400 naming the input (they used to come back as bare NaN tokens)."""
+    query, support_images, support_masks = episode()
+    query[0, 0, 0, 0] = np.nan
+    body = json.dumps({"inputs": [
+        {"name": "query", "datatype": "FP32", "shape": list(query.shape), "data": query.ravel().tolist()},
+        {"name": "support_images", "datatype": "FP32", "shape": list(support_images.shape), "data": support_images.ravel().tolist()},
+        {"name": "support_masks", "datatype": "INT64", "shape": list(support_masks.shape), "data": support_masks.ravel().tolist()},
+    ]}).encode()
+    assert b"NaN" in body
+    status, _, raw = request(server, "POST", "/v2/models/proto_segmenter/infer", body, {"Content-Type": "application/json"})
+    assert_client_error(status, raw, 400, "'query'", "NaN")
+    query[0, 0, 0, 0] = 0.5
+    support_images[0, 1, 2, 3, 4] = -np.inf
+    feeds = {"query": query, "support_images": support_images, "support_masks": support_masks}
+    with pytest.raises(InferenceServerException) as info:
+        client.infer("proto_segmenter", triton_inputs(feeds, True))
+    assert info.value.status() == "400" and "'support_images'" in info.value.message()
+
+
+def test_json_outputs_are_strict_json():
+    """An output holding NaN cannot be sent as JSON: refused with a hint, fine as binary."""
+    from types import SimpleNamespace
+
+    from deploy.errors import ApiError
+    from deploy.v2 import InferRequest, encode_infer_response
+
+    model = SimpleNamespace(name="m", version="1")
+    logits = np.array([[0.5, np.nan]], np.float32)
+    with pytest.raises(ApiError) as info:
+        encode_infer_response(model, InferRequest(None, {}, [("logits", False)]), [logits])
+    assert info.value.status == 422 and "binary" in info.value.message
+    body, headers = encode_infer_response(model, InferRequest(None, {}, [("logits", True)]), [logits])
+    assert np.isnan(np.frombuffer(body[int(headers["Inference-Header-Content-Length"]):], np.float32)[1])
+
+
+def test_openapi_schema(server):
+    """/openapi.json (FastAPI's default) describes every route, request bodies included."""
+    status, _, raw = request(server, "GET", "/openapi.json")
+    assert status == 200
+    paths = json.loads(raw)["paths"]
+    assert {"/v2/health/live", "/v2/models/{model_name}/infer", "/diffss/segment", "/diffss/supports"} <= set(paths)
+    infer_body = paths["/v2/models/{model_name}/infer"]["post"]["requestBody"]["content"]
+    assert infer_body["application/json"]["schema"]["required"] == ["inputs"]
+    segment_form = paths["/diffss/segment"]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]
+    assert {"query", "support_image", "support_mask", "model"} == set(segment_form["properties"])
+
+
+def test_bam_is_served_and_refuses_another_shot_count(tmp_path):
+    """BAM's graphs carry its fixed K (here 2, to stay small; DifFSS-BAM uses 5): a request with
+    that many supports is answered like the local graph, another K is a client error."""
+    torch.manual_seed(0)
+    repo = tmp_path / "repo"
+    model = build_model("bam", backbone="small", shot=2).eval()
+    result = export_model_repository(model, repo, name="bam", sample_size=SIZE, image_size=SIZE, parity_cases=[(1, 2, SIZE, SIZE)])
+    assert result["parity"]["passed"]
+    srv = start_server(repo, tmp_path / "server.log")
+    try:
+        client = triton.InferenceServerClient(srv.url)
+        assert client.get_model_metadata("bam_segmenter")["inputs"][1]["shape"] == [-1, 2, 3, -1, -1]
+        query, support_images, support_masks = episode(shots=2)
+        feeds = {"query": query, "support_images": support_images, "support_masks": support_masks}
+        served = client.infer("bam_segmenter", triton_inputs(feeds, True)).as_numpy("logits")
+        np.testing.assert_allclose(served, local_logits(repo, "bam_segmenter", feeds), atol=1e-6)
+        with torch.no_grad():
+            expected = model(*(torch.from_numpy(a) for a in (query, support_images, support_masks))).numpy()
+        assert np.abs(served - expected).max() <= 1e-4
+        _, three_images, three_masks = episode(shots=3)
+        with pytest.raises(InferenceServerException, match="axis 1 must be 2"):
+            client.infer("bam_segmenter", triton_inputs({"query": query, "support_images": three_images, "support_masks": three_masks}, True))
+        body, headers = multipart([("query", png(picture(50, 70, 1))), *_support_files(2)], {"model": "bam"})
+        status, _, mask_bytes = request(srv, "POST", "/diffss/segment", body, headers)
+        assert status == 200 and np.asarray(Image.open(io.BytesIO(mask_bytes))).shape == (50, 70)
+        body, headers = multipart([("query", png(picture(50, 70, 1))), *_support_files(3)], {"model": "bam"})
+        status, _, raw = request(srv, "POST", "/diffss/segment", body, headers)
+        assert_client_error(status, raw, 400, "bam_segmenter")
+    finally:
+        log = srv.stop()
+    assert "Traceback" not in log and " 500 " not in log, log

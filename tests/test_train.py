@@ -115,3 +115,23 @@ def test_cli_train_and_evaluate(demo_root, tmp_path, capsys):
     assert cli_main(["train", "--true-shot", "0", "--output-dir", str(tmp_path / "bad")]) == 2
     assert "true_shot" in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()
+
+
+def test_hsnet_trains_its_learner_with_adam(demo_root, tmp_path):
+    """HSNet through the episodic loop: Adam at a constant rate on ``hpn_learner`` only, the
+    frozen backbone's BatchNorm never updated; 2 shots exercise the per-shot loss."""
+    config = _config(demo_root, tmp_path / "hsnet", model="hsnet", backbone="resnet50", true_shot=2, steps=3,
+                     batch_size=2, checkpoint_every=3, weight_decay=0.0)
+    out = train(config, progress=False)
+    history = pd.read_csv(out / "history.csv")
+    assert len(history) == 3 and np.isfinite(history["loss"]).all() and (history["lr"] == config.lr).all()
+    from diffss.checkpoint import CheckpointDir
+    from diffss.train import CHECKPOINTS, STATE_NAME
+
+    state = CheckpointDir(out / CHECKPOINTS).latest().load(STATE_NAME, weights_only=False)
+    assert not state["optimizer"]["param_groups"][0].get("decoupled_weight_decay", False)  # Adam, not AdamW
+    model = load_model(out)
+    assert model.model_name == "hsnet"
+    trainable = sum(len(g["params"]) for g in state["optimizer"]["param_groups"])
+    assert trainable == len(list(model.hpn_learner.parameters()))
+    assert all(int(b) == 0 for k, b in model.backbone.state_dict().items() if k.endswith("num_batches_tracked"))

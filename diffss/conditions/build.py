@@ -23,6 +23,7 @@ from diffss.conditions.files import is_valid_image, remove_stale_temporaries, sa
 from diffss.conditions.hed import HedConditioner, restrict_to_mask, scribble_from_hed
 from diffss.conditions.seg import seg_condition
 from diffss.conditions.tables import ClassToAde
+from diffss.data.samples import check_same_size
 
 CONDITION_KINDS = ("seg", "hed", "scribble")
 TABLE_NAME = "conditions.parquet"
@@ -64,11 +65,8 @@ def unique_samples(samples: Iterable) -> list:
 def load_square(sample, resolution: int) -> tuple[Image.Image, np.ndarray, tuple[int, int]]:
     """Support image (bicubic) and mask (nearest) resized to ``resolution`` squared, and the
     original (width, height)."""
-    image = sample.load_image().convert("RGB")
-    mask = np.asarray(sample.load_mask())
-    if mask.shape != (image.height, image.width):
-        raise ValueError(f"sample {sample.name!r} ({sample.image_path}): mask shape {mask.shape} "
-                         f"differs from image size {(image.height, image.width)}")
+    image, mask = sample.load_image().convert("RGB"), np.asarray(sample.load_mask())
+    check_same_size(sample, image.size, mask)  # names the image and the mask file
     size = (resolution, resolution)
     square_mask = np.asarray(Image.fromarray(mask.astype(np.uint8)).resize(size, Image.NEAREST))
     return image.resize(size, Image.BICUBIC), square_mask, image.size

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from diffss.atomic import atomic_path
+from diffss.atomic import atomic_path, remove_stale_temporaries  # noqa: F401 - re-exported
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
 
@@ -58,21 +58,3 @@ def is_valid_image(path: str | os.PathLike, size: tuple[int, int] | None = None)
     except Exception:  # noqa: BLE001 - any decode failure means "regenerate"
         return False
     return True
-
-
-def remove_stale_temporaries(root: str | os.PathLike, recursive: bool = True) -> int:
-    """Delete temporaries of :func:`diffss.atomic.atomic_path` under ``root`` (or, with
-    ``recursive=False``, directly in it).
-
-    A SIGKILL between creating the temporary and renaming it leaves ``.<name>.<random>.tmp<ext>``
-    behind; a rerun (one writer per folder) removes them. Returns how many were removed.
-    """
-    root = Path(root)
-    if not root.is_dir():
-        return 0
-    removed = 0
-    for path in (root.rglob if recursive else root.glob)(".*.tmp*"):
-        if path.is_file() and ".tmp" in path.name:
-            path.unlink(missing_ok=True)
-            removed += 1
-    return removed

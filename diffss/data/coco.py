@@ -35,7 +35,7 @@ class CocoSample(Sample):
     # ((segmentation, iscrowd), ...) of this image's annotations of this category
     segments: tuple = field(default=(), compare=False, repr=False)
 
-    def load_mask(self) -> np.ndarray:
+    def read_mask(self) -> np.ndarray:
         h, w = self.height, self.width
         mask = np.zeros((h, w), dtype=np.uint8)
         crowd = np.zeros((h, w), dtype=bool)

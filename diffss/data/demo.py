@@ -30,10 +30,11 @@ TEXTURES = ("striped", "dotted", "checkered", "gradient", "speckled", "wavy")
 MAX_CLASSES = len(SHAPES) * len(TEXTURES)
 DEFAULT_ROOT = Path("data/raw/demo")
 MARKER = ".demo_complete.json"  # written last: its presence means every file is in place
+BUILDING = ".demo_building.json"  # written first: a folder with it is a demo build to finish
 FORMAT_VERSION = 2  # 2: distractor objects of other classes
 NUM_FOLDS = 4
+DEMO_DEFAULTS = {"seed": 0, "num_classes": 20, "per_class": 12}  # build_demo_dataset's defaults
 MAX_DISTRACTORS = 2  # objects of other classes beside the target (1..MAX_DISTRACTORS)
-BACKGROUND_SATURATION = 1.0  # colourfulness of backgrounds (0: grey)
 HUE_SPREAD = 0.07  # std of a member's hue around its class's (1 = the whole colour wheel)
 
 
@@ -176,9 +177,7 @@ def _ramp(h, w, rng):
 def background(h: int, w: int, rng: np.random.Generator) -> np.ndarray:
     """HxWx3 float: a tinted gradient plus smooth noise."""
     base, tint = rng.uniform(0.15, 0.85, 3), rng.uniform(-0.3, 0.3, 3)
-    img = base + tint * _ramp(h, w, rng) + 0.25 * (_smooth_noise(h, w, 6, rng)[..., None] - 0.5)
-    grey = img.mean(axis=2, keepdims=True)
-    return grey + BACKGROUND_SATURATION * (img - grey)
+    return base + tint * _ramp(h, w, rng) + 0.25 * (_smooth_noise(h, w, 6, rng)[..., None] - 0.5)
 
 
 def lighting(img: np.ndarray, rng: np.random.Generator) -> Image.Image:
@@ -294,6 +293,11 @@ def build_demo_dataset(root=DEFAULT_ROOT, seed: int = 0, num_classes: int = 20, 
     params = _params(seed, num_classes, per_class)
     if read_marker(root) == params:
         return root
+    if read_marker(root) is None and not (root / BUILDING).exists() and root.is_dir() and any(root.iterdir()):
+        raise DatasetError(f"{root} is not empty and holds no demo build ({MARKER}); build the demo into an "
+                           f"empty folder so no other file is overwritten", root)
+    root.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(root / BUILDING, json.dumps(params, sort_keys=True))  # ours, to finish after a kill
     (root / MARKER).unlink(missing_ok=True)  # a rebuild with other parameters is incomplete until done
     folders = class_folders(num_classes)
     for k, folder in enumerate(folders):
@@ -308,18 +312,26 @@ def build_demo_dataset(root=DEFAULT_ROOT, seed: int = 0, num_classes: int = 20, 
                 stale.unlink()
     write_text_atomic(root / "classes.txt", "\n".join(folders) + "\n")
     write_text_atomic(root / MARKER, json.dumps(params, sort_keys=True))
+    (root / BUILDING).unlink(missing_ok=True)
     return root
 
 
 def build(root=None, fold: int = 0, split: str = "train", skip_bad: bool = False, data_seed: int | None = None,
           num_classes: int | None = None, per_class: int | None = None) -> SplitIndex:
-    """Demo split; builds the data first if ``root`` has no complete build (or other explicit params)."""
+    """Demo split of a complete build under ``root``. Reading never writes: a folder without the
+    completion marker (or built with other explicit params) is an error saying how to build it."""
     root = Path(root) if root is not None else DEFAULT_ROOT
     marker = read_marker(root)
     asked = {"seed": data_seed, "num_classes": num_classes, "per_class": per_class}
     if marker is None or any(v is not None and marker.get(k) != v for k, v in asked.items()):
-        defaults = {"seed": 0, "num_classes": 20, "per_class": 12}
-        build_demo_dataset(root, **{k: (v if v is not None else defaults[k]) for k, v in asked.items()})
+        wanted = {k: (v if v is not None else (marker or {}).get(k, DEMO_DEFAULTS[k])) for k, v in asked.items()}
+        build = (f"`diffss demo-data --root {root} --seed {wanted['seed']} --num-classes {wanted['num_classes']} "
+                 f"--per-class {wanted['per_class']}` or diffss.data.build_demo_dataset({str(root)!r}, ...)")
+        if marker is None:
+            raise DatasetError(f"{root} holds no complete demo dataset ({root / MARKER} is missing); build it "
+                               f"(into an empty folder or an earlier demo build) with {build}", root / MARKER)
+        raise DatasetError(f"{root} holds the demo built with {marker}, not the asked {wanted}; build that one "
+                           f"with {build}", root / MARKER)
     folders = read_lines(root / "classes.txt")
     if len(folders) < NUM_FOLDS:
         raise DatasetError(f"{root / 'classes.txt'} lists {len(folders)} classes; need at least {NUM_FOLDS}",

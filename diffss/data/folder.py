@@ -76,7 +76,14 @@ def build(root=None, fold: int | None = 0, split: str = "train", skip_bad: bool 
             skipped.append((exc.path or mask_path, str(exc)))
             continue
         samples += [Sample(name=name, class_id=c, class_name=class_names[c], image_path=image_path,
-                           mask_path=mask_path, mask_rule="index") for c in present if c in wanted]
+                           mask_path=mask_path, mask_rule="index", num_classes=len(all_ids))
+                    for c in present if c in wanted]
+    for c in sorted(wanted - {s.class_id for s in samples}):
+        problem = (f"class {c} ({class_names[c]}, line {c} of {root / 'classes.txt'}) occurs in no mask of "
+                   f"{mask_dir}")
+        if not skip_bad:
+            raise DatasetError(problem, mask_dir)
+        skipped.append((mask_dir, problem))
     samples.sort(key=lambda s: (s.class_id, s.name))
     return SplitIndex(samples=samples, class_ids=class_ids, class_names=class_names, training=training,
                       split="train" if training else "test", default_episodes=1000, skipped=skipped)

@@ -22,20 +22,25 @@ def readable_name(folder: str) -> str:
 
 def index_class_folders(root: Path, folders: Sequence[str], class_ids: Sequence[int],
                         skip_bad: bool) -> tuple[list[Sample], list[tuple[Path, str]]]:
-    """Samples ``<folder>/<n>`` of each class folder (jpg + png mask, >= 128 is foreground).
+    """Samples ``<folder>/<n>`` of each class folder (jpg + 0/255 png mask, >= 128 is foreground).
 
-    A missing class folder is an error, or with ``skip_bad`` a skipped entry.
+    A missing class folder, or one without images, is an error, or with ``skip_bad`` a skipped entry.
     """
     samples, skipped = [], []
     for folder, cls in zip(folders, class_ids):
         class_dir = root / folder
+        images = []
         if not class_dir.is_dir():
+            problem = f"missing class folder: {class_dir}"
+        else:
+            images = sorted((p for p in class_dir.iterdir() if p.suffix.lower() in (".jpg", ".jpeg")),
+                            key=numeric_sort_key)
+            problem = f"class folder {class_dir} has no .jpg images" if not images else None
+        if problem:
             if not skip_bad:
-                raise DatasetError(f"missing class folder: {class_dir}", class_dir)
-            skipped.append((class_dir, f"missing class folder: {class_dir}"))
+                raise DatasetError(problem, class_dir)
+            skipped.append((class_dir, problem))
             continue
-        images = sorted((p for p in class_dir.iterdir() if p.suffix.lower() in (".jpg", ".jpeg")),
-                        key=numeric_sort_key)
         samples += [Sample(name=f"{folder}/{p.stem}", class_id=cls, class_name=readable_name(folder),
                            image_path=p, mask_path=p.with_suffix(".png"), mask_rule="threshold")
                     for p in images]

@@ -56,7 +56,8 @@ def build(root=None, fold: int = 0, split: str = "train", skip_bad: bool = False
     samples = [
         Sample(name=name, class_id=cls, class_name=CLASS_NAMES[cls],
                image_path=root / "JPEGImages" / f"{name}.jpg",
-               mask_path=root / "SegmentationClassAug" / f"{name}.png", mask_rule="index")
+               mask_path=root / "SegmentationClassAug" / f"{name}.png", mask_rule="index",
+               num_classes=len(CLASS_NAMES))
         for name, cls in pairs
     ]
     return SplitIndex(samples=samples, class_ids=class_ids, class_names=dict(CLASS_NAMES), training=training,

@@ -12,7 +12,8 @@ Public entry points:
   usable as a Dagster asset check); :func:`load_parity` reads a recorded one.
 """
 
-from diffss.export.graphs import GRAPH_ROLES, export_graphs
+from deploy.contract import GRAPH_ROLES, model_dir_name
+from diffss.export.graphs import export_graphs
 from diffss.export.parity import (
     MAX_ABS_LOGIT_DIFF,
     MIN_ARGMAX_AGREEMENT,
@@ -22,7 +23,7 @@ from diffss.export.parity import (
     record_parity,
 )
 from diffss.export.repository import export_model_repository
-from diffss.export.triton import find_model_file, model_dir_name, render_config_pbtxt
+from diffss.export.triton import find_model_file, render_config_pbtxt
 
 __all__ = [
     "GRAPH_ROLES",

@@ -1,6 +1,7 @@
 """Export a few-shot segmenter as three ONNX graphs with dynamic batch, shots and image size.
 
-Graphs and their tensors (names are the serving contract, see deploy/README.md):
+Graphs and their tensors (names, axes and metadata keys are the serving contract,
+:mod:`deploy.contract`):
 
 - ``segmenter``:       query [B,3,H,W] f32, support_images [B,K,3,Hs,Ws] f32,
                        support_masks [B,K,Hs,Ws] i64 (0/1/255) -> logits [B,2,H,W] f32
@@ -26,30 +27,27 @@ import onnx
 import torch
 from torch import nn
 
+from deploy.contract import (
+    FEATURE_PREFIX,
+    GRAPH_ROLES,
+    LOGITS,
+    QUERY,
+    QUERY_AXES,
+    ROLE_KEY,
+    SET_VALUED_KEY,
+    SUPPORT_FEATURES_KEY,
+    SUPPORT_IMAGE_AXES,
+    SUPPORT_IMAGES,
+    SUPPORT_MASK_AXES,
+    SUPPORT_MASKS,
+)
 from diffss.atomic import atomic_path
 from diffss.export.optimize import reduce_max_over_last_axis
-
-GRAPH_ROLES = ("segmenter", "support_encoder", "query_decoder")
-
-QUERY = "query"
-SUPPORT_IMAGES = "support_images"
-SUPPORT_MASKS = "support_masks"
-LOGITS = "logits"
-FEATURE_PREFIX = "support_feat_"
-# query_decoder metadata: JSON {input name: vector axis} of the model's set-valued support
-# features (FewShotSegmenter.set_valued_support_features); servers compact those when caching.
-# deploy/set_features.py spells the same key (the server must not import torch, so not this).
-SET_VALUED_METADATA = "diffss.set_valued_inputs"
 
 # The TorchScript-based exporter: it writes the requested opset exactly (17 to 20) with named
 # dynamic axes. The torch.export-based one emits opset 18 natively, cannot always convert down
 # to 17 (ReduceSum axes) and takes several times longer for the same graphs.
 MIN_OPSET, MAX_OPSET = 17, 20
-
-_IMAGE_AXES = {0: "batch", 2: "height", 3: "width"}
-# Supports may have another size than the query: their spatial axes get their own names.
-_SUPPORT_IMAGE_AXES = {0: "batch", 1: "shots", 3: "support_height", 4: "support_width"}
-_SUPPORT_MASK_AXES = {0: "batch", 1: "shots", 2: "support_height", 3: "support_width"}
 
 
 @dataclass
@@ -258,15 +256,19 @@ def export_graphs(
     """Export the graphs named in ``paths`` (keys from :data:`GRAPH_ROLES`) and check them.
 
     ``sample_size``/``shots``/``batch`` shape the tracing sample only; every B/K/H/W axis is
-    dynamic in the result. Batch and shots of 1 are avoided because a tracer may treat a
+    dynamic in the result, except K for a model with a fixed ``shot_count`` (traced with it). Batch and shots of 1 are avoided because a tracer may treat a
     length-1 axis as broadcastable and fix it. ``metadata`` goes into each graph's
-    ``metadata_props`` beside ``diffss.role``.
+    ``metadata_props`` beside the role (``deploy.contract.ROLE_KEY``).
     """
     unknown = set(paths) - set(GRAPH_ROLES)
     if unknown:
         raise ValueError(f"unknown graph roles {sorted(unknown)}; expected some of {GRAPH_ROLES}")
     height, width = (sample_size, sample_size) if isinstance(sample_size, int) else tuple(sample_size)
-    if min(batch, shots) < 2 or min(height, width) < 16:
+    # A model whose shapes fix K (BAM's K-shot reweighting) is traced with that K, and its shots
+    # axis stays fixed in every graph: a request with another K is refused by shape, not misread.
+    fixed_shots = getattr(model, "shot_count", None)
+    shots = fixed_shots or shots
+    if batch < 2 or (shots < 2 and not fixed_shots) or min(height, width) < 16:
         raise ValueError("export samples need batch >= 2, shots >= 2 and sample_size >= 16")
     if not MIN_OPSET <= opset <= MAX_OPSET:
         raise ValueError(f"opset must be between {MIN_OPSET} and {MAX_OPSET}, got {opset}")
@@ -303,12 +305,14 @@ def export_graphs(
         "query_decoder": (_QueryDecoder(model), (query, *features), [QUERY, *feat_names], [LOGITS]),
     }
     all_axes = {
-        QUERY: _IMAGE_AXES,
-        SUPPORT_IMAGES: _SUPPORT_IMAGE_AXES,
-        SUPPORT_MASKS: _SUPPORT_MASK_AXES,
-        LOGITS: _IMAGE_AXES,
+        QUERY: QUERY_AXES,
+        SUPPORT_IMAGES: SUPPORT_IMAGE_AXES,
+        SUPPORT_MASKS: SUPPORT_MASK_AXES,
+        LOGITS: QUERY_AXES,
         **dict(feature_specs),
     }
+    if fixed_shots:
+        all_axes = {name: {a: n for a, n in axes.items() if n != "shots"} for name, axes in all_axes.items()}
     results: dict[str, ExportedGraph] = {}
     for role, target in paths.items():
         module, args, inputs, outputs = specs[role]
@@ -324,9 +328,9 @@ def export_graphs(
         shapes = {n: tuple(t.shape) for n, t in zip(inputs, args)}
         shapes.update({n: tuple(f.shape) for n, f in zip(feat_names, features)})
         shapes[LOGITS] = logits_shape
-        graph_meta = {"diffss.role": role, "diffss.support_features": json.dumps(feat_names), **(metadata or {})}
+        graph_meta = {ROLE_KEY: role, SUPPORT_FEATURES_KEY: json.dumps(feat_names), **(metadata or {})}
         if role == "query_decoder" and set_valued:
-            graph_meta[SET_VALUED_METADATA] = json.dumps(set_valued, sort_keys=True)
+            graph_meta[SET_VALUED_KEY] = json.dumps(set_valued, sort_keys=True)
         rewrites = _finish_graph(path, axes, shapes, graph_meta)
         results[role] = ExportedGraph(role, path, inputs, outputs, axes, caught, rewrites)
     return results

@@ -3,9 +3,10 @@
 ``reduce_max_over_last_axis``: ``ReduceMax(MatMul(A, B), axis=-2)`` becomes
 ``ReduceMax(MatMul(B^T, A^T), axis=-1)``: the same numbers ((AB)^T = B^T A^T, so each max
 runs over the same products), but onnxruntime reduces a contiguous last axis several times
-faster than a strided one, and fuses the transposes into the MatMul. PFENet's prior
-(max similarity of each query pixel over all support pixels) has this form; at 473x473 its
-ReduceMax is a fifth of the model's CPU time otherwise.
+faster than a strided one, and fuses the transposes into the MatMul. A prior written as the
+max over support pixels of a [support, query] similarity has this form (at 473x473 that
+ReduceMax was a fifth of PFENet's CPU time); diffss's PFENet and BAM now build the similarity
+as [query, support] and need no rewrite, which stays for other models.
 """
 
 from __future__ import annotations

@@ -9,14 +9,21 @@ from typing import Sequence
 
 from torch import nn
 
+from deploy.contract import (
+    CONFIG_FILE,
+    DEFAULT_IMAGE_SIZE,
+    FAMILY_KEY,
+    GRAPH_ROLES,
+    IMAGE_SIZE_KEY,
+    MAX_INPUT_SIDE_KEY,
+    MODEL_CONFIG_KEY,
+    MODEL_FILE,
+    model_dir_name,
+)
 from diffss.atomic import write_text_atomic
-from diffss.export.graphs import GRAPH_ROLES, export_graphs
+from diffss.export.graphs import export_graphs
 from diffss.export.parity import default_cases, measure_parity, record_parity
-from diffss.export.triton import CONFIG_FILE, MODEL_FILE, model_dir_name, render_config_pbtxt
-
-# The usual few-shot segmentation resolution (PASCAL-5i / COCO-20i protocols); the server
-# resizes PNG/JPEG inputs to it unless the model's config names another.
-DEFAULT_IMAGE_SIZE = 473
+from diffss.export.triton import render_config_pbtxt
 
 
 def _resolve_model(model_or_checkpoint_dir) -> nn.Module:
@@ -38,6 +45,7 @@ def export_model_repository(
     sample_size: int | Sequence[int] = 64,
     shots: int = 2,
     image_size: int | None = None,
+    max_input_side: int | None = None,
     version: int = 1,
     parity_cases: Sequence[Sequence[int]] | None = None,
 ) -> dict:
@@ -47,7 +55,10 @@ def export_model_repository(
     (each ``config.pbtxt`` + ``<version>/model.onnx``) and records parity under ``name`` in
     ``<repo>/parity.json`` (:func:`~diffss.export.load_parity`). ``image_size``
     is the working resolution the server resizes PNG/JPEG inputs to (default: the model
-    config's ``image_size``, else 473). Returns ``{"repo_dir", "name", "opset", "image_size",
+    config's ``image_size``, else 473). ``max_input_side`` (default: ``image_size``) is the
+    largest height/width a server lets the graphs run at: the model's memory grows with the
+    image side (PFENet's prior with its fourth power), so servers refuse larger tensors.
+    Returns ``{"repo_dir", "name", "opset", "image_size", "max_input_side",
     "models": {role: {"name", "onnx", "config"}}, "parity", "parity_path"}``; ``parity["passed"]``
     says whether the thresholds were met (the export is kept either way so it can be inspected).
     """
@@ -56,12 +67,16 @@ def export_model_repository(
     model = _resolve_model(model_or_checkpoint_dir).eval()
     config = dict(getattr(model, "config", {}) or {})
     image_size = int(image_size or config.get("image_size") or DEFAULT_IMAGE_SIZE)
+    max_input_side = int(max_input_side or image_size)
+    if max_input_side < image_size:
+        raise ValueError(f"max_input_side {max_input_side} is below the working image_size {image_size}")
     repo_dir = Path(repo_dir)
     model_dirs = {role: repo_dir / model_dir_name(name, role) for role in GRAPH_ROLES}
     metadata = {
-        "diffss.family": name,
-        "diffss.image_size": str(image_size),
-        "diffss.model_config": json.dumps(config, sort_keys=True, default=str),
+        FAMILY_KEY: name,
+        IMAGE_SIZE_KEY: str(image_size),
+        MAX_INPUT_SIDE_KEY: str(max_input_side),
+        MODEL_CONFIG_KEY: json.dumps(config, sort_keys=True, default=str),
     }
     graphs = export_graphs(
         model,
@@ -86,7 +101,7 @@ def export_model_repository(
             "rewrites": graph.rewrites,
         }
     side = sample_size if isinstance(sample_size, int) else max(sample_size)
-    parity = measure_parity(model, repo_dir, name=name, cases=parity_cases or default_cases(side + 8))
+    parity = measure_parity(model, repo_dir, name=name, cases=parity_cases or default_cases(side + 8, getattr(model, "shot_count", None)))
     parity.update({"name": name, "opset": opset})
     parity_path = record_parity(repo_dir, name, parity)
     return {
@@ -94,6 +109,7 @@ def export_model_repository(
         "name": name,
         "opset": opset,
         "image_size": image_size,
+        "max_input_side": max_input_side,
         "models": models,
         "parity": parity,
         "parity_path": str(parity_path),

@@ -18,13 +18,32 @@ DEFAULT_CONTROLNETS = {
 # ControlNet's own default negative prompt for its SD 1.5 demos.
 DEFAULT_NEGATIVE_PROMPT = ("longbody, lowres, bad anatomy, bad hands, missing fingers, extra digit, "
                            "fewer digits, cropped, worst quality, low quality")
+# ControlNet4FSS (the paper's generator, FSSpregenerate.py): ControlNet 1.0 checkpoints
+# (control_sd15_{seg,hed,scribble}.pth) as published in diffusers format, DDIM with
+# ddim_steps = 2 and eta 0, scale 9, strength 1, prompt f"a real shot photo of {name}," + ", " +
+# a_prompt, and ControlNet's negative prompt plus ", artwork".
+PAPER_CONTROLNETS = {
+    "seg": "lllyasviel/sd-controlnet-seg",
+    "hed": "lllyasviel/sd-controlnet-hed",
+    "scribble": "lllyasviel/sd-controlnet-scribble",
+}
+PAPER_NEGATIVE_PROMPT = DEFAULT_NEGATIVE_PROMPT + ", artwork"
+PAPER_SETTINGS = dict(controlnets=PAPER_CONTROLNETS, prompt_template="a real shot photo of {class_name},",
+                      quality_suffix=", best quality, extremely detailed", negative_prompt=PAPER_NEGATIVE_PROMPT,
+                      scheduler="DDIMScheduler", num_inference_steps=2, guidance_scale=9.0, resolution=512,
+                      controlnet_conditioning_scale=1.0)
 
 
 @dataclass
 class GenerationConfig:
     """What to generate with and how. Fields in :data:`OUTPUT_FIELDS` determine the images;
     the rest (device, dtype, compile, channels_last, batching, offline loading) only how fast
-    they come (fp16 vs fp32 moves pixels by float noise, not content)."""
+    they come (fp16 vs fp32 moves pixels by float noise, not content).
+
+    ``batch_size``: images per pipeline call, drawn across supports (None: ``supports_per_call``
+    supports' ``num_aux`` images). Every call is padded to this size, so an image's pixels do
+    not depend on which other images share its call (see README, "Batching and exactness").
+    """
 
     base_model: str = DEFAULT_BASE_MODEL
     controlnets: dict[str, str] = field(default_factory=lambda: dict(DEFAULT_CONTROLNETS))
@@ -45,6 +64,7 @@ class GenerationConfig:
     channels_last: bool = False
     supports_per_call: int = 1
     local_files_only: bool = False
+    batch_size: int | None = None
 
     OUTPUT_FIELDS = ("base_model", "controlnets", "prompt_template", "quality_suffix", "negative_prompt",
                      "scheduler", "num_inference_steps", "guidance_scale", "resolution",
@@ -59,10 +79,22 @@ class GenerationConfig:
             raise ValueError(f"resolution must be a positive multiple of 8, got {self.resolution}")
         if int(self.supports_per_call) < 1:
             raise ValueError(f"supports_per_call must be >= 1, got {self.supports_per_call}")
+        if self.batch_size is not None and int(self.batch_size) < 1:
+            raise ValueError(f"batch_size must be >= 1 or null, got {self.batch_size}")
         if self.dtype not in (None, "float16", "bfloat16", "float32"):
             raise ValueError(f"dtype must be float16, bfloat16, float32 or null, got {self.dtype!r}")
         if not isinstance(self.controlnets, dict):
             raise ValueError(f"controlnets must map condition kind -> model id, got {self.controlnets!r}")
+
+    @classmethod
+    def paper(cls, **overrides) -> "GenerationConfig":
+        """ControlNet4FSS's generator settings (the paper's code; see README for what differs
+        and why); ``overrides`` set any field (e.g. local model folders, device)."""
+        return cls(**{**PAPER_SETTINGS, "controlnets": dict(PAPER_CONTROLNETS), **overrides})
+
+    def images_per_call(self, num_aux: int) -> int:
+        """Pipeline call size: ``batch_size``, else ``supports_per_call`` supports' images."""
+        return int(self.batch_size) if self.batch_size is not None else int(self.supports_per_call) * int(num_aux)
 
     def prompt(self, class_name: str) -> str:
         # FSS-1000 class folders are snake_case ("assult_rifle").

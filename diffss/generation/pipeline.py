@@ -24,10 +24,11 @@ class AuxiliaryGenerator:
     PyTorch SDPA; optional ``torch.compile`` and channels_last for UNet and ControlNet(s).
     """
 
-    def __init__(self, config: GenerationConfig, condition: str | Sequence[str]):
+    def __init__(self, config: GenerationConfig, condition: str | Sequence[str], pipeline=None):
+        """``pipeline``: an already built ``StableDiffusionControlNetPipeline`` whose ControlNet(s)
+        match ``condition`` (benchmarks build random real-size models in memory); None loads
+        ``config``'s models with ``from_pretrained``. Either way the same setup follows."""
         import diffusers
-        from diffusers import ControlNetModel, MultiControlNetModel, StableDiffusionControlNetPipeline
-        from diffusers.models.attention_processor import AttnProcessor2_0
 
         self.config = config
         self.kinds = parse_kinds(condition)
@@ -40,19 +41,35 @@ class AuxiliaryGenerator:
         scheduler_cls = getattr(diffusers, config.scheduler, None)
         if scheduler_cls is None or not hasattr(scheduler_cls, "from_config"):
             raise ValueError(f"GenerationConfig.scheduler {config.scheduler!r} is not a diffusers scheduler")
+        pipe = pipeline if pipeline is not None else self._load(config)
+        nets = list(getattr(pipe.controlnet, "nets", [pipe.controlnet]))
+        if len(nets) != len(self.kinds):
+            raise ValueError(f"pipeline has {len(nets)} ControlNet(s) for condition {'+'.join(self.kinds)}")
+        self.pipe = self._setup(pipe, nets, scheduler_cls)
+        self.images_generated = 0
+
+    def _load(self, config: GenerationConfig):
+        from diffusers import ControlNetModel, MultiControlNetModel, StableDiffusionControlNetPipeline
 
         # low_cpu_mem_usage needs accelerate; without it diffusers would warn on every load.
         load = dict(dtype=self.dtype, local_files_only=config.local_files_only,
                     low_cpu_mem_usage=importlib.util.find_spec("accelerate") is not None)
         nets = [ControlNetModel.from_pretrained(config.controlnets[k], **load) for k in self.kinds]
         controlnet = nets[0] if len(nets) == 1 else MultiControlNetModel(nets)
-        pipe = StableDiffusionControlNetPipeline.from_pretrained(
+        return StableDiffusionControlNetPipeline.from_pretrained(
             config.base_model, controlnet=controlnet, safety_checker=None, feature_extractor=None,
             requires_safety_checker=False, **load)
+
+    def _setup(self, pipe, nets, scheduler_cls):
+        from diffusers.models.attention_processor import AttnProcessor2_0
+
+        config = self.config
         pipe.scheduler = scheduler_cls.from_config(pipe.scheduler.config)
         pipe.unet.set_attn_processor(AttnProcessor2_0())
         for net in nets:
             net.set_attn_processor(AttnProcessor2_0())
+        if pipe.unet.dtype != self.dtype:  # a pipeline built elsewhere (loaded ones come in self.dtype)
+            pipe.to(dtype=self.dtype)
         pipe.to(self.device)
         if config.channels_last:
             pipe.unet.to(memory_format=torch.channels_last)
@@ -62,27 +79,34 @@ class AuxiliaryGenerator:
             pipe.unet = torch.compile(pipe.unet)
             pipe.controlnet = torch.compile(pipe.controlnet)
         pipe.set_progress_bar_config(disable=True)
-        self.pipe = pipe
-        self.images_generated = 0
+        return pipe
 
     @property
     def model_ids(self) -> str:
         return self.config.model_ids(self.kinds)
 
     def generate(self, controls: Sequence[Image.Image | Sequence[Image.Image]], class_names: Sequence[str],
-                 seeds: Sequence[int]) -> np.ndarray:
+                 seeds: Sequence[int], pad_to: int | None = None) -> np.ndarray:
         """One pipeline call for ``len(seeds)`` images; returns ``[N,R,R,3]`` float32 in [0,1].
 
         ``controls[i]``: the condition image of item i (one per kind, in ``self.kinds`` order,
         for several kinds). Item i starts from noise drawn by its own CPU generator seeded with
-        ``seeds[i]``, so its result does not depend on the rest of the batch (up to float
-        rounding) nor on the device.
+        ``seeds[i]``. ``pad_to``: run a call of exactly that many items, repeating the last one
+        (its extra outputs are dropped). Kernels are chosen by tensor shape, so within calls of
+        one shape an item's result does not depend on its position or neighbours (bit for bit
+        on CPU, measured); across shapes it differs by float rounding.
         """
         n = len(seeds)
         if not (len(controls) == len(class_names) == n) or n == 0:
             raise ValueError(f"controls ({len(controls)}), class_names ({len(class_names)}) and seeds ({n}) "
                              "must have the same, non-zero length")
+        if pad_to is not None and pad_to > n:
+            extra = pad_to - n
+            controls, class_names, seeds = ([*x, *[x[-1]] * extra] for x in (controls, class_names, seeds))
+        elif pad_to is not None and pad_to < n:
+            raise ValueError(f"pad_to ({pad_to}) is smaller than the {n} items given")
         cfg = self.config
+        total = len(seeds)
         if len(self.kinds) == 1:
             image = [c if isinstance(c, Image.Image) else c[0] for c in controls]
             scale: float | list[float] = float(cfg.controlnet_conditioning_scale)
@@ -93,19 +117,19 @@ class AuxiliaryGenerator:
             scale = [float(cfg.controlnet_conditioning_scale)] * len(self.kinds)
         generators = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
         with torch.inference_mode():
-            out = self.pipe(prompt=[cfg.prompt(c) for c in class_names], negative_prompt=[cfg.negative_prompt] * n,
+            out = self.pipe(prompt=[cfg.prompt(c) for c in class_names], negative_prompt=[cfg.negative_prompt] * total,
                             image=image, height=cfg.resolution, width=cfg.resolution,
                             num_inference_steps=cfg.num_inference_steps, guidance_scale=cfg.guidance_scale,
                             generator=generators, controlnet_conditioning_scale=scale, output_type="np")
         self.images_generated += n
-        return np.asarray(out.images, dtype=np.float32)
+        return np.asarray(out.images[:n], dtype=np.float32)
 
-    def timed_generate(self, controls, class_names, seeds) -> tuple[np.ndarray, float]:
-        """``generate`` plus wall seconds per image."""
+    def timed_generate(self, controls, class_names, seeds, pad_to: int | None = None) -> tuple[np.ndarray, float]:
+        """``generate`` plus wall seconds per image made (padding included in the cost)."""
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         start = time.perf_counter()
-        images = self.generate(controls, class_names, seeds)
+        images = self.generate(controls, class_names, seeds, pad_to=pad_to)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         return images, (time.perf_counter() - start) / len(seeds)

@@ -7,23 +7,34 @@ Layout under ``out_dir``::
     <dataset>/<condition>/<class_id>/<safe support name>/<aux_index>.png
     <dataset>/conditions/...            (control conditions, see diffss.conditions)
 
-Every image is written atomically and the table is rewritten (atomically) after each
-pipeline call, so a run killed at any moment leaves complete images only. A rerun keeps each
-image that decodes, regenerates missing or corrupt ones, and recomputes the table row of an
-image whose row was lost (``seconds`` is then NaN: the time was not recorded).
+Every image is written atomically and the table is rewritten (atomically) after pipeline
+calls, so a run killed at any moment leaves complete images only. A rerun keeps each image
+that decodes, regenerates missing or corrupt ones, and recomputes the table row of an image
+whose row was lost (``seconds`` is then NaN: the time was not recorded).
+
+Shards (``shard=(i, n)``) split the supports; n processes, on one machine or on several over a
+shared filesystem with POSIX locks (local disk, NFS, CephFS), can write one folder at once.
+Images never collide (a support belongs to one shard). The table is the one shared file: each
+run merges its rows into it under ``.auxiliary.lock`` (read the current table, replace its own
+rows, write atomically), so no run's rows are lost and readers always see a whole table.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
 import os
+import re
+import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from filelock import FileLock
 from PIL import Image
 from tqdm.auto import tqdm
 
@@ -38,6 +49,7 @@ from diffss.conditions import (
     save_png_atomic,
     unique_samples,
 )
+from diffss.data.samples import check_same_size
 from diffss.generation.config import GenerationConfig, aux_seed
 from diffss.generation.drift import drift_from_alignment, edge_alignment, reference_alignment
 from diffss.generation.pipeline import AuxiliaryGenerator, to_pil
@@ -46,6 +58,9 @@ log = logging.getLogger(__name__)
 
 TABLE_NAME = "auxiliary.parquet"
 CONFIG_NAME = "generation_config.json"
+# Held while the table or the settings file is read-modified-written (shards share them);
+# ".<conditions folder>.lock" beside the conditions folder while conditions are built.
+LOCK_NAME = ".auxiliary.lock"
 TABLE_COLUMNS = ["dataset", "support_name", "class_id", "class_name", "aux_index", "seed", "prompt", "condition",
                  "model_ids", "path", "seconds", "width", "height", "drift"]
 
@@ -106,22 +121,101 @@ def _load_controls(conditions_dir: Path, kinds: list[str], sample, resolution: i
     return controls
 
 
+def parse_shard(shard: str | Sequence[int] | None) -> tuple[int, int] | None:
+    """``"i/n"`` or ``(i, n)`` with ``0 <= i < n`` -> ``(i, n)``; None stays None."""
+    if shard is None:
+        return None
+    if isinstance(shard, str):
+        match = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", shard)
+        if match is None:
+            raise ValueError(f"shard must look like i/n with 0 <= i < n (e.g. 0/4), got {shard!r}")
+        shard = (match[1], match[2])
+    index, count = (int(x) for x in shard)
+    if count < 1 or not 0 <= index < count:
+        raise ValueError(f"shard {index}/{count}: need 0 <= i < n")
+    return index, count
+
+
+def shard_samples(samples: Sequence, shard: str | Sequence[int] | None) -> list:
+    """The supports of ``shard`` ``(i, n)``: unique (name, class id) samples sorted by (class id,
+    name), every n-th from the i-th. Independent of the input order; sizes differ by at most
+    one; the n shards partition the set. None: all samples, in their order."""
+    samples = unique_samples(samples)
+    shard = parse_shard(shard)
+    if shard is None:
+        return samples
+    index, count = shard
+    return sorted(samples, key=lambda s: (int(s.class_id), str(s.name)))[index::count]
+
+
+def shard_device(shard: str | Sequence[int] | None, device: str | None) -> str | None:
+    """The device of a shard's worker: ``device`` when given; else, with several CUDA devices
+    visible, ``cuda:<i mod count>`` (one worker per GPU); else None (the default device)."""
+    shard = parse_shard(shard)
+    if device is not None or shard is None:
+        return device
+    import torch
+
+    count = torch.cuda.device_count()
+    return f"cuda:{shard[0] % count}" if count > 1 else None
+
+
+@dataclass
+class GenerationResult:
+    """What one (shard of a) generation run did. ``paths``: this shard's images, relative to
+    ``folder``; ``table``: the whole table as this run left it (complete once every shard
+    has finished)."""
+
+    shard: tuple[int, int] | None
+    folder: Path
+    table_path: Path
+    paths: list[str]
+    generated: int
+    kept: int
+    seconds: float
+    table: pd.DataFrame
+
+    def metadata(self) -> dict:
+        """JSON-able summary (for orchestration metadata or CLI output)."""
+        return {"shard": None if self.shard is None else f"{self.shard[0]}/{self.shard[1]}",
+                "folder": str(self.folder), "table": str(self.table_path), "images": len(self.paths),
+                "generated": self.generated, "kept": self.kept, "seconds": round(self.seconds, 3),
+                "table_rows": int(len(self.table))}
+
+
 def generate_auxiliary(samples: Sequence, condition: str | Sequence[str], out_dir: str | os.PathLike,
                        config: GenerationConfig | None = None, num_aux: int = 5, dataset_name: str = "dataset",
                        conditions_dir: str | os.PathLike | None = None, hed=None, class_to_ade=None,
                        generator: AuxiliaryGenerator | None = None, progress: bool = True,
-                       overwrite: bool = False) -> pd.DataFrame:
+                       overwrite: bool = False, shard: str | Sequence[int] | None = None) -> pd.DataFrame:
     """Make ``num_aux`` auxiliary images per (support, class) sample and return the table.
 
-    All missing images of one support (``config.supports_per_call`` supports) come from one
-    batched pipeline call; each image's noise is seeded by :func:`aux_seed` of (dataset,
-    support name, class id, aux index, ``config.seed``), so a rerun reproduces the set and an
-    image generated alone equals its batched twin. ``conditions_dir`` (default
+    Missing images go to the pipeline ``config.images_per_call(num_aux)`` at a time, across
+    supports, every call padded to that size; each image's noise is seeded by :func:`aux_seed`
+    of (dataset, support name, class id, aux index, ``config.seed``). So a rerun reproduces the
+    set, and an image regenerated alone, or in another shard, equals its batched twin bit for
+    bit (same batch size, device, dtype and thread count). ``shard`` ``"i/n"`` or ``(i, n)``: only the
+    supports :func:`shard_samples` gives that shard; n processes may run at once on the same
+    folder (the table is merged under a file lock). ``conditions_dir`` (default
     ``<out>/<dataset>/conditions``) holds the control conditions; missing ones are built first
     (``hed``/``class_to_ade`` as in :func:`diffss.conditions.build_conditions`). ``generator``
     reuses an already loaded pipeline. ``overwrite`` regenerates every image of ``samples``
-    and starts the table afresh (needed to change output settings in an existing folder).
+    (of this shard) and drops table rows outside ``samples``.
     """
+    return generate_shard(samples, condition, out_dir, shard, config=config, num_aux=num_aux,
+                          dataset_name=dataset_name, conditions_dir=conditions_dir, hed=hed,
+                          class_to_ade=class_to_ade, generator=generator, progress=progress,
+                          overwrite=overwrite).table
+
+
+def generate_shard(samples: Sequence, condition: str | Sequence[str], out_dir: str | os.PathLike,
+                   shard: str | Sequence[int] | None, config: GenerationConfig | None = None, num_aux: int = 5,
+                   dataset_name: str = "dataset", conditions_dir: str | os.PathLike | None = None, hed=None,
+                   class_to_ade=None, generator: AuxiliaryGenerator | None = None, progress: bool = True,
+                   overwrite: bool = False) -> GenerationResult:
+    """:func:`generate_auxiliary` for one shard (``samples`` is the whole set; the shard picks
+    its part), returning a :class:`GenerationResult` (the unit one worker, pod or Dagster op runs)."""
+    started = time.perf_counter()
     config = config or GenerationConfig()
     kinds = parse_kinds(condition)
     label = "+".join(kinds)
@@ -132,20 +226,19 @@ def generate_auxiliary(samples: Sequence, condition: str | Sequence[str], out_di
         raise ValueError("generator was loaded for another condition or config than the one passed")
     if not dataset_name or "/" in dataset_name or dataset_name.startswith("."):
         raise ValueError(f"dataset_name must be a plain folder name, got {dataset_name!r}")
+    shard = parse_shard(shard)
     out_dir = Path(out_dir)
     root = out_dir / dataset_name / label
     conditions_dir = Path(conditions_dir) if conditions_dir is not None else out_dir / dataset_name / "conditions"
-    samples = unique_samples(samples)
-
-    _check_config(root, config, overwrite)
-    root.mkdir(parents=True, exist_ok=True)
-    remove_stale_temporaries(root)
-    config.to_json(root / CONFIG_NAME)
+    everyone = unique_samples(samples)
+    samples = shard_samples(everyone, shard)
+    per_call = config.images_per_call(num_aux)
     model_ids = config.model_ids(kinds)
+    root.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(root / LOCK_NAME)
 
-    old = None if overwrite else _read_table(root / TABLE_NAME)
-    old_rows = {} if old is None else {
-        (r["support_name"], int(r["class_id"]), int(r["aux_index"])): r for r in old.to_dict("records")}
+    def key_of(sample, k: int) -> tuple[str, int, int]:
+        return str(sample.name), int(sample.class_id), int(k)
 
     def base_row(sample, k: int) -> dict:
         return {"dataset": dataset_name, "support_name": str(sample.name), "class_id": int(sample.class_id),
@@ -154,58 +247,102 @@ def generate_auxiliary(samples: Sequence, condition: str | Sequence[str], out_di
                 "prompt": config.prompt(sample.class_name), "condition": label, "model_ids": model_ids,
                 "path": aux_relpath(sample.class_id, sample.name, k)}
 
-    # Rows of earlier runs outside this call's plan (other folds, more aux images) are kept
-    # while their image exists, so runs over different sample sets share one table.
-    planned = {(str(s.name), int(s.class_id), k) for s in samples for k in range(num_aux)}
-    rows: dict[tuple[str, int, int], dict] = {
-        key: {c: row[c] for c in TABLE_COLUMNS} for key, row in old_rows.items()
-        if key not in planned and (root / row["path"]).is_file()}
+    mine = {key_of(s, k) for s in samples for k in range(num_aux)}
+    everyones = {key_of(s, k) for s in everyone for k in range(num_aux)}
+    with lock:
+        _check_config(root, config, overwrite)
+        config.to_json(root / CONFIG_NAME)
+        # Temporaries of a killed run; a shard touches only its own supports' folders, where
+        # no other shard writes, and the table's, which is only written under the lock.
+        if shard is None:
+            remove_stale_temporaries(root)
+        else:
+            remove_stale_temporaries(root, recursive=False)
+            for s in samples:
+                remove_stale_temporaries((root / aux_relpath(s.class_id, s.name, 0)).parent, recursive=False)
+        old = _read_table(root / TABLE_NAME)
+    old_rows = {} if old is None else {
+        (r["support_name"], int(r["class_id"]), int(r["aux_index"])): r for r in old.to_dict("records")}
+    # Rows outside this run's plan (other folds, more aux images, other shards) are kept while
+    # their image exists; those missing now are checked again at each merge, since another
+    # shard may be painting them.
+    unsure = {k for k, r in old_rows.items() if k not in mine and not (root / r["path"]).is_file()}
+
+    rows: dict[tuple[str, int, int], dict] = {}
     supports = _SupportCache()
-    todo: list[tuple[object, list[int]]] = []
+    items: list[tuple[object, int]] = []
     for sample in samples:
-        missing = []
         for k in range(num_aux):
-            key = (str(sample.name), int(sample.class_id), k)
+            key = key_of(sample, k)
             row = base_row(sample, k)
             path = root / row["path"]
             if overwrite or not is_valid_image(path):
-                missing.append(k)
+                items.append((sample, k))
             elif key in old_rows and old_rows[key]["path"] == row["path"]:
                 rows[key] = {c: old_rows[key][c] for c in TABLE_COLUMNS}
             else:
                 with Image.open(path) as im:
                     rows[key] = supports.finish_row(row, im.convert("RGB"), sample, math.nan)
-        if missing:
-            todo.append((sample, missing))
 
-    if todo:
-        build_conditions([s for s, _ in todo], kinds, conditions_dir, resolution=config.resolution,
-                         hed=hed if hed is not None else config.hed_model, class_to_ade=class_to_ade,
-                         progress=progress, dataset_name=dataset_name)
-        generator = generator or AuxiliaryGenerator(config, kinds)
-        per_call = max(1, int(config.supports_per_call))
-        bar = tqdm(total=sum(len(m) for _, m in todo), desc=f"generate {dataset_name}/{label}", unit="img",
+    def merge() -> pd.DataFrame:
+        """Other runs' rows as they stand on disk now, plus this run's; atomic, under the lock."""
+        with lock:
+            current = _read_table(root / TABLE_NAME)
+            merged = {}
+            for r in [] if current is None else current.to_dict("records"):
+                key = (r["support_name"], int(r["class_id"]), int(r["aux_index"]))
+                if key in mine or (overwrite and key not in everyones):
+                    continue
+                if key in unsure and not (root / r["path"]).is_file():
+                    continue
+                merged[key] = {c: r[c] for c in TABLE_COLUMNS}
+            merged.update(rows)
+            return _write_table(root / TABLE_NAME, merged)
+
+    if items:
+        todo = unique_samples(s for s, _ in items)
+        # One condition builder at a time; the lock sits beside the folder, not in it, since
+        # the folder may be another step's recorded output.
+        with FileLock(conditions_dir.parent / f".{conditions_dir.name}.lock"):
+            build_conditions(todo, kinds, conditions_dir, resolution=config.resolution,
+                             hed=hed if hed is not None else config.hed_model, class_to_ade=class_to_ade,
+                             progress=progress, dataset_name=dataset_name)
+        if generator is None:
+            generator = AuxiliaryGenerator(dataclasses.replace(config, device=shard_device(shard, config.device)),
+                                           kinds)
+        where = "" if shard is None else f" shard {shard[0]}/{shard[1]}"
+        bar = tqdm(total=len(items), desc=f"generate {dataset_name}/{label}{where}", unit="img",
                    disable=not progress)
-        for start in range(0, len(todo), per_call):
-            chunk = todo[start:start + per_call]
-            items = [(s, k) for s, missing in chunk for k in missing]
-            controls = {id(s): _load_controls(conditions_dir, kinds, s, config.resolution) for s, _ in chunk}
+        last_merge, merge_cost = 0.0, 0.0
+        for start in range(0, len(items), per_call):
+            chunk = items[start:start + per_call]
+            controls = {}
+            for s, _ in chunk:
+                if id(s) not in controls:
+                    controls[id(s)] = _load_controls(conditions_dir, kinds, s, config.resolution)
             images, seconds = generator.timed_generate(
-                [controls[id(s)] for s, _ in items], [s.class_name for s, _ in items],
-                [aux_seed(dataset_name, s.name, s.class_id, k, config.seed) for s, k in items])
-            for (sample, k), image in zip(items, images):
+                [controls[id(s)] for s, _ in chunk], [s.class_name for s, _ in chunk],
+                [aux_seed(dataset_name, s.name, s.class_id, k, config.seed) for s, k in chunk], pad_to=per_call)
+            for (sample, k), image in zip(chunk, images):
                 row = base_row(sample, k)
                 aux = to_pil(image)
                 size = supports.size(sample)
                 if aux.size != size:
                     aux = aux.resize(size, Image.BICUBIC)
                 save_png_atomic(aux, root / row["path"])
-                rows[(str(sample.name), int(sample.class_id), k)] = supports.finish_row(row, aux, sample, seconds)
-            supports.clear()
-            _write_table(root / TABLE_NAME, rows)
-            bar.update(len(items))
+                rows[key_of(sample, k)] = supports.finish_row(row, aux, sample, seconds)
+            bar.update(len(chunk))
+            # Rewrite the table when that costs at most ~10% of the time since the last write
+            # (every call for small tables); rows lost to a kill are rebuilt from the images.
+            if time.perf_counter() - last_merge >= 10 * merge_cost:
+                tick = time.perf_counter()
+                merge()
+                last_merge, merge_cost = time.perf_counter(), time.perf_counter() - tick
         bar.close()
-    return _write_table(root / TABLE_NAME, rows)
+    table = merge()
+    return GenerationResult(shard=shard, folder=root, table_path=root / TABLE_NAME,
+                            paths=sorted(r["path"] for r in rows.values()), generated=len(items),
+                            kept=len(mine) - len(items), seconds=time.perf_counter() - started, table=table)
 
 
 class _SupportCache:
@@ -220,9 +357,7 @@ class _SupportCache:
                 self._cache.clear()
             mask = np.asarray(sample.load_mask())
             image = sample.load_image().convert("RGB")
-            if mask.shape != (image.height, image.width):
-                raise ValueError(f"sample {sample.name!r} ({sample.image_path}): mask shape {mask.shape} "
-                                 f"differs from image size {(image.height, image.width)}")
+            check_same_size(sample, image.size, mask)  # names the image and the mask file
             self._cache[id(sample)] = (mask, reference_alignment(image, mask))
         return self._cache[id(sample)]
 
@@ -243,22 +378,27 @@ class _SupportCache:
         self._cache.clear()
 
 
+def dataset_samples(dataset_kwargs: dict) -> tuple[list, str]:
+    """``(samples, dataset name)`` of ``diffss.data.load_dataset(**dataset_kwargs)``."""
+    from diffss.data import load_dataset
+
+    dataset = load_dataset(**dataset_kwargs)
+    return dataset.samples, getattr(dataset, "dataset_name", None) or dataset_kwargs.get("name") or "dataset"
+
+
 def run_generation(dataset_kwargs: dict, condition: str | Sequence[str], out_dir: str | os.PathLike,
                    config: GenerationConfig | str | os.PathLike | None = None, num_aux: int = 5,
                    conditions_dir: str | os.PathLike | None = None, hed=None, class_to_ade=None,
-                   progress: bool = True, overwrite: bool = False) -> pd.DataFrame:
-    """CLI entry: ``diffss.data.load_dataset(**dataset_kwargs)`` then :func:`generate_auxiliary`
-    on its ``.samples``. ``config`` may be a GenerationConfig or a JSON file path."""
-    from diffss.data import load_dataset
-
+                   progress: bool = True, overwrite: bool = False,
+                   shard: str | Sequence[int] | None = None) -> pd.DataFrame:
+    """:func:`generate_auxiliary` on the samples of a ``diffss.data`` dataset (see
+    :func:`dataset_samples`). ``config`` may be a GenerationConfig or a JSON file path."""
     if config is not None and not isinstance(config, GenerationConfig):
         config = GenerationConfig.from_json(config)
-    dataset = load_dataset(**dataset_kwargs)
-    name = getattr(dataset, "dataset_name", None) or dataset_kwargs.get("name") or "dataset"
-    return generate_auxiliary(dataset.samples, condition, out_dir, config=config, num_aux=num_aux,
-                              dataset_name=name, conditions_dir=conditions_dir,
-                              hed=hed,
-                              class_to_ade=class_to_ade, progress=progress, overwrite=overwrite)
+    samples, name = dataset_samples(dataset_kwargs)
+    return generate_auxiliary(samples, condition, out_dir, config=config, num_aux=num_aux, dataset_name=name,
+                              conditions_dir=conditions_dir, hed=hed, class_to_ade=class_to_ade,
+                              progress=progress, overwrite=overwrite, shard=shard)
 
 
 def summarize(table: pd.DataFrame) -> dict:

@@ -1,4 +1,4 @@
-"""Few-shot segmentation models: the "prototype" baseline and PFENet.
+"""Few-shot segmentation models: the "prototype" baseline, PFENet, BAM (with its PSPNet base learner) and HSNet.
 
 ``build_model(name, backbone, pretrained, **kw)`` makes one, ``load_model(dir)`` reloads a
 ``save_pretrained`` directory. See ``base.FewShotSegmenter`` for the forward/encode/decode contract.
@@ -17,20 +17,29 @@ from .base import (
     register_model,
     segmentation_loss,
 )
+from .bam import BAM
+from .official import convert_official_checkpoint, load_official_checkpoint
+from .hsnet import HSNet
 from .pfenet import PFENet
 from .prototype import PrototypeNet
+from .pspnet import PSPNet
 
 __all__ = [
+    "BAM",
     "BACKBONES",
     "MODEL_REGISTRY",
     "Backbone",
     "FewShotSegmenter",
+    "HSNet",
     "PFENet",
+    "PSPNet",
     "PrototypeNet",
     "QueryDecoder",
     "SupportEncoder",
     "build_backbone",
     "build_model",
+    "convert_official_checkpoint",
+    "load_official_checkpoint",
     "load_model",
     "register_model",
     "segmentation_loss",
@@ -40,16 +49,19 @@ __all__ = [
 def build_model(
     name: str, backbone: str = "resnet50", pretrained: str | os.PathLike | None = None, **kwargs
 ) -> FewShotSegmenter:
-    """Build a model by name ("prototype" or "pfenet").
+    """Build a model by name ("prototype", "pfenet", "bam" or "hsnet").
 
-    ``pretrained``: None (random init, backbone trained), a path to a torchvision ResNet
-    state_dict, or "imagenet" (torchvision download; connected machines only); pretrained
-    backbones are frozen. ``kwargs`` go to the model (e.g. ``hidden_dim``, ``dropout``).
+    ``pretrained``: None (random init, backbone trained), a path to an ImageNet state dict
+    (torchvision's for resnet50/resnet18, the official ``resnet50_v2.pth`` for the deep-stem
+    ResNets), or "imagenet" (torchvision download; connected machines only); pretrained
+    backbones are frozen (BAM's always is). ``kwargs`` go to the model (e.g. ``hidden_dim``,
+    ``bins``; BAM: ``shot``, ``base_learner``).
     """
     if name not in MODEL_REGISTRY:
         raise ValueError(f"unknown model {name!r}; expected one of {', '.join(sorted(MODEL_REGISTRY))}")
-    if backbone not in BACKBONES:
-        raise ValueError(f"unknown backbone {backbone!r}; expected one of {', '.join(BACKBONES)}")
+    backbones = getattr(MODEL_REGISTRY[name], "backbones", BACKBONES)  # a model may take its own set
+    if backbone not in backbones:
+        raise ValueError(f"unknown backbone {backbone!r} for {name!r}; expected one of {', '.join(backbones)}")
     return MODEL_REGISTRY[name](backbone=backbone, pretrained=pretrained, **kwargs)
 
 

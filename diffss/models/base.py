@@ -7,6 +7,9 @@ only ONNX-exportable ops (opset 17) with dynamic batch, shot count and image siz
 
 Shapes: query [B,3,H,W] in [0,1]; support_images [B,K,3,Hs,Ws]; support_masks [B,K,Hs,Ws] with
 values 0/1/255 (255 counts as background); logits [B,2,H,W] at the query's resolution.
+
+Models ported from an official implementation also load its checkpoints (``from_official``) and
+reproduce its forward pass on the parity fixtures (``official_parity``, tests/test_parity.py).
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import abc
 import json
 import os
 from pathlib import Path
-from typing import Any, ClassVar, Sequence
+from typing import Any, ClassVar, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -51,6 +54,46 @@ def is_exporting() -> bool:
 def resize_to(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """Bilinear resize of ``x`` to the spatial size of ``like`` (align_corners=True as PFENet)."""
     return F.interpolate(x, size=like.shape[-2:], mode="bilinear", align_corners=True)
+
+
+def adaptive_pool_matrix(length, size, like: torch.Tensor) -> torch.Tensor:
+    """[size, length] matrix ``P`` with ``P @ x`` = PyTorch's adaptive average pooling of ``x``
+    from ``length`` to ``size`` along one axis: output i averages inputs floor(i*L/n) ..
+    ceil((i+1)*L/n) - 1, also when ``size > length`` (windows then repeat inputs).
+
+    Written with shape arithmetic only, so an ONNX trace keeps ``length`` (and ``size``)
+    dynamic where ``AdaptiveAvgPool2d`` would export only for a size that divides the input.
+    """
+    i = torch.arange(size, device=like.device)
+    j = torch.arange(length, device=like.device)
+    start = torch.div(i * length, size, rounding_mode="floor")
+    end = torch.div((i + 1) * length + size - 1, size, rounding_mode="floor")
+    inside = (j[None, :] >= start[:, None]) & (j[None, :] < end[:, None])
+    return inside.to(like.dtype) / (end - start)[:, None].to(like.dtype)
+
+
+def adaptive_avg_pool2d(x: torch.Tensor, size) -> torch.Tensor:
+    """``F.adaptive_avg_pool2d(x, size)`` as two small matrix products (export-friendly, exact
+    up to float rounding); ``size`` is an int or (h, w), ints or traced sizes."""
+    out_h, out_w = (size, size) if not isinstance(size, (tuple, list)) else size
+    rows = adaptive_pool_matrix(x.shape[-2], out_h, x)
+    cols = adaptive_pool_matrix(x.shape[-1], out_w, x)
+    return torch.matmul(torch.matmul(rows, x), cols.transpose(0, 1))
+
+
+class AdaptiveAvgPool(nn.Module):
+    """``nn.AdaptiveAvgPool2d`` through :func:`adaptive_avg_pool2d` (no parameters: a drop-in
+    that keeps official module indices, e.g. PSPNet's PPM ``features.i.0``)."""
+
+    def __init__(self, size: int):
+        super().__init__()
+        self.size = int(size)
+
+    def forward(self, x):
+        return adaptive_avg_pool2d(x, self.size)
+
+    def extra_repr(self) -> str:
+        return f"size={self.size}"
 
 
 def support_masks_at(masks: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
@@ -92,8 +135,14 @@ def segmentation_loss(
     ignore_index: int = 255,
 ) -> torch.Tensor:
     """Cross-entropy on [B,2,H,W] logits vs [B,H,W] targets (255 ignored), plus PFENet's
-    auxiliary term ``aux_weight * mean(CE(aux_i))`` over the per-scale classifiers."""
+    auxiliary term ``aux_weight * mean(CE(aux_i))`` over the per-scale classifiers.
+
+    Per-shot logits [B,K,2,H,W] (HSNet's K one-shot predictions of a K-shot episode) are each
+    scored against the target: the mean of the K cross-entropies."""
     target = target.long()
+    if logits.ndim == 5:
+        target = target.repeat_interleave(logits.shape[1], dim=0)
+        logits = logits.flatten(0, 1)
     loss = F.cross_entropy(logits, target, ignore_index=ignore_index)
     if len(aux_logits):
         aux = sum(F.cross_entropy(a, target, ignore_index=ignore_index) for a in aux_logits) / len(aux_logits)
@@ -118,8 +167,19 @@ class FewShotSegmenter(nn.Module, abc.ABC):
     """
 
     model_name: ClassVar[str] = ""
+    # How diffss.train optimises the model: "adamw" (AdamW, PFENet's poly schedule) or "adam"
+    # (Adam at a constant rate, as HSNet trains).
+    train_optimizer: ClassVar[str] = "adamw"
     support_feature_axes: ClassVar[dict[str, dict[int, str]]] = {}
     set_valued_support_features: ClassVar[dict[str, int]] = {}
+    # config keys naming where initial weights came from: recorded, but not needed (nor read) to
+    # rebuild a saved model, whose weights are all in model.safetensors
+    weight_source_config: ClassVar[tuple[str, ...]] = ("pretrained",)
+    # True when the model's shapes fix the number of supports K (config key "shot"), e.g. BAM's
+    # learned K-shot reweighting; exporters then trace with that K and keep the axis fixed
+    fixed_shot_count: ClassVar[bool] = False
+    # True when forward_train takes ``class_ids`` (the episode's class, [B]), e.g. BAM's base learner
+    uses_episode_class: ClassVar[bool] = False
 
     def __init__(self):
         super().__init__()
@@ -144,9 +204,50 @@ class FewShotSegmenter(nn.Module, abc.ABC):
     def decode_query(self, query: torch.Tensor, *support_features: torch.Tensor) -> torch.Tensor:
         """Query [B,3,H,W] + ``encode_support``'s features -> logits [B,2,H,W]."""
 
+    def predict_masks(
+        self,
+        query: torch.Tensor,
+        support_images: torch.Tensor,
+        support_masks: torch.Tensor,
+        sizes: Sequence[Sequence[int]] | None = None,
+    ) -> torch.Tensor | list[torch.Tensor]:
+        """0/1 masks as the model's official test code predicts them: [B,H,W] int64 at the
+        query's size, or, with ``sizes`` (one (h, w) per episode), a list of [h,w] masks from the
+        logits resized (bilinear, align_corners=True) to each size before the argmax."""
+        logits = self(query, support_images, support_masks)
+        if sizes is None:
+            return logits.argmax(dim=1)
+        return [
+            F.interpolate(logits[i : i + 1], size=tuple(int(v) for v in size), mode="bilinear", align_corners=True).argmax(dim=1)[0]
+            for i, size in enumerate(sizes)
+        ]
+
     @property
     def config(self) -> dict[str, Any]:
         return {"model": self.model_name, **self._config}
+
+    @property
+    def shot_count(self) -> int | None:
+        """The number of supports K the model requires, or None when any K works."""
+        return int(self._config["shot"]) if self.fixed_shot_count else None
+
+    # -- official implementations ----------------------------------------------------------
+    @classmethod
+    def from_official(cls, state_dict: Mapping[str, torch.Tensor], **config) -> "FewShotSegmenter":
+        """Build the model with ``config`` and load a state dict of the official implementation
+        (keys as the official module names them, with or without DataParallel's ``module.``).
+        Unknown or missing keys raise a ValueError that lists them."""
+        raise NotImplementedError(f"{cls.__name__} ({cls.model_name!r}) has no official checkpoint format")
+
+    @classmethod
+    def official_parity(
+        cls, state_dict: Mapping[str, torch.Tensor], case: dict[str, torch.Tensor], metadata: dict[str, str]
+    ) -> dict[str, torch.Tensor]:
+        """Build from the official ``state_dict`` (config from the case's ``metadata``), run it as
+        the official test code runs the official model on the case's ``input.*`` tensors, and
+        return tensors named as the fixture names them: every ``output.*`` of the case, and
+        optionally some ``inter.*``."""
+        raise NotImplementedError(f"{cls.__name__} ({cls.model_name!r}) does not reproduce an official implementation")
 
     # -- validation -------------------------------------------------------------------------
     @staticmethod
@@ -214,12 +315,14 @@ class FewShotSegmenter(nn.Module, abc.ABC):
         model_cls = MODEL_REGISTRY[name]
         if cls is not FewShotSegmenter and not issubclass(model_cls, cls):
             raise ValueError(f"{config_path} holds a {name!r} model, not a {cls.__name__}")
-        kwargs = {k: v for k, v in config.items() if k not in ("model", "format_version", "diffss_version", "pretrained")}
+        sources = model_cls.weight_source_config
+        kwargs = {k: v for k, v in config.items() if k not in ("model", "format_version", "diffss_version", *sources)}
         try:
-            model = model_cls(**kwargs)  # pretrained=None: the weights come from the safetensors file
+            model = model_cls(**kwargs)  # no weight sources: the weights come from the safetensors file
         except (TypeError, ValueError) as exc:
             raise ValueError(f"{config_path}: cannot build {name!r} from this config: {exc}") from exc
-        model._config["pretrained"] = config.get("pretrained")
+        for key in sources:
+            model._config[key] = config.get(key)
         try:
             load_safetensors(model, str(weights_path), strict=True, device=str(map_location))
         except (SafetensorError, RuntimeError, OSError) as exc:

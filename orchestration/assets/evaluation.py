@@ -77,7 +77,7 @@ def condition_inputs(storage: StorageResource, split: str, condition: str, with_
     pool=GPU_POOL,
     op_tags=GPU_OP_TAGS,
     kinds={"pytorch"},
-    code_version="1",
+    code_version="2",  # 2: scored at the model's protocol (diffss.protocol)
     description="mIoU / FB-IoU of the baseline checkpoint on the fold's test episodes, real supports only.",
 )
 def baseline_evaluation(
@@ -110,7 +110,7 @@ def baseline_evaluation(
     kinds={"pytorch"},
     description="mIoU / FB-IoU of the checkpoint trained with auxiliary supports, evaluated with "
     "`eval_aux_shot` auxiliary supports of this condition per episode.",
-    code_version="1",
+    code_version="2",  # 2: scored at the model's protocol (diffss.protocol)
 )
 def auxiliary_evaluation(
     context: dg.AssetExecutionContext,
@@ -144,7 +144,7 @@ def auxiliary_evaluation(
     kinds={"pytorch"},
     description="The X-shot study: mIoU of the checkpoint trained with auxiliary supports as the number of "
     "auxiliary images per episode grows (ExperimentResource.xshot_shots, e.g. 0, 1, 2, 4), same test episodes.",
-    code_version="1",
+    code_version="2",  # 2: scored at the model's protocol (diffss.protocol)
 )
 def xshot_study(
     context: dg.AssetExecutionContext,
