@@ -35,9 +35,10 @@ def pool(tmp_path_factory):
 
 
 def stage(pool, out, stage_name, base=None, steps=20, **kw):
-    return GeneratorTrainConfig(stage=stage_name, output_dir=str(out), base_model=base, dataset="demo",
-                                root=str(pool), split="all", resolution=32, sizes=SIZES, steps=steps, batch_size=4,
-                                learning_rate=2e-3, checkpoint_every=10, local_files_only=True, **kw)
+    settings = dict(dataset="demo", root=str(pool), split="all", resolution=32, sizes=SIZES, batch_size=4,
+                    learning_rate=2e-3, checkpoint_every=10, local_files_only=True)
+    return GeneratorTrainConfig(stage=stage_name, output_dir=str(out), base_model=base, steps=steps,
+                                **{**settings, **kw})
 
 
 @pytest.fixture(scope="module")

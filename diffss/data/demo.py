@@ -216,8 +216,9 @@ def _place(h, w, radii, rng, tries: int = 50):
     return best
 
 
-def render(k: int, n: int, seed: int, num_classes: int = 20) -> tuple[Image.Image, Image.Image]:
-    """Image and 0/255 mask of member n of class k.
+def render_scene(k: int, n: int, seed: int, num_classes: int = 20) -> tuple[Image.Image, list[tuple[int, np.ndarray]]]:
+    """Image of member n of class k and the visible region (bool HxW) of each object in it, as
+    (class index, region) pairs, the target first.
 
     The object of class k stands among 1-2 distractors: objects of other classes of the same
     size, drawn in random order (later ones occlude earlier ones), each in colours drawn around
@@ -231,13 +232,15 @@ def render(k: int, n: int, seed: int, num_classes: int = 20) -> tuple[Image.Imag
     members = [k] + [others[int(i)] for i in rng.integers(len(others), size=int(rng.integers(1, MAX_DISTRACTORS + 1)))]
     radii = [rng.uniform(0.22, 0.32) * side for _ in members]
     centres = _place(h, w, radii, rng)
-    mask = np.zeros((h, w), dtype=bool)
+    visible = [np.zeros((h, w), dtype=bool) for _ in members]
     for j in rng.permutation(len(members)):
         tex, shape = class_spec(members[j])
         u, v = object_frame(h, w, rng, *centres[j], radii[j])
         region = shape_mask(shape, u, v, rng)
         img[region] = texture(tex, u, v, rng, member_colours(members[j], rng))[region]
-        mask = region if j == 0 else mask & ~region
+        for earlier in visible:
+            earlier &= ~region
+        visible[j] = region
 
     # sometimes a small occluder in front: it is removed from the mask
     if rng.random() < 0.2:
@@ -246,8 +249,15 @@ def render(k: int, n: int, seed: int, num_classes: int = 20) -> tuple[Image.Imag
                               rng.uniform(0.08, 0.12) * side)
         occ = shape_mask(SHAPES[int(rng.integers(len(SHAPES)))], ou, ov, rng)
         img[occ] = rng.uniform(0, 1, 3)
-        mask &= ~occ
-    return lighting(img, rng), Image.fromarray(mask.astype(np.uint8) * 255, "L")
+        for region in visible:
+            region &= ~occ
+    return lighting(img, rng), list(zip(members, visible))
+
+
+def render(k: int, n: int, seed: int, num_classes: int = 20) -> tuple[Image.Image, Image.Image]:
+    """Image and 0/255 mask of member n of class k (see :func:`render_scene`)."""
+    image, objects = render_scene(k, n, seed, num_classes)
+    return image, Image.fromarray(objects[0][1].astype(np.uint8) * 255, "L")
 
 
 def render_in_mask(k: int, mask: np.ndarray, rng: np.random.Generator) -> Image.Image:

@@ -32,9 +32,9 @@ DEMO_PRESET = {
     "sizes": {"resolution": 64, "vae_width": 24, "vae_levels": 3, "vae_blocks": 1, "unet_channels": (24, 48, 48),
               "attention_head_dim": 8, "text_width": 48, "text_layers": 2, "text_heads": 4,
               "condition_channels": (16, 24, 48)},
-    "autoencoder": {"steps": 1200, "batch_size": 16, "learning_rate": 2e-3},
-    "text-to-image": {"steps": 3000, "batch_size": 16, "learning_rate": 1e-3},
-    "controlnet": {"steps": 2000, "batch_size": 16, "learning_rate": 1e-3},
+    "autoencoder": {"steps": 600, "batch_size": 16, "learning_rate": 2e-3},
+    "text-to-image": {"steps": 1500, "batch_size": 16, "learning_rate": 1e-3},
+    "controlnet": {"steps": 800, "batch_size": 16, "learning_rate": 1e-3},
     "generation": {"num_inference_steps": 12, "guidance_scale": 3.0, "negative_prompt": "", "resolution": 64},
 }
 

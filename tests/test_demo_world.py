@@ -1,0 +1,71 @@
+"""The demo world needs its supports: distractors as large as the target, and the support check
+(K-shot vs 1-shot, oracle auxiliary set vs none) at small scale."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from diffss.data import build_demo_dataset
+from diffss.data.demo import distractor_classes, render, render_scene
+from diffss.studies import StudyConfig, summarize, support_check
+
+
+def test_the_target_is_not_the_salient_object():
+    """Every image holds a distractor of its fold group; the target is the largest object in
+    only some images, so "segment the biggest object" cannot solve an episode."""
+    largest, comparable, n = 0, 0, 0
+    for k in range(20):
+        for member in range(1, 6):
+            image, objects = render_scene(k, member, seed=0)
+            (target, target_region), others = objects[0], objects[1:]
+            assert target == k and others and all(j in distractor_classes(k, 20) for j, _ in others)
+            assert np.array_equal(np.asarray(render(k, member, 0)[1]) > 0, target_region)
+            areas = [region.sum() for _, region in others]
+            largest += target_region.sum() >= max(areas)
+            comparable += max(areas) >= 0.5 * target_region.sum()
+            n += 1
+    assert largest / n < 0.6, largest / n
+    assert comparable / n > 0.8, comparable / n
+
+
+def _rows(one, five, oracle):
+    rows = []
+    for seed, (a, b, c) in enumerate(zip(one, five, oracle)):
+        rows += [{"arm": "none", "training": "1 real", "test": "1 real", "seed": seed, "miou": a, "fbiou": 50.0},
+                 {"arm": "none", "training": "1 real", "test": "5 real", "seed": seed, "miou": b, "fbiou": 50.0},
+                 {"arm": "oracle", "training": "1 real + 1 aux", "test": "1 real + 1 aux", "seed": seed,
+                  "miou": c, "fbiou": 50.0}]
+    return pd.DataFrame(rows)
+
+
+def test_gains_are_paired_per_seed_and_compared_with_the_spread():
+    summary = summarize(_rows([30, 32, 34, 36], [33, 35, 37, 39], [31, 33, 35, 37])).set_index("test")
+    assert summary.loc["5 real", "gain"] == pytest.approx(3.0)
+    assert summary.loc["5 real", "per_seed_gain"] == "+3.00 +3.00 +3.00 +3.00"
+    spread = float(np.std([30, 32, 34, 36], ddof=1))  # 2.58: the seed std of both settings
+    assert summary.loc["5 real", "spread"] == pytest.approx(spread)
+    assert summary.loc["5 real", "beats_spread"]  # +3 > 2.58
+    assert not summary.loc["1 real + 1 aux", "beats_spread"]  # +1 < 2.58
+
+
+def test_support_check_runs_the_demo_protocol_at_small_scale(tmp_path):
+    torch.set_num_threads(1)
+    root = build_demo_dataset(tmp_path / "demo", seed=0, num_classes=4, per_class=4)
+    cfg = StudyConfig(root=str(root), output_dir=str(tmp_path / "check"), seeds=(0,), steps=3, image_size=64,
+                      batch_size=2, episodes=8, real_shots=(1, 2))
+    verdict = support_check(cfg, reference_spread=1.5, progress=False)
+    assert verdict["spread"] == 1.5  # one seed: the reference spread measured with several
+    assert verdict["passed"] == (verdict["2_shot_gain"] > 1.5 and verdict["oracle_gain"] > 1.5)
+    assert json.loads((tmp_path / "check" / "support_check.json").read_text()) == verdict
+    results = pd.read_csv(tmp_path / "check" / "results.csv")
+    assert set(zip(results["arm"], results["test"])) == {("none", "1 real"), ("none", "2 real"),
+                                                          ("oracle", "1 real + 1 aux")}
+    evals = sorted((tmp_path / "check" / "evals").iterdir())
+    stamps = [p.stat().st_mtime_ns for p in evals]
+    assert support_check(cfg, reference_spread=1.5, progress=False) == verdict  # resumed: nothing recomputed
+    assert [p.stat().st_mtime_ns for p in evals] == stamps
