@@ -13,14 +13,16 @@ import dataclasses
 import json
 import math
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass as plain_dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
 import pandas as pd
 import torch
 from PIL import Image
+from pydantic import ConfigDict, Field, model_validator
+from pydantic.dataclasses import dataclass
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
@@ -33,7 +35,15 @@ IGNORE_INDEX = 255
 
 
 class _JsonConfig:
-    """JSON round-trip for the config dataclasses (``from_dict(cfg.to_dict()) == cfg``)."""
+    """JSON round-trip for the config dataclasses (``from_dict(cfg.to_dict()) == cfg``).
+
+    The configs are pydantic dataclasses: each field's type and ``Field`` constraint is its
+    validation (a bad value raises ``ValueError`` naming the config and the field), so the CLI,
+    the library and the Dagster definitions share one declaration. ``RUNTIME_FIELDS`` name the
+    fields that change where or how fast a run goes, not its result.
+    """
+
+    RUNTIME_FIELDS: tuple[str, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -44,82 +54,83 @@ class _JsonConfig:
         unknown = sorted(set(data) - known)
         if unknown:
             raise ValueError(f"{cls.__name__}: unknown field(s) {unknown}; known fields: {sorted(known)}")
-        values = dict(data)
-        if "seeds" in values and values["seeds"] is not None:
-            values["seeds"] = tuple(values["seeds"])
-        return cls(**values)
+        return cls(**data)
 
     @classmethod
     def from_json(cls, path: str | Path):
         return cls.from_dict(json.loads(Path(path).read_text()))
 
+    def output_settings(self) -> dict[str, Any]:
+        """The fields that determine the result (everything but ``RUNTIME_FIELDS``)."""
+        return {k: v for k, v in self.to_dict().items() if k not in self.RUNTIME_FIELDS}
 
-@dataclass
+
+PositiveInt = Annotated[int, Field(ge=1)]
+NonNegativeInt = Annotated[int, Field(ge=0)]
+_STRICT = ConfigDict(extra="forbid")
+
+
+def _aux_needs_table(cfg: Any) -> Any:
+    if cfg.aux_shot and not cfg.auxiliary_table:
+        raise ValueError(f"{type(cfg).__name__}.auxiliary_table is required when aux_shot > 0")
+    return cfg
+
+
+@dataclass(config=_STRICT)
 class TrainConfig(_JsonConfig):
     dataset: str = "demo"
     root: str | None = None
-    fold: int = 0
+    fold: NonNegativeInt = 0
     model: str = "pfenet"
     backbone: str = "small"
     pretrained: str | None = None
-    image_size: int = 96
-    true_shot: int = 1
-    aux_shot: int = 0
+    image_size: PositiveInt = 96
+    true_shot: PositiveInt = 1
+    aux_shot: NonNegativeInt = 0
     auxiliary_table: str | None = None
     condition: str | None = None
-    max_drift: float | None = None
-    steps: int = 300
-    batch_size: int = 8
-    lr: float = 1e-3
-    weight_decay: float = 1e-4
+    max_drift: Annotated[float, Field(gt=0)] | None = None
+    steps: PositiveInt = 300
+    batch_size: PositiveInt = 8
+    lr: Annotated[float, Field(gt=0)] = 1e-3
+    weight_decay: Annotated[float, Field(ge=0)] = 1e-4
     seed: int = 0
     device: str = "auto"
-    num_workers: int = 0
+    num_workers: NonNegativeInt = 0
     output_dir: str = "data/checkpoints/run"
-    checkpoint_every: int = 100
+    checkpoint_every: PositiveInt = 100
     # Weight of PFENet's per-scale auxiliary losses (the paper uses 1.0).
-    aux_loss_weight: float = 1.0
+    aux_loss_weight: Annotated[float, Field(ge=0)] = 1.0
 
-    def __post_init__(self) -> None:
-        _check_positive(self, "true_shot", "steps", "batch_size", "image_size", "checkpoint_every")
-        if self.aux_shot < 0:
-            raise ValueError(f"TrainConfig.aux_shot must be >= 0, got {self.aux_shot}")
-        if self.aux_shot and not self.auxiliary_table:
-            raise ValueError("TrainConfig.auxiliary_table is required when aux_shot > 0")
-        if self.lr <= 0:
-            raise ValueError(f"TrainConfig.lr must be > 0, got {self.lr}")
+    RUNTIME_FIELDS = ("root", "auxiliary_table", "device", "num_workers", "output_dir", "checkpoint_every")
+
+    _check_aux = model_validator(mode="after")(_aux_needs_table)
 
 
-@dataclass
+@dataclass(config=_STRICT)
 class EvalConfig(_JsonConfig):
     dataset: str = "demo"
     root: str | None = None
-    fold: int = 0
-    shot: int = 1
-    aux_shot: int = 0
+    fold: NonNegativeInt = 0
+    shot: PositiveInt = 1
+    aux_shot: NonNegativeInt = 0
     auxiliary_table: str | None = None
     condition: str | None = None
-    max_drift: float | None = None
-    episodes: int | None = None
+    max_drift: Annotated[float, Field(gt=0)] | None = None
+    episodes: PositiveInt | None = None
     # BAM averages 5 seeds; HSNet uses one. Results are averaged over these.
-    seeds: tuple[int, ...] = (0,)
-    image_size: int = 96
-    batch_size: int = 8
+    seeds: Annotated[tuple[int, ...], Field(min_length=1)] = (0,)
+    image_size: PositiveInt = 96
+    batch_size: PositiveInt = 8
     device: str = "auto"
-    num_examples: int = 4
+    num_examples: NonNegativeInt = 4
 
-    def __post_init__(self) -> None:
-        _check_positive(self, "shot", "image_size", "batch_size")
-        if self.aux_shot < 0:
-            raise ValueError(f"EvalConfig.aux_shot must be >= 0, got {self.aux_shot}")
-        if self.aux_shot and not self.auxiliary_table:
-            raise ValueError("EvalConfig.auxiliary_table is required when aux_shot > 0")
-        if not self.seeds:
-            raise ValueError("EvalConfig.seeds must name at least one seed")
-        self.seeds = tuple(int(s) for s in self.seeds)
+    RUNTIME_FIELDS = ("root", "auxiliary_table", "device")
+
+    _check_aux = model_validator(mode="after")(_aux_needs_table)
 
 
-@dataclass
+@plain_dataclass
 class EvalResult:
     miou: float
     fbiou: float
@@ -129,13 +140,6 @@ class EvalResult:
 
     def summary(self) -> dict[str, float]:
         return {"miou": self.miou, "fbiou": self.fbiou}
-
-
-def _check_positive(cfg: Any, *names: str) -> None:
-    for name in names:
-        value = getattr(cfg, name)
-        if value < 1:
-            raise ValueError(f"{type(cfg).__name__}.{name} must be >= 1, got {value}")
 
 
 def resolve_device(device: str) -> torch.device:
