@@ -34,7 +34,7 @@ def build_automation(settings: ExperimentConfig):
         description="Train every checkpoint of a fold again from scratch; evaluations, X-shot, table and export follow.")
     supports_job = dg.define_asset_job(
         "refresh_supports", partitions_def=FOLD_PARTITIONS,
-        selection=dg.AssetSelection.assets("raw_dataset", "fold_splits", *[dg.AssetKey([c, stage]) for c in settings.conditions
+        selection=dg.AssetSelection.assets("raw_dataset", "fold_splits", "diffusion_models", *[dg.AssetKey([c, stage]) for c in settings.conditions
                                                                             for stage in ("control_conditions", "auxiliary_supports")]),
         description="Index a fold's raw data again and make conditions / auxiliary supports for new or changed supports.")
 
