@@ -18,13 +18,16 @@ from pathlib import Path
 from typing import Any, Sequence
 
 
-def _add_dataclass_options(parser: argparse.ArgumentParser, cls: type) -> None:
+def _add_dataclass_options(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = ()) -> None:
+    """One option per field of a config dataclass (its type and validation stay in the class)."""
     hints = typing.get_type_hints(cls)
     for field in dataclasses.fields(cls):
         hint = hints[field.name]
         args = typing.get_args(hint)
         origin = typing.get_origin(hint)
         flag = "--" + field.name.replace("_", "-")
+        if field.name in skip or origin is dict:
+            continue  # mappings come from the JSON config
         if origin is tuple:
             parser.add_argument(flag, type=int, nargs="+", default=None, help=f"default {field.default}")
             continue
@@ -32,7 +35,12 @@ def _add_dataclass_options(parser: argparse.ArgumentParser, cls: type) -> None:
             base = next(a for a in args if a is not type(None))
         else:
             base = hint
-        parser.add_argument(flag, type=base, default=None, help=f"default {field.default}")
+        if typing.get_origin(base) is typing.Literal:
+            parser.add_argument(flag, choices=typing.get_args(base), default=None, help=f"default {field.default}")
+        elif base is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=f"default {field.default}")
+        else:
+            parser.add_argument(flag, type=base, default=None, help=f"default {field.default}")
 
 
 def _config_from_args(cls: type, args: argparse.Namespace):
@@ -110,15 +118,11 @@ def cmd_conditions(args: argparse.Namespace) -> int:
 def cmd_generate(args: argparse.Namespace) -> int:
     from diffss.generation import GenerationConfig, run_generation
 
-    config = GenerationConfig.from_json(args.generation_config) if args.generation_config else GenerationConfig()
-    overrides = {
-        "base_model": args.base_model,
-        "num_inference_steps": args.steps,
-        "resolution": args.resolution,
-        "device": args.device,
-        "seed": args.seed,
-    }
-    config = dataclasses.replace(config, **{k: v for k, v in overrides.items() if v is not None})
+    values = GenerationConfig.from_json(args.generation_config).to_dict() if args.generation_config else {}
+    for field in dataclasses.fields(GenerationConfig):
+        if getattr(args, field.name, None) is not None:
+            values[field.name] = getattr(args, field.name)
+    config = GenerationConfig.from_dict(values)
     table = run_generation(
         _dataset_kwargs(args),
         condition=args.condition,
@@ -151,6 +155,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from diffss.generation import GenerationConfig
     from diffss.train import EvalConfig, TrainConfig
 
     parser = argparse.ArgumentParser(prog="diffss", description=__doc__.splitlines()[0])
@@ -183,12 +188,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-aux", type=int, default=4, help="auxiliary images per support")
     p.add_argument("--output", default="data/auxiliary")
     p.add_argument("--conditions-dir", default=None, help="where `diffss conditions` wrote them (default data/conditions/<dataset>)")
-    p.add_argument("--generation-config", help="GenerationConfig as JSON (e.g. written by `diffss tiny-models`)")
-    p.add_argument("--base-model", default=None, help="hub id or local directory of Stable Diffusion 1.5")
-    p.add_argument("--steps", type=int, default=None)
-    p.add_argument("--resolution", type=int, default=None)
-    p.add_argument("--device", default=None)
-    p.add_argument("--seed", type=int, default=None, help="global seed of the per-image seeds")
+    p.add_argument("--generation-config", help="GenerationConfig as JSON (e.g. written by `diffss tiny-models`); "
+                   "the options below (its fields) override it")
+    _add_dataclass_options(p, GenerationConfig)
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("tiny-models", help="write tiny random SD + ControlNet models (tests, demo, offline trials)")

@@ -34,7 +34,7 @@ def image_grid(rows: Sequence[Sequence[Image.Image]], tile: int = 96, padding: i
     columns = max((len(r) for r in rows), default=1)
     blank = Image.new("RGB", (tile, tile), "white")
     tiles = [im for row in rows for im in (*row, *[blank] * (columns - len(row)))]
-    batch = torch.stack([torch.from_numpy(np.asarray(im.convert("RGB").resize((tile, tile)))).permute(2, 0, 1)
+    batch = torch.stack([torch.from_numpy(np.array(im.convert("RGB").resize((tile, tile)))).permute(2, 0, 1)
                          for im in tiles])
     grid = make_grid(batch, nrow=columns, padding=padding, pad_value=255)
     return Image.fromarray(grid.permute(1, 2, 0).numpy())
@@ -45,7 +45,7 @@ def stack_panels(panels: Sequence[Image.Image], padding: int = 4) -> Image.Image
     import torch
     from torchvision.utils import make_grid
 
-    batch = torch.stack([torch.from_numpy(np.asarray(p.convert("RGB"))).permute(2, 0, 1) for p in panels])
+    batch = torch.stack([torch.from_numpy(np.array(p.convert("RGB"))).permute(2, 0, 1) for p in panels])
     return Image.fromarray(make_grid(batch, nrow=1, padding=padding, pad_value=255).permute(1, 2, 0).numpy())
 
 

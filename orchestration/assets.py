@@ -115,10 +115,11 @@ class TrainingRun(dg.Config):
 def build_assets(settings: ExperimentConfig) -> list[dg.AssetsDefinition]:
     """Every asset of the experiment ``settings`` describes (one set per condition)."""
     s = settings
-    data_code = ["diffss.data", "diffss.experiment.config", "diffss.experiment.data", "diffss.figures"]
-    support_code = ["diffss.conditions", "diffss.data", "diffss.experiment.config", "diffss.experiment.supports", "diffss.figures"]
-    train_code = ["diffss.train", "diffss.models", "diffss.data", "diffss.experiment.config", "diffss.experiment.training",
-                  "diffss.figures"]
+    # diffss.figures draws previews and loss curves beside the outputs; only the results table's
+    # plots are its product, so only its code version includes the plotting code.
+    data_code = ["diffss.data", "diffss.experiment.config", "diffss.experiment.data"]
+    support_code = ["diffss.conditions", "diffss.data", "diffss.experiment.config", "diffss.experiment.supports"]
+    train_code = ["diffss.train", "diffss.models", "diffss.data", "diffss.experiment.config", "diffss.experiment.training"]
     plan = {"train_aux_shot": s.train_aux_shot, "true_shot": s.train.true_shot, "eval_aux_shot": s.eval_aux_shot,
             "xshot_shots": s.xshot_shots, "shot": s.evaluation.shot, "episodes": s.evaluation.episodes,
             "seeds": s.evaluation.seeds, "image_size": s.evaluation.image_size}

@@ -123,3 +123,21 @@ def out_of_date(defs: dg.Definitions, instance: dg.DagsterInstance, partition: s
         if stale or selected & set(node.parent_keys):
             selected.add(key)
     return [key for key in keys if key in selected]
+
+
+def main() -> int:
+    """``python -m orchestration.lineage``: after ``dvc pull``, record the restored assets in the
+    instance of ``DAGSTER_HOME`` (what ``make demo`` does first), for ``dagster dev`` users."""
+    import os
+
+    from diffss.experiment import ExperimentConfig
+
+    settings = ExperimentConfig.from_yaml(os.environ.get("DIFFSS_CONFIG"))
+    with dg.DagsterInstance.get() as instance:
+        reported = import_lineage(instance, settings.data_root, ".")
+    print(f"restored in Dagster ({os.environ.get('DAGSTER_HOME')}): {len(reported)} asset partitions")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

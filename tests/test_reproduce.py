@@ -25,7 +25,7 @@ from orchestration.lineage import out_of_date
 from orchestration.resources import DvcResource, TrackerResource
 
 FOLD = "demo_fold0"
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
 
 
 def small_settings(**changes) -> ExperimentConfig:

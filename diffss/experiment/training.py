@@ -30,6 +30,9 @@ def train_checkpoint(settings: ExperimentConfig, fold: Fold, condition: str, aux
         shutil.rmtree(partial)
     train(cfg, tracker=tracker, progress=False)
     write_json(partial / "train_config.json", dataclasses.replace(cfg, output_dir=str(out)).to_dict())
+    # The optimizer state only serves resuming the partial run; torch.save also records the name of
+    # the (random) temporary file it wrote, which would make two identical trainings differ.
+    (partial / "trainer_state.pt").unlink(missing_ok=True)
     history = pd.read_csv(partial / "history.csv")
     line_plot(history["step"].tolist(), {"loss": history["loss"].tolist()}, "training loss", "step", "loss",
               partial / "loss.png")
