@@ -13,7 +13,6 @@ import dagster as dg
 
 from diffss import experiment as ex
 from diffss.experiment import BASELINE, FOLDS, ExperimentConfig
-from orchestration.assets import FOLD_PARTITIONS
 
 WEEKLY = "0 3 * * 1"  # Mondays 03:00 UTC
 LISTED = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".txt"}
@@ -27,13 +26,13 @@ def build_automation(settings: ExperimentConfig):
     """(jobs, schedules, sensors) for the experiment ``settings`` describes."""
     conditions = [BASELINE, *settings.conditions]
     checkpoints = dg.AssetSelection.assets(*[dg.AssetKey([c, "checkpoint"]) for c in conditions])
-    fold_job = dg.define_asset_job("fold", selection=dg.AssetSelection.all(), partitions_def=FOLD_PARTITIONS,
+    fold_job = dg.define_asset_job("fold", selection=dg.AssetSelection.all(),
                                    description="Every asset of one fold, from its raw data to the DVC snapshot.")
     retrain_job = dg.define_asset_job(
-        "retrain", selection=checkpoints.downstream() - dg.AssetSelection.assets("dvc_snapshot"), partitions_def=FOLD_PARTITIONS,
+        "retrain", selection=checkpoints.downstream() - dg.AssetSelection.assets("dvc_snapshot"),
         description="Train every checkpoint of a fold again from scratch; evaluations, X-shot, table and export follow.")
     supports_job = dg.define_asset_job(
-        "refresh_supports", partitions_def=FOLD_PARTITIONS,
+        "refresh_supports",
         selection=dg.AssetSelection.assets("raw_dataset", "fold_splits", "diffusion_models", *[dg.AssetKey([c, stage]) for c in settings.conditions
                                                                             for stage in ("control_conditions", "auxiliary_supports")]),
         description="Index a fold's raw data again and make conditions / auxiliary supports for new or changed supports.")

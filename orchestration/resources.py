@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import dagster as dg
 
@@ -28,12 +28,13 @@ def experiment_resource(settings: ExperimentConfig) -> dg.ResourceDefinition:
 
 
 class TrackerResource(dg.ConfigurableResource):
-    """W&B runs through ``diffss.tracking``: ``offline`` (default; ``wandb sync`` later), ``online``,
-    or ``disabled`` (W&B's own off switch). Runs go under ``<dir>/wandb/`` (default ``WANDB_DIR``,
-    else the checkout), one per training, evaluation, X-shot study and export, grouped by fold."""
+    """W&B runs through ``diffss.tracking``: ``offline`` (``wandb sync`` later), ``online``, or
+    ``disabled`` (W&B's own off switch); unset: ``WANDB_MODE``, else online when ``WANDB_API_KEY`` is
+    set, else offline. Runs go under ``<dir>/wandb/`` (default ``WANDB_DIR``, else the checkout), one
+    per training, evaluation, X-shot study and export, grouped by fold."""
 
     project: str = "diffss"
-    mode: Literal["offline", "online", "disabled"] = "offline"
+    mode: str | None = None  # checked by diffss.tracking.resolve_mode
     dir: str | None = None
     tags: list[str] = ["dagster"]
 

@@ -8,7 +8,6 @@ small, in temporary folders.
 
 from __future__ import annotations
 
-import dataclasses
 import datetime
 import json
 import os
@@ -33,7 +32,6 @@ from orchestration.assets import code_version
 from orchestration.definitions import build_definitions, defs
 from orchestration.demo import main as demo_main
 from orchestration.demo import materialize_fold, print_report
-from orchestration.lineage import out_of_date
 from orchestration.resources import DvcResource, TrackerResource
 
 REPO = Path(__file__).resolve().parents[1]
@@ -193,7 +191,7 @@ def test_report_ui_pictures_tables_and_checks(demo_run, capsys):
     print_report(summary, 42.0)
     out = capsys.readouterr().out
     assert "miou_with_aux" in out and "X-shot study" in out and "X=2" in out and "Tiny random diffusion models" in out
-    assert "materialised 17 in one run" in out and "Total: 42.0 s" in out
+    assert "materialised 18 in one run" in out and "Total: 42.0 s" in out  # 17 assets and the DVC snapshot
     aux = _metadata(instance, "seg/auxiliary_supports")
     assert "data:image/png;base64," in aux["grid"].value and Path(aux["grid_path"].value).is_file()
     evaluation = _metadata(instance, "baseline/evaluation")
@@ -248,7 +246,7 @@ def test_the_weekly_retrain_schedule_asks_for_every_indexed_fold(demo_run, tmp_p
 
 @pytest.mark.slow
 @pytest.mark.timeout(1800)
-def test_dagster_asset_materialize_select_on_the_demo_partition(tmp_path):
+def test_dagster_asset_materialize_select_on_the_demo_partition(tmp_path, monkeypatch):
     """Dagster's own CLI with a selection string (its ANTLR grammar) on the demo partition."""
     config = write_settings(tmp_path / "settings.yaml", small_settings(tmp_path / "data", conditions=["seg"]))
     home = tmp_path / "home"
@@ -262,6 +260,7 @@ def test_dagster_asset_materialize_select_on_the_demo_partition(tmp_path):
     assert (fold / "raw_dataset" / "manifest.json").is_file() and (fold / "fold_splits" / "episodes.csv").is_file()
     assert any((fold / "seg" / "control_conditions" / "seg").rglob("*.png"))
     assert not (fold / "seg" / "auxiliary_supports").exists()  # only what was selected
+    monkeypatch.setenv("DAGSTER_HOME", str(home))  # dagster.yaml reads it
     with dg.DagsterInstance.from_ref(InstanceRef.from_dir(str(home))) as instance:
         done = {r.asset_key.to_user_string() for r in instance.get_asset_records()}
     assert done == {"raw_dataset", "fold_splits", "seg/control_conditions"}

@@ -206,5 +206,3 @@ def fresh(out: Path) -> Path:
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
     return out
-
-

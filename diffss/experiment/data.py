@@ -97,5 +97,3 @@ def write_fold_splits(settings: ExperimentConfig, fold: Fold, out: Path) -> dict
 
 def fold_test_classes(splits_dir: Path) -> list[int]:
     return json.loads((splits_dir / "summary.json").read_text())["test_class_ids"]
-
-

@@ -195,5 +195,3 @@ def drifted_share(settings: ExperimentConfig, table_path: Path) -> dict[str, flo
     drift = pd.read_parquet(table_path)["drift"].astype(float).dropna()
     return {"drifted_share": float((drift > settings.drift_threshold).mean()) if len(drift) else 0.0,
             "mean_drift": float(drift.mean()) if len(drift) else float("nan"), "images": int(len(drift))}
-
-

@@ -95,5 +95,3 @@ def missing_classes(expected: list[int], per_class_csv: Path, column: str | None
     frame = pd.read_csv(per_class_csv)
     scored = frame[frame[column].notna()] if column else frame[frame["episodes"] > 0]
     return sorted(set(expected) - {int(c) for c in scored["class_id"]})
-
-
