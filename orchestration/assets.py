@@ -201,7 +201,10 @@ def build_assets(settings: ExperimentConfig) -> list[dg.AssetsDefinition]:
     def dvc_snapshot(context, experiment: dg.ResourceParam[ExperimentConfig], dvc: DvcResource) -> dg.MaterializeResult:
         from orchestration.lineage import export_lineage
 
-        export_lineage(context.instance, experiment.data_root)
+        spec = context.assets_def.get_asset_spec(context.asset_key)
+        export_lineage(context.instance, experiment.data_root, {
+            "code_version": context.assets_def.code_versions_by_key[context.asset_key],
+            "inputs": sorted(dep.asset_key.to_user_string() for dep in spec.deps)})
         info = dvc.publish(experiment.data_root)
         return dg.MaterializeResult(data_version=dg.DataVersion(info["md5"]), metadata={
             "dvc_file": dg.MetadataValue.path(str(Path(dvc.repo_root) / info["dvc_file"])), "md5": info["md5"],

@@ -83,8 +83,10 @@ def materialize_fold(settings: ExperimentConfig, partition: str = DEMO_FOLD, ins
                                "check_warnings": []}
     if selection:
         log(f"[demo] {partition}: {len(selection)} of {total} assets missing or Unsynced; one run materialises them ...")
+        partitioned = any(graph.get(key).is_partitioned for key in selection)  # else only shared assets
         result = dg.materialize(
-            [*defs.assets, *defs.asset_checks], selection=selection, partition_key=partition, instance=instance,
+            [*defs.assets, *defs.asset_checks], selection=selection, partition_key=partition if partitioned else None,
+            instance=instance,
             resources=defs.resources, tags={"diffss/trigger": "demo"}, raise_on_error=False,
             # Steps log to the instance (and the UI); the terminal gets warnings and errors only.
             run_config={"loggers": {"console": {"config": {"log_level": os.environ.get("DIFFSS_LOG_LEVEL", "WARNING")}}}})

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import dagster as dg
 
@@ -38,9 +39,10 @@ def _latest(instance: dg.DagsterInstance, key: dg.AssetKey, partition: str | Non
     return records[0] if records else None
 
 
-def export_lineage(instance: dg.DagsterInstance, data_root: str | Path) -> Path:
+def export_lineage(instance: dg.DagsterInstance, data_root: str | Path, snapshot: dict[str, Any]) -> Path:
     """Write ``<data_root>/lineage.json``: the latest materialisation's version tags of every asset
-    partition whose folder under ``data_root`` holds exactly what it reported."""
+    partition whose folder under ``data_root`` holds exactly what it reported, and the code version
+    and inputs of ``dvc_snapshot`` itself (``snapshot``; its data version is the md5 of data.dvc)."""
     data_root = Path(data_root)
     entries = []
     for key in sorted(instance.get_asset_keys(), key=lambda k: k.to_user_string()):
@@ -55,7 +57,7 @@ def export_lineage(instance: dg.DagsterInstance, data_root: str | Path) -> Path:
             entries.append({"asset": key.to_user_string(), "partition": partition,
                             "tags": {k: v for k, v in sorted(tags.items()) if k.startswith(_KEPT_TAGS)}})
     path = data_root / LINEAGE_FILE
-    text = json.dumps(entries, indent=1, sort_keys=True) + "\n"
+    text = json.dumps({"assets": entries, SNAPSHOT.to_user_string(): snapshot}, indent=1, sort_keys=True) + "\n"
     if not path.is_file() or path.read_text() != text:  # an unchanged record is not rewritten
         write_text_atomic(path, text)
     return path
@@ -67,7 +69,8 @@ def import_lineage(instance: dg.DagsterInstance, data_root: str | Path, repo_roo
     ``dvc_snapshot`` when ``data/`` hashes to the version ``data.dvc`` records. Returns what it reported."""
     data_root = Path(data_root)
     path = data_root / LINEAGE_FILE
-    entries = json.loads(path.read_text()) if path.is_file() else []
+    lineage = json.loads(path.read_text()) if path.is_file() else {}
+    entries = lineage.get("assets", [])
     known = {(e["asset"], e["partition"]) for e in entries}
     done: set[tuple[str, str | None]] = set()
     reported = []
@@ -98,11 +101,18 @@ def import_lineage(instance: dg.DagsterInstance, data_root: str | Path, repo_roo
                 asset_key=key, partition=partition, tags=tags,
                 metadata={"restored": dg.MetadataValue.path(str(folder)), "from": "data/lineage.json"}))
             reported.append(f"{entry['asset']}[{partition}]" if partition else entry["asset"])
-    if repo_root is not None and _latest(instance, SNAPSHOT, None) is None and data_root.is_dir():
+    snapshot = lineage.get(SNAPSHOT.to_user_string())
+    if repo_root is not None and snapshot and _latest(instance, SNAPSHOT, None) is None and data_root.is_dir():
         published = published_version(repo_root, data_root.resolve().relative_to(Path(repo_root).resolve()).as_posix())
         if published is not None and data_version(data_root) == published:
+            tags = {"dagster/data_version": published, "dagster/code_version": snapshot["code_version"]}
+            for dep in snapshot["inputs"]:  # its inputs are every fold's: point at their latest records
+                records = instance.fetch_materializations(dg.AssetKey.from_user_string(dep), limit=1).records
+                if records:
+                    tags[f"dagster/input_data_version/{dep}"] = records[0].asset_materialization.tags["dagster/data_version"]
+                    tags[_POINTER + dep] = str(records[0].storage_id)
             instance.report_runless_asset_event(dg.AssetMaterialization(
-                asset_key=SNAPSHOT, tags={"dagster/data_version": published}, metadata={"md5": published, "from": "data.dvc"}))
+                asset_key=SNAPSHOT, tags=tags, metadata={"md5": published, "from": "data.dvc"}))
             reported.append(SNAPSHOT.to_user_string())
     return reported
 

@@ -173,8 +173,9 @@ def test_one_fold_is_one_run_of_the_whole_graph(demo_run):
 
     assert published_version(tmp) == data_version(tmp / "data")
     lineage = json.loads((tmp / "data" / "lineage.json").read_text())
-    assert {(e["asset"], e["partition"]) for e in lineage} == {(n, None if n == "diffusion_models" else "demo_fold0")
-                                                              for n in names - {"dvc_snapshot"}}
+    assert {(e["asset"], e["partition"]) for e in lineage["assets"]} == {
+        (n, None if n == "diffusion_models" else "demo_fold0") for n in names - {"dvc_snapshot"}}
+    assert lineage["dvc_snapshot"]["inputs"] == ["evaluation_table", "onnx_segmenter"]
     # W&B offline runs: training, evaluation, X-shot and export, read back with wandb's reader
     from diffss.tracking import read_offline_run
 
