@@ -159,7 +159,8 @@ def test_generate_writes_layout_and_table_then_is_idempotent(tmp_path, tiny, seg
         support = samples[int(row.support_name.split("/")[1])]
         assert (row.width, row.height) == support.load_image().size  # resized to the support
         assert row.seed == aux_seed("toy", row.support_name, row.class_id, row.aux_index, tiny.seed)
-        assert 0.0 <= row.drift <= 1.0 and row.seconds > 0 and row.condition == "seg"
+        assert 0.0 <= row.drift <= 1.0 and row.condition == "seg"
+    assert "seconds" not in table.columns  # versioned data holds no timings
         assert json.loads(row.model_ids)["controlnet"] == {"seg": tiny.controlnets["seg"]}
     assert table.prompt.iloc[0].startswith("a real shot photo of ")
 
@@ -268,8 +269,8 @@ def test_killed_run_resumes_without_partial_files(tmp_path, tiny, seg_generator)
     assert all(is_valid_image(root / p) for p in table.path)
     assert all(p.stat().st_mtime_ns == t for p, t in done.items())  # finished images kept as they were
     assert not [p for p in out.rglob("*") if ".tmp" in p.name]
-    # Rows the killed run never recorded are rebuilt (seconds unknown); the rest keep their timing.
-    assert table.seconds.notna().sum() >= 12 - len(done)
+    # Rows the killed run never recorded are rebuilt from their images, byte-identical to a clean run's.
+    assert table.drift.notna().all()
 
 
 SHARD_WORKER = SAMPLES_SNIPPET + """
