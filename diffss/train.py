@@ -119,9 +119,11 @@ class TrainConfig(_JsonConfig):
     _check_aux = model_validator(mode="after")(_aux_needs_table)
 
     @model_validator(mode="after")
-    def _check_base_learner(self):
-        if self.model == "bam" and not self.base_learner:
-            raise ValueError("TrainConfig.base_learner is required for model 'bam': train one with `diffss train-base`")
+    def _check_model(self):
+        if self.model not in MODEL_REGISTRY:
+            raise ValueError(f"TrainConfig.model: unknown model {self.model!r}; known: {sorted(MODEL_REGISTRY)}")
+        # A BAM template without a base learner is valid (the Dagster asset fills it in per fold);
+        # training without one is not (see _model_options).
         if self.base_learner and self.model != "bam":
             raise ValueError(f"TrainConfig.base_learner is for model 'bam', not {self.model!r}")
         return self
@@ -179,6 +181,8 @@ class EvalResult:
 def _model_options(config: TrainConfig) -> dict[str, Any]:
     """Model arguments that come from the training setup rather than from the model's defaults."""
     options: dict[str, Any] = {}
+    if config.model == "bam" and not config.base_learner:
+        raise ValueError("TrainConfig.base_learner is required for model 'bam': train one with `diffss train-base`")
     if config.base_learner:
         options["base_learner"] = config.base_learner
     if getattr(MODEL_REGISTRY.get(config.model), "fixed_shot_count", False):  # BAM: K = real + auxiliary supports
@@ -229,6 +233,7 @@ def train(config: TrainConfig, tracker: Any = None, progress: bool = True) -> Pa
     verified checkpoint and, because episode sampling and shuffling are functions of
     (seed, epoch), continues on exactly the batches an uninterrupted run would have seen.
     """
+    options = _model_options(config)  # a missing BAM base learner fails before anything is written
     out = Path(config.output_dir)
     checkpoints = CheckpointDir(out / CHECKPOINTS, keep=KEEP_CHECKPOINTS)
     saved_config = out / "train_config.json"
@@ -268,7 +273,7 @@ def train(config: TrainConfig, tracker: Any = None, progress: bool = True) -> Pa
     remove_stale_temporaries(out, recursive=False)  # left by a killed run's atomic writes
     checkpoints.clean()
     write_text_atomic(saved_config, json.dumps(config.to_dict(), indent=2))
-    model = build_model(config.model, backbone=config.backbone, pretrained=config.pretrained, **_model_options(config)).to(device)
+    model = build_model(config.model, backbone=config.backbone, pretrained=config.pretrained, **options).to(device)
     params = [p for p in model.parameters() if p.requires_grad]
     if model.train_optimizer == "adam":  # HSNet: plain Adam at a constant rate
         optimizer = torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)

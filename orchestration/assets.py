@@ -156,13 +156,35 @@ def build_assets(settings: ExperimentConfig) -> list[dg.AssetsDefinition]:
         return materialized(out, ex.write_fold_splits(experiment, fold_of(context), out), started)
 
     assets = [diffusion_models, raw_dataset, fold_splits]
+    upstream_of_training = [raw_dataset]
+    if s.uses_base_learner:
+        @dg.asset(partitions_def=FOLD_PARTITIONS, group_name="training", deps=[raw_dataset], **GPU,
+                  kinds={"pytorch", "safetensors"}, code_version=code_version(
+                      ["diffss.train_base", "diffss.models", "diffss.data", "diffss.experiment.config",
+                       "diffss.experiment.training"],
+                      {**s.base_train.output_settings(), "pretrained": weights_identity(s.base_train.pretrained)}),
+                  description="BAM's base learner: a PSPNet trained by semantic segmentation of the fold's base "
+                  "classes, frozen while every meta learner of the fold trains on top of it.")
+        def base_learner(context, config: TrainingRun, experiment: dg.ResourceParam[ExperimentConfig],
+                         tracker: TrackerResource) -> dg.MaterializeResult:
+            fold = fold_of(context)
+            started, out = time.monotonic(), folder(context, "base_learner")
+            with tracker.start(name=f"{fold.key}-base", job_type="train-base", group=fold.key,
+                               config=experiment.base_train_config(fold, out)) as run:
+                info = ex.train_base_learner(experiment, fold, out, run, resume=config.resume)
+                run.log_artifact(out, name=f"base-learner-{fold.key}", type="model", metadata={"partition": fold.key})
+            return materialized(out, info, started)
+
+        assets.append(base_learner)
+        upstream_of_training.append(base_learner)
     checkpoints, evaluations, xshots = {}, {}, {}
     for condition in [BASELINE, *s.conditions]:
         supports = None
         if condition != BASELINE:
             conditions, supports = condition_assets(s, condition, plan, support_code, raw_dataset, fold_splits, diffusion_models)
             assets += [conditions, supports]
-        checkpoints[condition], evaluations[condition], xshot = training_assets(s, condition, train_code, raw_dataset, supports)
+        checkpoints[condition], evaluations[condition], xshot = training_assets(s, condition, train_code,
+                                                                                upstream_of_training, supports)
         assets += [checkpoints[condition], evaluations[condition]]
         if xshot is not None:
             xshots[condition] = xshot
@@ -245,14 +267,14 @@ def condition_assets(s: ExperimentConfig, condition: str, plan: dict, code: list
     return control_conditions, auxiliary_supports
 
 
-def training_assets(s: ExperimentConfig, condition: str, code: list[str], raw_dataset, supports):
+def training_assets(s: ExperimentConfig, condition: str, code: list[str], inputs: list, supports):
     """``<condition>/checkpoint``, ``<condition>/evaluation`` and (with auxiliary supports) ``<condition>/xshot_study``."""
     aux = condition != BASELINE
     training = {**s.train.output_settings(), "pretrained": weights_identity(s.train.pretrained),
                 "train_aux_shot": s.train_aux_shot if aux else 0, "max_drift": s.max_drift if aux else None}
     evaluation = {**s.evaluation.output_settings(), "eval_aux_shot": s.eval_aux_shot if aux else 0,
                   "max_drift": s.max_drift if aux else None}
-    upstream = [raw_dataset, *([supports] if aux else [])]
+    upstream = [*inputs, *([supports] if aux else [])]  # raw data (BAM: and the base learner)
 
     def table(experiment: ExperimentConfig, fold: ex.Fold) -> Path | None:
         return ex.auxiliary_table(experiment.folder(fold, condition, "auxiliary_supports"), fold, condition) if aux else None

@@ -160,8 +160,8 @@ def test_generate_writes_layout_and_table_then_is_idempotent(tmp_path, tiny, seg
         assert (row.width, row.height) == support.load_image().size  # resized to the support
         assert row.seed == aux_seed("toy", row.support_name, row.class_id, row.aux_index, tiny.seed)
         assert 0.0 <= row.drift <= 1.0 and row.condition == "seg"
-    assert "seconds" not in table.columns  # versioned data holds no timings
         assert json.loads(row.model_ids)["controlnet"] == {"seg": tiny.controlnets["seg"]}
+    assert "seconds" not in table.columns  # versioned data holds no timings
     assert table.prompt.iloc[0].startswith("a real shot photo of ")
 
     # Cross-support batches of another size: the same images up to float rounding, which moves
@@ -332,7 +332,7 @@ def test_cross_support_batches_equal_per_support_calls(tmp_path, tiny, seg_gener
     assert len(a) == len(b) == 12
     for path in a.path:
         assert (tmp_path / "a/toy/seg" / path).read_bytes() == (tmp_path / "b/toy/seg" / path).read_bytes()
-    pd.testing.assert_frame_equal(a.drop(columns="seconds"), b.drop(columns="seconds"))
+    pd.testing.assert_frame_equal(a, b)
 
 
 def test_concurrent_shards_equal_the_unsharded_run(tmp_path, tiny, seg_generator):
@@ -359,8 +359,8 @@ def test_concurrent_shards_equal_the_unsharded_run(tmp_path, tiny, seg_generator
     assert files == sorted(p.relative_to(ref) for p in ref.rglob("*.png")) and len(files) == 18
     assert all((root / f).read_bytes() == (ref / f).read_bytes() for f in files)
     table = pd.read_parquet(root / "auxiliary.parquet")
-    assert table.seconds.notna().all() and not [p for p in out.rglob("*") if ".tmp" in p.name]
-    pd.testing.assert_frame_equal(table.drop(columns="seconds"), whole.drop(columns="seconds"))
+    assert not [p for p in out.rglob("*") if ".tmp" in p.name]
+    pd.testing.assert_frame_equal(table, whole)
 
 
 def test_paper_preset_is_controlnet4fss_generator(tmp_path, tiny):

@@ -15,7 +15,7 @@ version of the assets that run it.
 - ``supports.py``: :func:`plan_auxiliary` (which supports get how many auxiliary images: every
   training sample may be drawn as a support; the test supports are those of the fixed evaluation
   episodes), :func:`draw_conditions`, :func:`generate_supports`, their checks.
-- ``training.py``: :func:`train_checkpoint`, :func:`evaluate_checkpoint`, :func:`xshot_study`.
+- ``training.py``: :func:`train_base_learner` (BAM's first stage), :func:`train_checkpoint`, :func:`evaluate_checkpoint`, :func:`xshot_study`.
 - ``results.py``: :func:`results_table`, :func:`choose_checkpoint`, :func:`export_segmenter`.
 """
 
@@ -28,12 +28,14 @@ from diffss.experiment.supports import (
     auxiliary_problems, auxiliary_table, diffusion_models, draw_conditions, drifted_share, generate_supports,
     plan_auxiliary, prepare_diffusion_models,
 )
-from diffss.experiment.training import evaluate_checkpoint, missing_classes, train_checkpoint, xshot_study
+from diffss.experiment.training import (
+    evaluate_checkpoint, missing_classes, train_base_learner, train_checkpoint, xshot_study,
+)
 
 __all__ = [
     "BASELINE", "CONDITIONS", "DATASET_FOLDS", "FOLDS", "RANDOM_HED", "TINY", "ExperimentConfig", "Fold",
     "auxiliary_problems", "auxiliary_table", "changed_samples", "choose_checkpoint", "demo_generation", "diffusion_models",
     "draw_conditions", "drifted_share", "evaluate_checkpoint", "export_segmenter", "fold_test_classes", "generate_supports",
     "index_raw_data", "load_split", "missing_classes", "onnx_parity", "plan_auxiliary", "prepare_diffusion_models", "raw_manifest",
-    "results_table", "train_checkpoint", "write_fold_splits", "xshot_study",
+    "results_table", "train_base_learner", "train_checkpoint", "write_fold_splits", "xshot_study",
 ]

@@ -20,6 +20,7 @@ from pydantic.dataclasses import dataclass
 from diffss.atomic import atomic_path, write_text_atomic
 from diffss.generation.config import GenerationConfig
 from diffss.train import EvalConfig, TrainConfig
+from diffss.train_base import BaseTrainConfig
 
 # Folds each dataset defines (PASCAL-5i and COCO-20i: 4; FSS-1000 one fixed split; the demo 4).
 DATASET_FOLDS: dict[str, tuple[int, ...]] = {
@@ -47,7 +48,7 @@ class Fold:
 FOLDS: dict[str, Fold] = {f.key: f for f in (Fold(d, k) for d, ks in DATASET_FOLDS.items() for k in ks)}
 
 # Template fields each stage sets itself (per fold, per condition); a settings file leaves them out.
-_PER_STAGE = {"dataset", "root", "fold", "aux_shot", "auxiliary_table", "condition", "max_drift", "output_dir"}
+_PER_STAGE = {"dataset", "root", "fold", "aux_shot", "auxiliary_table", "condition", "max_drift", "output_dir", "base_learner"}
 
 
 def demo_generation() -> GenerationConfig:
@@ -80,22 +81,33 @@ class ExperimentConfig:
     export_source: str = "best"
     export_name: Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]+$")] = "diffss"
     train: TrainConfig = field(default_factory=lambda: TrainConfig(checkpoint_every=100))
-    evaluation: EvalConfig = field(default_factory=lambda: EvalConfig(episodes=200))
+    evaluation: EvalConfig = field(default_factory=lambda: EvalConfig(episodes=200, image_size=96))
     generation: GenerationConfig = field(default_factory=demo_generation)
+    # BAM's first stage (used when train.model is "bam"): the base learner, one per fold.
+    base_train: BaseTrainConfig = field(default_factory=BaseTrainConfig)
 
     @model_validator(mode="after")
     def _consistent(self) -> "ExperimentConfig":
         unknown = sorted(set(self.dataset_roots) - set(DATASET_FOLDS))
         if unknown:
             raise ValueError(f"dataset_roots: unknown dataset(s) {unknown}; known: {sorted(DATASET_FOLDS)}")
-        for name, template, cls in (("train", self.train, TrainConfig), ("evaluation", self.evaluation, EvalConfig)):
+        for name, template, cls in (("train", self.train, TrainConfig), ("evaluation", self.evaluation, EvalConfig),
+                                    ("base_train", self.base_train, BaseTrainConfig)):
             defaults = cls()
             preset = sorted(f for f in _PER_STAGE if hasattr(defaults, f) and getattr(template, f) != getattr(defaults, f))
             if preset:
                 raise ValueError(f"{name}: {preset} are set by each stage (fold, condition, paths); leave them out")
+        if self.uses_base_learner and self.base_train.backbone != self.train.backbone:
+            raise ValueError(f"base_train.backbone: {self.base_train.backbone!r} differs from train.backbone "
+                             f"{self.train.backbone!r} (BAM's meta learner shares the base learner's backbone)")
         if self.export_source not in ("best", BASELINE, *self.conditions):
             raise ValueError(f"export_source: {self.export_source!r} is not best, {BASELINE} or one of {self.conditions}")
         return self
+
+    @property
+    def uses_base_learner(self) -> bool:
+        """BAM trains in two stages: a base learner per fold, then the meta learner on top of it."""
+        return self.train.model == "bam"
 
     # ---- loading
 
@@ -158,7 +170,12 @@ class ExperimentConfig:
         return dataclasses.replace(
             self.train, dataset=fold.dataset, root=str(self.dataset_root(fold.dataset)), fold=fold.fold, aux_shot=aux,
             auxiliary_table=str(auxiliary_table) if aux else None, condition=condition if aux else None,
-            max_drift=self.max_drift if aux else None, output_dir=str(output_dir))
+            max_drift=self.max_drift if aux else None, output_dir=str(output_dir),
+            base_learner=str(self.folder(fold, "base_learner")) if self.uses_base_learner else None)
+
+    def base_train_config(self, fold: Fold, output_dir: Path) -> BaseTrainConfig:
+        return dataclasses.replace(self.base_train, dataset=fold.dataset, root=str(self.dataset_root(fold.dataset)),
+                                   fold=fold.fold, output_dir=str(output_dir))
 
     def eval_config(self, fold: Fold, condition: str, auxiliary_table: Path | None, aux_shot: int | None = None) -> EvalConfig:
         aux = 0 if condition == BASELINE else (self.eval_aux_shot if aux_shot is None else aux_shot)

@@ -11,7 +11,7 @@ from typing import Any
 import pandas as pd
 
 from diffss.experiment.config import ExperimentConfig, Fold, fresh, write_csv, write_json
-from diffss.train import TrainConfig
+from diffss.train import CHECKPOINTS, TrainConfig
 
 
 def train_checkpoint(settings: ExperimentConfig, fold: Fold, condition: str, auxiliary: Path | None, out: Path,
@@ -36,14 +36,42 @@ def train_checkpoint(settings: ExperimentConfig, fold: Fold, condition: str, aux
     history = pd.read_csv(partial / "history.csv")
     line_plot(history["step"].tolist(), {"loss": history["loss"].tolist()}, "training loss", "step", "loss",
               partial / "loss.png")
+    # Step folders (optimizer state, manifests) only serve resuming; the top-level files are the model.
+    shutil.rmtree(partial / CHECKPOINTS, ignore_errors=True)
+    swap_in(partial, out)
+    return {"steps": int(history["step"].iloc[-1]), "final_loss": float(history["loss"].iloc[-1]), "aux_shot": cfg.aux_shot,
+            "train_config": cfg.output_settings(), "loss_curve": out / "loss.png"}
+
+
+def train_base_learner(settings: ExperimentConfig, fold: Fold, out: Path, tracker: Any = None,
+                       resume: bool = True) -> dict[str, Any]:
+    """BAM's first stage for ``fold``: the base learner (PSPNet on the fold's base classes), trained in
+    ``<out>.partial`` (resumed if its settings match) and swapped onto ``out`` when finished."""
+    from diffss.train_base import BaseTrainConfig, train_base
+
+    partial = out.with_name(out.name + ".partial")
+    cfg = settings.base_train_config(fold, partial)
+    saved = partial / "base_train_config.json"
+    if partial.exists() and not (resume and saved.is_file()
+                                 and {**BaseTrainConfig.from_json(saved).to_dict(), "steps": 0} == {**cfg.to_dict(), "steps": 0}):
+        shutil.rmtree(partial)
+    train_base(cfg, tracker=tracker, progress=False)
+    history = pd.read_csv(partial / "history.csv")
+    (partial / "trainer_state.pt").unlink(missing_ok=True)
+    shutil.rmtree(partial / CHECKPOINTS, ignore_errors=True)
+    swap_in(partial, out)
+    return {"steps": int(history["step"].iloc[-1]), "final_loss": float(history["loss"].iloc[-1]),
+            "base_train_config": cfg.output_settings()}
+
+
+def swap_in(partial: Path, out: Path) -> None:
+    """Replace ``out`` by the finished ``partial`` folder (readers see the old or the new one)."""
     old = out.with_name(out.name + ".old")
     shutil.rmtree(old, ignore_errors=True)
     if out.exists():
         os.replace(out, old)
     os.replace(partial, out)
     shutil.rmtree(old, ignore_errors=True)
-    return {"steps": int(history["step"].iloc[-1]), "final_loss": float(history["loss"].iloc[-1]), "aux_shot": cfg.aux_shot,
-            "train_config": cfg.output_settings(), "loss_curve": out / "loss.png"}
 
 
 def evaluate_checkpoint(settings: ExperimentConfig, fold: Fold, condition: str, checkpoint: Path,
