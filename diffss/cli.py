@@ -20,33 +20,28 @@ from pathlib import Path
 from typing import Any, Sequence
 
 
-def _parse_bool(text: str) -> bool:
-    if text.lower() in ("true", "1", "yes"):
-        return True
-    if text.lower() in ("false", "0", "no"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
-
-
-def _add_dataclass_options(parser: argparse.ArgumentParser, cls: type) -> None:
+def _add_dataclass_options(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = ()) -> None:
+    """One option per field of a config dataclass (its type and validation stay in the class)."""
     hints = typing.get_type_hints(cls)
     for field in dataclasses.fields(cls):
         hint = hints[field.name]
         args = typing.get_args(hint)
         origin = typing.get_origin(hint)
         flag = "--" + field.name.replace("_", "-")
+        if field.name in skip or origin is dict:
+            continue  # mappings come from the JSON config
         if origin in (typing.Union, types.UnionType):
             base = next(a for a in args if a is not type(None))
         else:
             base = hint
-        if base is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None,
-                                help=f"default {field.default}")
-            continue
         if typing.get_origin(base) is tuple:
             parser.add_argument(flag, type=int, nargs="+", default=None, help=f"default {field.default}")
-            continue
-        parser.add_argument(flag, type=base, default=None, help=f"default {field.default}")
+        elif typing.get_origin(base) is typing.Literal:
+            parser.add_argument(flag, choices=typing.get_args(base), default=None, help=f"default {field.default}")
+        elif base is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=f"default {field.default}")
+        else:
+            parser.add_argument(flag, type=base, default=None, help=f"default {field.default}")
 
 
 def _config_from_args(cls: type, args: argparse.Namespace):
@@ -177,25 +172,18 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise ValueError("give --generation-config or --preset, not both (a preset is a config: "
                          "save GenerationConfig.paper() as JSON to edit it)")
     if args.generation_config:
-        config = GenerationConfig.from_json(args.generation_config)
+        values = GenerationConfig.from_json(args.generation_config).to_dict()
     else:
-        config = GenerationConfig.paper() if args.preset == "paper" else GenerationConfig()
-    controlnets = dict(config.controlnets)
+        values = (GenerationConfig.paper() if args.preset == "paper" else GenerationConfig()).to_dict()
+    for field in dataclasses.fields(GenerationConfig):
+        if getattr(args, field.name, None) is not None:
+            values[field.name] = getattr(args, field.name)
     for item in args.controlnet or []:
         kind, sep, model = item.partition("=")
         if not sep or not model:
             raise ValueError(f"--controlnet takes KIND=MODEL (e.g. seg=data/models/controlnet-seg), got {item!r}")
-        controlnets[kind] = model
-    overrides = {
-        "controlnets": controlnets,
-        "base_model": args.base_model,
-        "num_inference_steps": args.steps,
-        "resolution": args.resolution,
-        "device": args.device,
-        "seed": args.seed,
-        "batch_size": args.batch_size,
-    }
-    config = dataclasses.replace(config, **{k: v for k, v in overrides.items() if v is not None})
+        values["controlnets"] = {**values.get("controlnets", {}), kind: model}
+    config = GenerationConfig.from_dict(values)
     samples, dataset = dataset_samples(_dataset_kwargs(args))
     result = generate_shard(
         samples,
@@ -313,6 +301,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from diffss.generation import GenerationConfig
     from diffss.train import EvalConfig, TrainConfig
     from diffss.train_base import BaseTrainConfig
 
@@ -363,20 +352,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-aux", type=int, default=4, help="auxiliary images per support")
     p.add_argument("--output", default="data/auxiliary")
     p.add_argument("--conditions-dir", default=None, help="where `diffss conditions` wrote them (default data/conditions/<dataset>)")
-    p.add_argument("--generation-config", help="GenerationConfig as JSON (e.g. written by `diffss tiny-models`)")
-    p.add_argument("--base-model", default=None, help="hub id or local directory of Stable Diffusion 1.5")
+    p.add_argument("--generation-config", help="GenerationConfig as JSON (e.g. written by `diffss tiny-models`); "
+                   "the options below (its fields) override it")
+    p.add_argument("--shard", default=None, help="i/n: only shard i (0-based) of n; n workers may share --output "
+                   "(with several GPUs and no --device: cuda:<i mod count>, one worker per GPU)")
     p.add_argument("--controlnet", action="append", metavar="KIND=MODEL",
                    help="ControlNet of a condition kind: hub id or folder (e.g. one `diffss train-controlnet` wrote)")
-    p.add_argument("--steps", type=int, default=None)
-    p.add_argument("--resolution", type=int, default=None)
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:<k>; default: cuda if present "
-                   "(with --shard and several GPUs: cuda:<i mod count>, one worker per GPU)")
-    p.add_argument("--seed", type=int, default=None, help="global seed of the per-image seeds")
-    p.add_argument("--batch-size", type=int, default=None,
-                   help="images per pipeline call, across supports (default: the --num-aux images of one support)")
-    p.add_argument("--shard", default=None, help="i/n: only shard i (0-based) of n; n workers may share --output")
     p.add_argument("--preset", choices=["paper"], default=None,
                    help="paper: ControlNet4FSS's generator settings (DDIM, ControlNet 1.0; see README)")
+    _add_dataclass_options(p, GenerationConfig)
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("tiny-models", help="write tiny random SD + ControlNet models (tests, demo, offline trials)")

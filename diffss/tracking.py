@@ -1,14 +1,16 @@
 """Run tracking with Weights & Biases, offline by default.
 
 ``RunTracker.start(...)`` opens one W&B run and exposes the few things the pipeline logs: metrics,
-a per-class IoU table, example images, artifacts (checkpoint folders, ONNX files) and summary
-values. ``NullTracker`` has the same API and does nothing, for when tracking is off.
+a per-class IoU table, example images (``wandb.Image``), artifacts (checkpoint folders, ONNX files)
+and summary values. Tracking switched off is W&B's own ``mode="disabled"`` (``start_tracker(False)``):
+every call is accepted and nothing is written.
 
 Mode (``mode=None``): ``WANDB_MODE`` if set, else ``"online"`` when ``WANDB_API_KEY`` is set, else
 ``"offline"``. Offline runs are written under ``<dir>/wandb/offline-run-*`` (``dir`` defaults to
 ``WANDB_DIR``, else the project checkout, else the working directory) and uploaded later with
 ``wandb sync <run_dir>``; offline and disabled runs never open a network connection.
-``read_offline_run(run_dir)`` reads an offline run's config, history and summary back.
+``read_offline_run(run_dir)`` reads an offline run back with W&B's own reader of its transaction
+log (``wandb leet inspect --json``), the public interface to that file.
 """
 
 from __future__ import annotations
@@ -17,8 +19,8 @@ import dataclasses
 import json
 import os
 import re
-import struct
-import zlib
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -64,23 +66,6 @@ def _jsonable(value: Any) -> Any:
     if hasattr(value, "item") and callable(value.item) and getattr(value, "ndim", None) == 0:
         return value.item()  # numpy / torch scalars
     return value
-
-
-def _to_image_array(image: Any) -> Any:
-    """PIL images pass through; arrays/tensors become HxW(x3) uint8 (floats read as [0,1])."""
-    import numpy as np
-
-    if hasattr(image, "detach"):  # torch tensor: [3,H,W] or [H,W]
-        image = image.detach().cpu().numpy()
-        if image.ndim == 3 and image.shape[0] in (1, 3):
-            image = np.moveaxis(image, 0, -1)
-    if isinstance(image, np.ndarray):
-        if image.ndim == 3 and image.shape[-1] == 1:
-            image = image[..., 0]
-        if image.dtype.kind == "f":
-            image = (np.clip(image, 0.0, 1.0) * 255.0).round()
-        return np.ascontiguousarray(image.astype(np.uint8))
-    return image
 
 
 class RunTracker:
@@ -189,14 +174,15 @@ class RunTracker:
         self._run.log({name: wandb.Table(dataframe=frame)}, step=step)
 
     def log_images(self, name: str, images: Iterable[Any], step: int | None = None) -> None:
-        """Log images: items are ``(image, caption)`` or bare images (PIL, HWC array, CHW tensor)."""
+        """Log images: items are ``(image, caption)`` or bare images (anything ``wandb.Image`` takes:
+        PIL, HWC array with floats in [0, 1] or uint8, CHW tensor)."""
         import wandb
 
         self._check_open("log_images")
         logged = []
         for item in images:
             image, caption = item if isinstance(item, tuple) else (item, None)
-            logged.append(wandb.Image(_to_image_array(image), caption=caption))
+            logged.append(wandb.Image(image, caption=caption))
         if not logged:
             raise ValueError(f"log_images({name!r}): no images given")
         self._run.log({name: logged}, step=step)
@@ -249,91 +235,12 @@ class RunTracker:
         self.finish(exit_code=1 if exc_type is not None else 0)
 
 
-class NullTracker:
-    """Same API as :class:`RunTracker`; records nothing (tracking switched off)."""
-
-    mode = "off"
-    run_id = None
-    url = None
-    run_dir = None
-
-    def __init__(self) -> None:
-        self.finished = False
-
-    @classmethod
-    def start(cls, project: str | None = None, *args: Any, **kwargs: Any) -> "NullTracker":
-        return cls()
-
-    def log(self, metrics: Mapping[str, Any], step: int | None = None) -> None:
-        pass
-
-    def log_table(self, name: str, frame: Any, step: int | None = None) -> None:
-        pass
-
-    def log_images(self, name: str, images: Iterable[Any], step: int | None = None) -> None:
-        pass
-
-    def log_artifact(self, path: str | os.PathLike, name: str, type: str, metadata: Any = None, aliases: Any = None) -> str:
-        return name
-
-    def update_summary(self, values: Mapping[str, Any]) -> None:
-        pass
-
-    def finish(self, exit_code: int = 0) -> None:
-        self.finished = True
-
-    def __enter__(self) -> "NullTracker":
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        self.finish()
-
-
-def start_tracker(enabled: bool = True, **kwargs: Any) -> RunTracker | NullTracker:
-    """``RunTracker.start(**kwargs)`` when ``enabled``, else a :class:`NullTracker`."""
-    return RunTracker.start(**kwargs) if enabled else NullTracker()
+def start_tracker(enabled: bool = True, **kwargs: Any) -> RunTracker:
+    """``RunTracker.start(**kwargs)``; with ``enabled=False`` a W&B run in ``mode="disabled"``."""
+    return RunTracker.start(**{**kwargs, "mode": kwargs.get("mode") if enabled else "disabled"})
 
 
 # --------------------------------------------------------------------------- offline run reader
-
-# An offline run's ``run-<id>.wandb`` is a LevelDB-style log of protobuf ``Record`` messages:
-# a 7-byte file header (":W&B", magic 0xBEE1, version 0), then 32 KiB blocks of chunks, each with a
-# 7-byte header (crc32 seeded with the chunk type, length, type FULL/FIRST/MIDDLE/LAST).
-_BLOCK = 32768
-_HEADER = 7
-_FULL, _FIRST, _MIDDLE, _LAST = 1, 2, 3, 4
-
-
-def _iter_records(data: bytes, source: Path) -> Iterable[bytes]:
-    if data[:4] != b":W&B":
-        raise ValueError(f"{source}: not a W&B run file (bad header)")
-    pos, pending = _HEADER, b""
-    while pos + _HEADER <= len(data):
-        left_in_block = _BLOCK - pos % _BLOCK
-        if left_in_block < _HEADER:  # block trailer padding
-            pos += left_in_block
-            continue
-        crc, length, kind = struct.unpack("<IHB", data[pos : pos + _HEADER])
-        if kind == 0 and length == 0:
-            break  # zero padding at the end of a partially written file
-        chunk = data[pos + _HEADER : pos + _HEADER + length]
-        pos += _HEADER + length
-        if kind not in (_FULL, _FIRST, _MIDDLE, _LAST) or zlib.crc32(chunk, zlib.crc32(bytes([kind]))) != crc:
-            raise ValueError(f"{source}: corrupt record at byte {pos - length - _HEADER}")
-        pending = chunk if kind in (_FULL, _FIRST) else pending + chunk
-        if kind in (_FULL, _LAST):
-            yield pending
-            pending = b""
-
-
-def _item_path(item: Any) -> list[str]:
-    return list(item.nested_key) if item.nested_key else [item.key]
-
-
-def _set_path(target: dict, keys: list[str], value: Any) -> None:
-    for key in keys[:-1]:
-        target = target.setdefault(key, {})
-    target[keys[-1]] = value
 
 
 @dataclasses.dataclass
@@ -349,43 +256,31 @@ class OfflineRun:
     artifacts: list[dict[str, str]]
 
 
-def read_offline_run(run_dir: str | os.PathLike) -> OfflineRun:
-    """Read config, history rows, final summary and logged artifacts from an offline run folder."""
-    from wandb.proto import wandb_internal_pb2 as pb
+def _leet(run_dir: Path, *flags: str) -> str:
+    wandb_cli = Path(sys.executable).with_name("wandb")
+    command = [str(wandb_cli) if wandb_cli.is_file() else "wandb", "leet", "inspect", *flags, "--json", str(run_dir)]
+    result = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "WANDB_SILENT": "true"})
+    if result.returncode != 0:
+        raise ValueError(f"read_offline_run: wandb could not read {run_dir}: {result.stderr.strip() or result.stdout.strip()}")
+    return result.stdout
 
+
+def read_offline_run(run_dir: str | os.PathLike) -> OfflineRun:
+    """Config, history rows, final summary and logged artifacts of an offline run folder, as W&B's
+    own reader (``wandb leet inspect``) decodes its ``run-*.wandb`` log. History keys of nested
+    values are dotted (``img.count``), as W&B stores them."""
     run_dir = Path(run_dir)
-    files = sorted(run_dir.glob("run-*.wandb"))
-    if not files:
+    if not any(run_dir.glob("run-*.wandb")):
         raise FileNotFoundError(f"read_offline_run: no run-*.wandb file in {run_dir}")
-    result = OfflineRun("", "", "", "", [], {}, [], {}, [])
-    for raw in _iter_records(files[0].read_bytes(), files[0]):
-        record = pb.Record()
-        record.ParseFromString(raw)
-        kind = record.WhichOneof("record_type")
-        if kind == "run":
-            run = record.run
-            result.run_id, result.project, result.name = run.run_id, run.project, run.display_name
-            result.job_type, result.tags = run.job_type, list(run.tags)
-            for item in run.config.update:
-                _set_path(result.config, _item_path(item), json.loads(item.value_json))
-        elif kind == "config":
-            for item in record.config.update:
-                _set_path(result.config, _item_path(item), json.loads(item.value_json))
-        elif kind == "history":
-            row: dict[str, Any] = {}
-            for item in record.history.item:
-                _set_path(row, _item_path(item), json.loads(item.value_json))
-            result.history.append(row)
-        elif kind == "summary":
-            for item in record.summary.update:
-                _set_path(result.summary, _item_path(item), json.loads(item.value_json))
-            for item in record.summary.remove:
-                keys, node = _item_path(item), result.summary
-                for key in keys[:-1]:
-                    node = node.get(key, {})
-                node.pop(keys[-1], None)
-        elif kind == "artifact":
-            art = record.artifact
-            result.artifacts.append({"name": art.name, "type": art.type, "digest": art.digest})
-    result.config.pop("_wandb", None)
-    return result
+    state = json.loads(_leet(run_dir, "--summary"))
+    records = [json.loads(line) for line in _leet(run_dir).splitlines() if line.strip()]
+    run = next((r["run"] for r in records if r["type"] == "run"), {})
+    config = {k: v for k, v in state.get("config", {}).items() if k != "_wandb"}
+    return OfflineRun(
+        run_id=state.get("run_id", ""), project=state.get("project", ""), name=state.get("name", ""),
+        job_type=run.get("job_type", ""), tags=list(state.get("tags") or []), config=config,
+        history=[{**r["history"]["item"]} for r in records if r["type"] == "history"],
+        summary=state.get("summary", {}),
+        artifacts=[{"name": r["artifact"]["name"], "type": r["artifact"]["type"], "digest": r["artifact"]["digest"]}
+                   for r in records if r["type"] == "artifact"],
+    )

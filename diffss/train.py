@@ -14,14 +14,16 @@ import json
 import logging
 import math
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass as plain_dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import numpy as np
 import pandas as pd
 import torch
 from PIL import Image
+from pydantic import ConfigDict, Field, model_validator
+from pydantic.dataclasses import dataclass
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
@@ -38,7 +40,15 @@ log = logging.getLogger(__name__)
 
 
 class _JsonConfig:
-    """JSON round-trip for the config dataclasses (``from_dict(cfg.to_dict()) == cfg``)."""
+    """JSON round-trip for the config dataclasses (``from_dict(cfg.to_dict()) == cfg``).
+
+    The configs are pydantic dataclasses: each field's type and ``Field`` constraint is its
+    validation (a bad value raises ``ValueError`` naming the config and the field), so the CLI,
+    the library and the Dagster definitions share one declaration. ``RUNTIME_FIELDS`` name the
+    fields that change where or how fast a run goes, not its result.
+    """
+
+    RUNTIME_FIELDS: tuple[str, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -49,106 +59,105 @@ class _JsonConfig:
         unknown = sorted(set(data) - known)
         if unknown:
             raise ValueError(f"{cls.__name__}: unknown field(s) {unknown}; known fields: {sorted(known)}")
-        values = dict(data)
-        if "seeds" in values and values["seeds"] is not None:
-            values["seeds"] = tuple(values["seeds"])
-        return cls(**values)
+        return cls(**data)
 
     @classmethod
     def from_json(cls, path: str | Path):
         return cls.from_dict(json.loads(Path(path).read_text()))
 
+    def output_settings(self) -> dict[str, Any]:
+        """The fields that determine the result (everything but ``RUNTIME_FIELDS``)."""
+        return {k: v for k, v in self.to_dict().items() if k not in self.RUNTIME_FIELDS}
 
-@dataclass
+
+PositiveInt = Annotated[int, Field(ge=1)]
+NonNegativeInt = Annotated[int, Field(ge=0)]
+_STRICT = ConfigDict(extra="forbid")
+
+
+def _aux_needs_table(cfg: Any) -> Any:
+    if cfg.aux_shot and not cfg.auxiliary_table:
+        raise ValueError(f"{type(cfg).__name__}.auxiliary_table is required when aux_shot > 0")
+    return cfg
+
+
+@dataclass(config=_STRICT)
 class TrainConfig(_JsonConfig):
     dataset: str = "demo"
     root: str | None = None
-    fold: int = 0
+    fold: NonNegativeInt = 0
     model: str = "pfenet"
     backbone: str = "small"
     pretrained: str | None = None
-    image_size: int = 96
-    true_shot: int = 1
-    aux_shot: int = 0
+    image_size: PositiveInt = 96
+    true_shot: PositiveInt = 1
+    aux_shot: NonNegativeInt = 0
     auxiliary_table: str | None = None
     condition: str | None = None
-    max_drift: float | None = None
-    steps: int = 300
-    batch_size: int = 8
-    lr: float = 1e-3
-    weight_decay: float = 1e-4
+    max_drift: Annotated[float, Field(gt=0)] | None = None
+    steps: PositiveInt = 300
+    batch_size: PositiveInt = 8
+    lr: Annotated[float, Field(gt=0)] = 1e-3
+    weight_decay: Annotated[float, Field(ge=0)] = 1e-4
     seed: int = 0
     device: str = "auto"
-    num_workers: int = 0
+    num_workers: NonNegativeInt = 0
     output_dir: str = "data/checkpoints/run"
-    checkpoint_every: int = 100
+    checkpoint_every: PositiveInt = 100
     # Weight of PFENet's per-scale auxiliary losses (the paper uses 1.0).
-    aux_loss_weight: float = 1.0
+    aux_loss_weight: Annotated[float, Field(ge=0)] = 1.0
     # Leave out samples whose files are bad (counted, logged) instead of failing.
     skip_bad: bool = False
     # BAM: the base learner folder written by `diffss train-base` (frozen while the meta learner trains)
     base_learner: str | None = None
     # which real support each aux image comes from: "round_robin" or "first" (DifFSS-BAM)
-    aux_pairing: str = "round_robin"
+    aux_pairing: Literal[AUX_PAIRING] = "round_robin"
 
-    def __post_init__(self) -> None:
-        _check_positive(self, "true_shot", "steps", "batch_size", "image_size", "checkpoint_every")
-        _check_aux_pairing(self)
-        if self.model == "bam" and not self.base_learner:
-            raise ValueError("TrainConfig.base_learner is required for model 'bam': train one with `diffss train-base`")
+    RUNTIME_FIELDS = ("root", "auxiliary_table", "base_learner", "device", "num_workers", "output_dir",
+                      "checkpoint_every")
+
+    _check_aux = model_validator(mode="after")(_aux_needs_table)
+
+    @model_validator(mode="after")
+    def _check_model(self):
+        if self.model not in MODEL_REGISTRY:
+            raise ValueError(f"TrainConfig.model: unknown model {self.model!r}; known: {sorted(MODEL_REGISTRY)}")
+        # A BAM template without a base learner is valid (the Dagster asset fills it in per fold);
+        # training without one is not (see _model_options).
         if self.base_learner and self.model != "bam":
             raise ValueError(f"TrainConfig.base_learner is for model 'bam', not {self.model!r}")
-        if self.aux_shot < 0:
-            raise ValueError(f"TrainConfig.aux_shot must be >= 0, got {self.aux_shot}")
-        if self.aux_shot and not self.auxiliary_table:
-            raise ValueError("TrainConfig.auxiliary_table is required when aux_shot > 0")
-        if self.lr <= 0:
-            raise ValueError(f"TrainConfig.lr must be > 0, got {self.lr}")
+        return self
 
 
-@dataclass
+@dataclass(config=_STRICT)
 class EvalConfig(_JsonConfig):
     dataset: str = "demo"
     root: str | None = None
-    fold: int = 0
-    shot: int = 1
-    aux_shot: int = 0
+    fold: NonNegativeInt = 0
+    shot: PositiveInt = 1
+    aux_shot: NonNegativeInt = 0
     auxiliary_table: str | None = None
     condition: str | None = None
-    max_drift: float | None = None
+    max_drift: Annotated[float, Field(gt=0)] | None = None
     # The fields below left at None take the evaluation protocol of the model and dataset
     # (diffss.protocol): PFENet/BAM pad to 473 px on PASCAL-5i and score at the original size,
     # HSNet squashes to 400 px and scores there; BAM averages 5 seeds x 1000 episodes.
-    episodes: int | None = None
-    seeds: tuple[int, ...] | None = None
-    image_size: int | None = None
+    episodes: PositiveInt | None = None
+    seeds: Annotated[tuple[int, ...], Field(min_length=1)] | None = None
+    image_size: Annotated[int, Field(ge=16)] | None = None
     # "pfenet" | "bam" | "hsnet": another model family's protocol; None: the model's own
-    protocol: str | None = None
+    protocol: Literal[FAMILIES] | None = None
     # "original" (HSNet's use_original_imgsize) | "input"
-    score_at: str | None = None
-    batch_size: int = 8
+    score_at: Literal[SCORE_AT] | None = None
+    batch_size: PositiveInt = 8
     device: str = "auto"
-    num_examples: int = 4
+    num_examples: NonNegativeInt = 4
     skip_bad: bool = False
-    aux_pairing: str = "round_robin"
+    aux_pairing: Literal[AUX_PAIRING] = "round_robin"
 
-    def __post_init__(self) -> None:
-        _check_positive(self, "shot", "batch_size")
-        _check_aux_pairing(self)
-        if self.image_size is not None and self.image_size < 16:
-            raise ValueError(f"EvalConfig.image_size must be >= 16 or None, got {self.image_size}")
-        if self.protocol is not None and self.protocol not in FAMILIES:
-            raise ValueError(f"EvalConfig.protocol must be one of {FAMILIES} or None, got {self.protocol!r}")
-        if self.score_at is not None and self.score_at not in SCORE_AT:
-            raise ValueError(f"EvalConfig.score_at must be one of {SCORE_AT} or None, got {self.score_at!r}")
-        if self.aux_shot < 0:
-            raise ValueError(f"EvalConfig.aux_shot must be >= 0, got {self.aux_shot}")
-        if self.aux_shot and not self.auxiliary_table:
-            raise ValueError("EvalConfig.auxiliary_table is required when aux_shot > 0")
-        if self.seeds is not None:
-            if not self.seeds:
-                raise ValueError("EvalConfig.seeds must name at least one seed (or None: the protocol's)")
-            self.seeds = tuple(int(s) for s in self.seeds)
+    RUNTIME_FIELDS = ("root", "auxiliary_table", "device", "batch_size")
+
+    _check_aux = model_validator(mode="after")(_aux_needs_table)
 
     def protocol_for(self, model_name: str) -> EvalProtocol:
         """The protocol ``evaluate`` uses for a model of ``model_name`` under this config."""
@@ -156,7 +165,7 @@ class EvalConfig(_JsonConfig):
                             score_at=self.score_at, episodes=self.episodes, seeds=self.seeds)
 
 
-@dataclass
+@plain_dataclass
 class EvalResult:
     miou: float
     fbiou: float
@@ -169,21 +178,11 @@ class EvalResult:
         return {"miou": self.miou, "fbiou": self.fbiou}
 
 
-def _check_positive(cfg: Any, *names: str) -> None:
-    for name in names:
-        value = getattr(cfg, name)
-        if value < 1:
-            raise ValueError(f"{type(cfg).__name__}.{name} must be >= 1, got {value}")
-
-
-def _check_aux_pairing(cfg: Any) -> None:
-    if cfg.aux_pairing not in AUX_PAIRING:
-        raise ValueError(f"{type(cfg).__name__}.aux_pairing must be one of {AUX_PAIRING}, got {cfg.aux_pairing!r}")
-
-
 def _model_options(config: TrainConfig) -> dict[str, Any]:
     """Model arguments that come from the training setup rather than from the model's defaults."""
     options: dict[str, Any] = {}
+    if config.model == "bam" and not config.base_learner:
+        raise ValueError("TrainConfig.base_learner is required for model 'bam': train one with `diffss train-base`")
     if config.base_learner:
         options["base_learner"] = config.base_learner
     if getattr(MODEL_REGISTRY.get(config.model), "fixed_shot_count", False):  # BAM: K = real + auxiliary supports
@@ -234,6 +233,7 @@ def train(config: TrainConfig, tracker: Any = None, progress: bool = True) -> Pa
     verified checkpoint and, because episode sampling and shuffling are functions of
     (seed, epoch), continues on exactly the batches an uninterrupted run would have seen.
     """
+    options = _model_options(config)  # a missing BAM base learner fails before anything is written
     out = Path(config.output_dir)
     checkpoints = CheckpointDir(out / CHECKPOINTS, keep=KEEP_CHECKPOINTS)
     saved_config = out / "train_config.json"
@@ -273,7 +273,7 @@ def train(config: TrainConfig, tracker: Any = None, progress: bool = True) -> Pa
     remove_stale_temporaries(out, recursive=False)  # left by a killed run's atomic writes
     checkpoints.clean()
     write_text_atomic(saved_config, json.dumps(config.to_dict(), indent=2))
-    model = build_model(config.model, backbone=config.backbone, pretrained=config.pretrained, **_model_options(config)).to(device)
+    model = build_model(config.model, backbone=config.backbone, pretrained=config.pretrained, **options).to(device)
     params = [p for p in model.parameters() if p.requires_grad]
     if model.train_optimizer == "adam":  # HSNet: plain Adam at a constant rate
         optimizer = torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)

@@ -13,49 +13,47 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import pandas as pd
 import torch
 import torch.nn.functional as F
+from pydantic import Field
+from pydantic.dataclasses import dataclass
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from diffss.atomic import atomic_path, write_text_atomic
 from diffss.data.semantic import load_semantic_dataset
 from diffss.models import PSPNet
-from diffss.train import IGNORE_INDEX, _check_positive, _JsonConfig, resolve_device, seed_everything
+from diffss.train import _STRICT, IGNORE_INDEX, NonNegativeInt, PositiveInt, _JsonConfig, resolve_device, seed_everything
 
 
-@dataclass
+@dataclass(config=_STRICT)
 class BaseTrainConfig(_JsonConfig):
     dataset: str = "demo"
     root: str | None = None
-    fold: int = 0
+    fold: NonNegativeInt = 0
     backbone: str = "small"
     # ImageNet weights of the backbone (the official resnet50_v2.pth for resnet50_deepstem); trained further
     pretrained: str | None = None
-    image_size: int = 96
-    steps: int = 300
-    batch_size: int = 8
+    image_size: PositiveInt = 96
+    steps: PositiveInt = 300
+    batch_size: PositiveInt = 8
     # BAM's base_lr for the backbone (2.5e-4); the PPM and classifier get head_lr_factor x it
-    lr: float = 2.5e-4
-    head_lr_factor: float = 10.0
-    momentum: float = 0.9
-    weight_decay: float = 1e-4
+    lr: Annotated[float, Field(gt=0)] = 2.5e-4
+    head_lr_factor: Annotated[float, Field(gt=0)] = 10.0
+    momentum: Annotated[float, Field(ge=0)] = 0.9
+    weight_decay: Annotated[float, Field(ge=0)] = 1e-4
     flip: bool = True
     seed: int = 0
     device: str = "auto"
-    num_workers: int = 0
+    num_workers: NonNegativeInt = 0
     output_dir: str = "data/base_learners/run"
-    checkpoint_every: int = 100
+    checkpoint_every: PositiveInt = 100
 
-    def __post_init__(self) -> None:
-        _check_positive(self, "steps", "batch_size", "image_size", "checkpoint_every")
-        if self.lr <= 0 or self.head_lr_factor <= 0:
-            raise ValueError(f"BaseTrainConfig.lr and head_lr_factor must be > 0, got {self.lr}, {self.head_lr_factor}")
+    RUNTIME_FIELDS = ("root", "device", "num_workers", "output_dir", "checkpoint_every")
 
 
 def train_base(config: BaseTrainConfig, tracker: Any = None, progress: bool = True) -> Path:

@@ -1,39 +1,51 @@
-"""Data versioning of the pipeline's ``data/`` folder with DVC.
+"""Data versioning of the pipeline's ``data/`` folder with DVC, through DVC's command line.
 
 ``publish_data`` snapshots ``data/`` into ``data.dvc`` (DVC's content hash of the folder) and pushes
 the content to a DVC remote; ``pull_data`` restores ``data/`` byte for byte from ``data.dvc`` on
 another clone. ``data_version`` computes the same content hash DVC writes into ``data.dvc`` for any
-file or folder, so the orchestrator can use it as a data version.
+file or folder, so the orchestrator can use it as a data version without running DVC.
 
-DVC's Python API (``dvc.repo.Repo``) is used in-process rather than the CLI: it raises typed
-exceptions (lock held, failed transfers) that are mapped to :class:`VersioningError` subclasses
-here, and it never sends the CLI's usage analytics.
+DVC is a tool in its own environment, not a library of diffss: its hydra-core pins an antlr4
+runtime that Dagster's asset-selection grammar cannot load, so ``make`` installs it into
+``.venv-dvc`` (from ``constraints-dvc.txt``) and links ``dvc`` beside this environment's Python.
+:func:`dvc_executable` finds it (``DIFFSS_DVC``, then beside ``sys.executable``, then ``PATH``).
+Every call runs the DVC CLI, whose failures are mapped to the named :class:`VersioningError`
+subclasses below; analytics are off (``DVC_NO_ANALYTICS``).
 
 Remote resolution (``remote=None``): the ``DIFFSS_DVC_REMOTE`` environment variable, else the
-repository's configured default remote (``core.remote`` in ``.dvc/config``/``config.local``), else
-a local folder ``$XDG_CACHE_HOME/diffss/dvc-remote`` (``~/.cache/...``), which is then recorded in
-``.dvc/config.local`` (machine-specific, not committed) so plain ``dvc push``/``dvc pull`` agree.
-Only that built-in default folder is created on demand: any other local remote folder must exist,
-because a missing one usually means an unmounted share and pushing elsewhere would lose the data.
+repository's default remote (``core.remote``; the project commits one under the user's cache,
+``~/.cache/diffss/dvc-remote``, which DVC expands per user), else that same folder is added as the
+default to ``.dvc/config``. Only that built-in folder is created on demand: any other local remote
+folder must exist, because a missing one usually means an unmounted share and pushing elsewhere
+would lose the data. A remote given as a path or URL is recorded in the uncommitted
+``.dvc/config.local`` as ``diffss-override`` (DVC's CLI has no per-call remote URL).
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import os
+import re
+import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any, Iterator
 
 REMOTE_ENV = "DIFFSS_DVC_REMOTE"
+DVC_ENV = "DIFFSS_DVC"
 DEFAULT_REMOTE_NAME = "diffss-local"
-# Name given to a remote passed as a URL/path: it lives only in memory for the call.
+DEFAULT_REMOTE_URL = "~/.cache/diffss/dvc-remote"
 _OVERRIDE_REMOTE_NAME = "diffss-override"
 # Folders DVC itself never tracks inside an output (its default ignore patterns).
 _SKIPPED_DIRS = frozenset({".git", ".hg", ".dvc"})
 _CHUNK = 1 << 20
+# A temporary file in a shared remote younger than this may belong to another clone's running push.
+REMOTE_TMP_MAX_AGE_S = 3600
 
 
 class VersioningError(RuntimeError):
@@ -89,8 +101,7 @@ def _dir_entries(root: Path, *, memo: bool = True) -> list[dict[str, str]]:
             if name == ".git":
                 continue
             full = Path(dirpath, name)
-            rel = full.relative_to(root).as_posix()
-            entries.append({"md5": file_md5(full, memo=memo), "relpath": rel})
+            entries.append({"md5": file_md5(full, memo=memo), "relpath": full.relative_to(root).as_posix()})
     entries.sort(key=lambda e: e["relpath"])
     return entries
 
@@ -126,23 +137,71 @@ def published_version(repo_root: str | os.PathLike, data_dir: str = "data") -> s
 
 
 def _read_dvc_out(dvc_file: Path) -> dict[str, Any]:
-    from dvc.utils.serialize import load_yaml
+    import yaml
 
     try:
-        doc = load_yaml(str(dvc_file))
-        out = doc["outs"][0]
+        out = yaml.safe_load(dvc_file.read_text())["outs"][0]
         return {"md5": str(out["md5"]), "size": out.get("size"), "nfiles": out.get("nfiles")}
     except Exception as exc:  # malformed YAML, missing keys: name the file
         raise VersioningError(f"{dvc_file}: not a valid DVC file with an 'outs[0].md5' entry ({exc})") from exc
+
+
+# --------------------------------------------------------------------------- the DVC command line
+
+
+def dvc_executable() -> str:
+    """The ``dvc`` of the tool environment: ``DIFFSS_DVC``, beside this Python, or on ``PATH``."""
+    candidates = [os.environ.get(DVC_ENV), str(Path(sys.executable).with_name("dvc")), shutil.which("dvc")]
+    for candidate in candidates:
+        if candidate and Path(candidate).is_file() and os.access(candidate, os.X_OK):
+            return candidate
+    raise VersioningError(
+        "the dvc command was not found: `make install` builds it in .venv-dvc and links it as .venv/bin/dvc "
+        f"(or set {DVC_ENV} to a dvc executable)"
+    )
+
+
+def _dvc(root: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    """Run ``dvc <args>`` in ``root``; a failure raises the matching named error."""
+    env = {**os.environ, "DVC_NO_ANALYTICS": "1", "DVC_IGNORE_ISATTY": "true"}
+    result = subprocess.run([dvc_executable(), *args], cwd=root, env=env, capture_output=True, text=True)
+    if check and result.returncode != 0:
+        raise _error_of(root, args, result)
+    return result
+
+
+def _error_of(root: Path, args: tuple[str, ...], result: subprocess.CompletedProcess) -> VersioningError:
+    message = " ".join(line.strip() for line in result.stderr.splitlines() if line.strip()
+                       and not line.startswith("Having any troubles?"))
+    command = f"dvc {' '.join(args)} (in {root})"
+    if "Unable to acquire lock" in message:
+        lock_file = root / ".dvc" / "tmp" / "lock"
+        holder = ""
+        with contextlib.suppress(OSError):
+            pid = lock_file.read_text().strip()
+            holder = f" (held by pid {pid})" if pid else ""
+        return RepoLockedError(
+            f"DVC repository lock {lock_file} is held by another process{holder}; run one DVC step at a "
+            "time (delete the file only if no DVC process is running)"
+        )
+    if re.search(r"is supported, but requires|Unsupported URL type|failed to (push|pull|fetch)|remote '.*' doesn't exist",
+                 message):
+        return RemoteUnavailableError(f"{command} failed: {message}")
+    return VersioningError(f"{command} failed: {message}")
+
+
+def _transferred(output: str) -> int:
+    """Objects moved by push/fetch, from DVC's summary line ("3 files pushed", "1 file fetched")."""
+    match = re.search(r"(\d+) files? (pushed|fetched)", output)
+    return int(match.group(1)) if match else 0
 
 
 # --------------------------------------------------------------------------- repository setup
 
 
 def default_remote_dir() -> Path:
-    """Built-in default remote: ``$XDG_CACHE_HOME/diffss/dvc-remote`` (``~/.cache/...``)."""
-    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(cache) / "diffss" / "dvc-remote"
+    """The built-in default remote, ``~/.cache/diffss/dvc-remote`` for the current user."""
+    return Path(os.path.expanduser(DEFAULT_REMOTE_URL))
 
 
 def _git_root_of(path: Path) -> Path | None:
@@ -161,147 +220,131 @@ def ensure_dvc_repo(repo_root: str | os.PathLike) -> Path:
     root = Path(repo_root).resolve()
     if not root.is_dir():
         raise MissingDataError(f"repository root {root} is not a directory")
-    if (root / ".dvc").is_dir():
-        return root
-    from dvc.exceptions import DvcException
-    from dvc.repo import Repo
-
-    git_root = _git_root_of(root)
-    try:
-        if git_root is None:
-            repo = Repo.init(str(root), no_scm=True)
-        else:
-            repo = Repo.init(str(root), subdir=git_root != root)
-        repo.close()
-    except DvcException as exc:
-        raise VersioningError(f"dvc init in {root} failed: {exc}") from exc
+    if not (root / ".dvc").is_dir():
+        git_root = _git_root_of(root)
+        flags = ["--no-scm"] if git_root is None else (["--subdir"] if git_root != root else [])
+        _dvc(root, "init", "--quiet", *flags)
     return root
 
 
-def _normalise_url(remote: str, root: Path) -> str:
-    if remote.startswith("file://"):
-        remote = remote[len("file://") :]
-    if "://" in remote:
-        return remote
-    path = Path(os.path.expanduser(remote))
-    return str(path if path.is_absolute() else (root / path).resolve())
+def _config(root: Path) -> dict[str, str]:
+    """DVC's merged configuration (``dvc config --list``: repo, then local; the last value wins)."""
+    lines = _dvc(root, "config", "--list").stdout.splitlines()
+    return dict(line.split("=", 1) for line in lines if "=" in line)
 
 
 def _looks_like_url(remote: str) -> bool:
     return "://" in remote or "/" in remote or os.sep in remote or remote.startswith(("~", "."))
 
 
-def _resolve_remote(root: Path, remote: str | None, *, create_default: bool) -> tuple[str, str, dict | None]:
-    """Return (remote name, url, in-memory config override or None)."""
-    from dvc.config import ConfigError
-    from dvc.repo import Repo
+def _normalise_url(remote: str, root: Path) -> str:
+    if remote.startswith("file://"):
+        remote = remote[len("file://"):]
+    if "://" in remote:
+        return remote
+    path = Path(os.path.expanduser(remote))
+    return str(path if path.is_absolute() else (root / path).resolve())
 
-    try:
-        with Repo(str(root)) as repo:
-            remotes = {name: dict(conf) for name, conf in repo.config["remote"].items()}
-            configured_default = repo.config["core"].get("remote")
-    except ConfigError as exc:
-        raise VersioningError(f"{root / '.dvc' / 'config'}: invalid DVC configuration ({exc})") from exc
 
-    if remote is None:
-        remote = os.environ.get(REMOTE_ENV) or None
+def _resolve_remote(root: Path, remote: str | None) -> tuple[str, str]:
+    """(remote name, url) to push to / fetch from; see the module doc for the order."""
+    config = _config(root)
+    remotes = {key[len("remote."):-len(".url")]: url for key, url in config.items()
+               if key.startswith("remote.") and key.endswith(".url")}
+    remote = remote or os.environ.get(REMOTE_ENV) or None
     if remote is not None:
         if remote in remotes and not _looks_like_url(remote):
-            return remote, str(remotes[remote].get("url")), None
+            return remote, remotes[remote]
         if not _looks_like_url(remote):
             raise RemoteUnavailableError(
                 f"DVC remote {remote!r} is not configured in {root / '.dvc'} "
                 f"(configured: {sorted(remotes) or 'none'}); pass a URL or a local path instead"
             )
         url = _normalise_url(remote, root)
-        override = {"remote": {_OVERRIDE_REMOTE_NAME: {"url": url}}, "core": {"remote": _OVERRIDE_REMOTE_NAME}}
-        return _OVERRIDE_REMOTE_NAME, url, override
-
-    if configured_default:
-        if configured_default not in remotes:
-            raise RemoteUnavailableError(
-                f"{root / '.dvc' / 'config'}: core.remote names {configured_default!r}, which is not defined"
-            )
-        return configured_default, str(remotes[configured_default].get("url")), None
-
-    # No remote anywhere: the built-in local folder, recorded in the uncommitted config.local.
-    url = str(default_remote_dir())
-    if create_default:
-        Path(url).mkdir(parents=True, exist_ok=True)
-    with Repo(str(root)) as repo:
-        with repo.config.edit("local") as conf:
-            conf["remote"][DEFAULT_REMOTE_NAME] = {"url": url}
-            conf["core"]["remote"] = DEFAULT_REMOTE_NAME
-    return DEFAULT_REMOTE_NAME, url, None
+        _dvc(root, "remote", "add", "--local", "--force", _OVERRIDE_REMOTE_NAME, url)
+        return _OVERRIDE_REMOTE_NAME, url
+    default = config.get("core.remote")
+    if default:
+        if default not in remotes:
+            raise RemoteUnavailableError(f"{root / '.dvc' / 'config'}: core.remote names {default!r}, which is not defined")
+        return default, remotes[default]
+    _dvc(root, "remote", "add", "--default", DEFAULT_REMOTE_NAME, DEFAULT_REMOTE_URL)
+    return DEFAULT_REMOTE_NAME, str(default_remote_dir())
 
 
-@contextlib.contextmanager
-def _open_repo(root: Path, override: dict | None, url: str) -> Iterator[Any]:
-    from dvc.config import ConfigError
-    from dvc.repo import Repo
+def _check_remote(name: str, url: str, *, for_push: bool) -> None:
+    """Fail early if a local remote folder cannot be used (DVC would create a missing one)."""
+    if "://" in url:
+        return
+    path = Path(url)
+    if not path.is_dir() and path == default_remote_dir():
+        path.mkdir(parents=True, exist_ok=True)  # the built-in default only
+    if not path.is_dir():
+        raise RemoteUnavailableError(
+            f"DVC remote {name!r}: directory {path} does not exist (create it, or set {REMOTE_ENV} / "
+            f"pass remote= to use another remote)"
+        )
+    if for_push and not os.access(path, os.W_OK | os.X_OK):
+        raise RemoteUnavailableError(f"DVC remote {name!r}: directory {path} is not writable")
 
-    try:
-        repo = Repo(str(root), config=override)
-    except ConfigError as exc:
-        raise RemoteUnavailableError(f"DVC remote URL {url!r} is not usable: {exc}") from exc
-    try:
-        yield repo
-    finally:
-        repo.close()
+
+def _cache_dir(root: Path) -> Path:
+    configured = _config(root).get("cache.dir")
+    return (root / ".dvc" / configured).resolve() if configured else root / ".dvc" / "cache"
 
 
-def _check_remote(repo: Any, name: str, url: str, *, for_push: bool) -> str:
-    """Fail early if the remote cannot be used; return its effective URL (absolute for folders)."""
-    from dvc.exceptions import DvcException
-    from dvc_objects.fs.local import LocalFileSystem
-
-    try:
-        remote = repo.cloud.get_remote(name)
-    except (ImportError, DvcException) as exc:
-        # e.g. "s3 is supported, but requires 'dvc-s3' to be installed"
-        raise RemoteUnavailableError(f"DVC remote {name!r} ({url}) cannot be used: {exc}") from exc
-    if isinstance(remote.fs, LocalFileSystem):
-        path = Path(remote.path)
-        if not path.is_dir():
-            raise RemoteUnavailableError(
-                f"DVC remote {name!r}: directory {path} does not exist (create it, or set {REMOTE_ENV} / "
-                f"pass remote= to use another remote)"
-            )
-        if for_push and not os.access(path, os.W_OK | os.X_OK):
-            raise RemoteUnavailableError(f"DVC remote {name!r}: directory {path} is not writable")
-        return str(path)
-    return url
+# --------------------------------------------------------------------------- temporaries
 
 
 @contextlib.contextmanager
-def _repo_lock(repo: Any, root: Path) -> Iterator[None]:
-    """Hold DVC's repository lock for a whole multi-step operation (add+verify+push)."""
-    from dvc.lock import LockError
-    from dvc.repo import lock_repo
-
+def _unlocked(root: Path) -> Iterator[bool]:
+    """Whether no DVC process holds the repository lock (held by us for the block if so)."""
     lock_file = root / ".dvc" / "tmp" / "lock"
-    try:
-        with lock_repo(repo):
-            yield
-    except LockError as exc:
-        holder = ""
-        with contextlib.suppress(OSError):
-            pid = lock_file.read_text().strip()
-            holder = f" (held by pid {pid})" if pid else ""
-        raise RepoLockedError(
-            f"DVC repository lock {lock_file} is held by another process{holder}; "
-            "run one DVC step at a time (delete the file only if no DVC process is running)"
-        ) from exc
+    lock_file.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_file, "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def remove_stale_temporaries(root: str | os.PathLike, remote_url: str | None = None) -> list[Path]:
+    """Remove the ``*.tmp`` files a killed DVC left in the cache (and in a local remote folder).
+
+    DVC writes every object to ``<dir>/.<random>.tmp`` and renames it into place; a kill leaves the
+    temporary behind forever. Cache temporaries go when no DVC process holds the repository lock;
+    those in a local remote (shared by clones) when older than ``REMOTE_TMP_MAX_AGE_S``, so a push
+    running elsewhere is never cut short. Returns the removed files.
+    """
+    root = Path(root).resolve()
+    removed: list[Path] = []
+    folders: list[tuple[Path, float]] = []
+    with _unlocked(root) as free:
+        if free:
+            folders.append((_cache_dir(root), 0.0))
+        if remote_url and "://" not in remote_url:
+            folders.append((Path(remote_url), REMOTE_TMP_MAX_AGE_S))
+        now = time.time()
+        for folder, max_age in folders:
+            if not folder.is_dir():
+                continue
+            for path in folder.rglob("*.tmp"):
+                with contextlib.suppress(OSError):
+                    if path.is_file() and now - path.stat().st_mtime >= max_age:
+                        path.unlink()
+                        removed.append(path)
+    return removed
 
 
 # --------------------------------------------------------------------------- cache verification
 
 
-def _cache_object_path(repo: Any, oid: str) -> Path:
-    return Path(repo.cache.local.path) / oid[:2] / oid[2:]
-
-
-def _verify_cache(repo: Any, oid: str, *, source: str) -> None:
+def _verify_cache(cache: Path, oid: str, *, source: str) -> None:
     """Check every cache object of ``oid`` exists and hashes to its name.
 
     Corrupt objects are deleted before raising: they are content-addressed copies (of the workspace
@@ -311,7 +354,7 @@ def _verify_cache(repo: Any, oid: str, *, source: str) -> None:
     corrupt: list[Path] = []
 
     def check(object_oid: str, label: str) -> bool:
-        path = _cache_object_path(repo, object_oid)
+        path = cache / "files" / "md5" / object_oid[:2] / object_oid[2:]
         if not path.is_file():
             missing.append(f"{label} ({path})")
             return False
@@ -321,7 +364,7 @@ def _verify_cache(repo: Any, oid: str, *, source: str) -> None:
         return True
 
     if check(oid, "directory listing") and oid.endswith(".dir"):
-        listing = json.loads(_cache_object_path(repo, oid).read_text())
+        listing = json.loads((cache / "files" / "md5" / oid[:2] / oid[2:]).read_text())
         for entry in listing:
             check(entry["md5"], entry["relpath"])
     if corrupt:
@@ -361,7 +404,7 @@ def publish_data(repo_root: str | os.PathLike, data_dir: str = "data", remote: s
 
     Runs ``dvc init`` if needed, resolves the remote (see module doc; ``remote`` may be a configured
     remote name, a local path or a URL such as ``s3://bucket/prefix``), checks the remote is usable
-    before anything is written, then under DVC's repository lock runs ``dvc add``, verifies the
+    before anything is written, removes stale DVC temporaries, then runs ``dvc add``, verifies the
     cache objects, and ``dvc push``. Commit ``<data_dir>.dvc`` (and ``.dvc/config``) to git to make
     the version reproducible elsewhere.
 
@@ -372,30 +415,19 @@ def publish_data(repo_root: str | os.PathLike, data_dir: str = "data", remote: s
     Raises :class:`RemoteUnavailableError`, :class:`RepoLockedError`, :class:`CorruptCacheError`,
     :class:`MissingDataError` or :class:`VersioningError`; the data folder is never modified.
     """
-    from dvc.exceptions import DvcException
-
     started = time.monotonic()
     root = ensure_dvc_repo(repo_root)
     data_path = root / data_dir
     if not data_path.exists():
         raise MissingDataError(f"publish_data: data folder {data_path} does not exist")
-    name, url, override = _resolve_remote(root, remote, create_default=True)
-    with _open_repo(root, override, url) as repo:
-        url = _check_remote(repo, name, url, for_push=True)
-        with _repo_lock(repo, root):
-            try:
-                stages = repo.add([str(data_path)])
-            except DvcException as exc:
-                raise VersioningError(f"dvc add {data_path} failed: {exc}") from exc
-            stage = stages[0]
-            oid = stage.outs[0].hash_info.value
-            dvc_file = Path(stage.path)
-            _verify_cache(repo, oid, source=f"the workspace ({data_path})")
-            try:
-                transferred = repo.push(targets=[str(dvc_file)], remote=name)
-            except DvcException as exc:
-                raise RemoteUnavailableError(f"dvc push of {dvc_file.name} to remote {name!r} ({url}) failed: {exc}") from exc
-    return _summary(root, dvc_file, name, url, transferred, started)
+    name, url = _resolve_remote(root, remote)
+    _check_remote(name, url, for_push=True)
+    remove_stale_temporaries(root, url)
+    _dvc(root, "add", data_dir)
+    dvc_file = root / f"{data_dir}.dvc"
+    _verify_cache(_cache_dir(root), _read_dvc_out(dvc_file)["md5"], source=f"the workspace ({data_path})")
+    pushed = _dvc(root, "push", "--remote", name, dvc_file.name)
+    return _summary(root, dvc_file, name, url, _transferred(pushed.stdout), started)
 
 
 def pull_data(
@@ -410,8 +442,6 @@ def pull_data(
     :func:`publish_data` (``transferred`` = objects downloaded). Errors before the checkout leave
     the data folder untouched.
     """
-    from dvc.exceptions import DvcException, DownloadError
-
     started = time.monotonic()
     root = Path(repo_root).resolve()
     dvc_file = root / f"{data_dir}.dvc"
@@ -419,25 +449,18 @@ def pull_data(
         raise MissingDataError(f"pull_data: {dvc_file} does not exist (publish_data writes it; commit it to git)")
     expected = _read_dvc_out(dvc_file)["md5"]
     ensure_dvc_repo(root)
-    name, url, override = _resolve_remote(root, remote, create_default=False)
-    with _open_repo(root, override, url) as repo:
-        url = _check_remote(repo, name, url, for_push=False)
-        with _repo_lock(repo, root):
-            try:
-                transferred = repo.fetch(targets=[str(dvc_file)], remote=name)
-            except DownloadError as exc:
-                raise RemoteUnavailableError(f"dvc fetch of {dvc_file.name} from remote {name!r} ({url}) failed: {exc}") from exc
-            except DvcException as exc:
-                raise VersioningError(f"dvc fetch of {dvc_file.name} failed: {exc}") from exc
-            _verify_cache(repo, expected, source=f"remote {name!r} ({url})")
-            try:
-                repo.checkout(targets=[str(dvc_file)], force=force)
-            except DvcException as exc:
-                raise VersioningError(
-                    f"dvc checkout of {dvc_file.name} into {root / data_dir} failed: {exc} "
-                    "(local changes are kept unless pull_data(force=True))"
-                ) from exc
+    name, url = _resolve_remote(root, remote)
+    _check_remote(name, url, for_push=False)
+    remove_stale_temporaries(root, url)
+    fetched = _dvc(root, "fetch", "--remote", name, dvc_file.name)
+    _verify_cache(_cache_dir(root), expected, source=f"remote {name!r} ({url})")
+    try:
+        _dvc(root, "checkout", *(["--force"] if force else []), dvc_file.name)
+    except RepoLockedError:
+        raise
+    except VersioningError as exc:
+        raise VersioningError(f"{exc} (local changes under {root / data_dir} are kept unless pull_data(force=True))") from exc
     actual = data_version(root / data_dir)
     if actual != expected:
         raise VersioningError(f"{root / data_dir} after pull hashes to {actual}, but {dvc_file.name} records {expected}")
-    return _summary(root, dvc_file, name, url, transferred, started)
+    return _summary(root, dvc_file, name, url, _transferred(fetched.stdout), started)

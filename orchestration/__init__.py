@@ -1,5 +1,5 @@
-"""Dagster orchestration of the diffss pipeline (definitions only; the work is in ``diffss``).
+"""Dagster orchestration of the diffss pipeline: definitions only, every asset a call into ``diffss``.
 
 ``orchestration.definitions.defs`` is the code location; ``python -m orchestration.demo``
-materialises the whole graph for the demo partition headless.
+materialises one fold headless (what ``make demo`` runs).
 """

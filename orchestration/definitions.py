@@ -1,12 +1,14 @@
-"""The Dagster code location of diffss: ``defs`` is the single entry point.
+"""The Dagster code location of diffss: ``defs``, built from the experiment settings.
 
-``dagster dev`` in the repository root loads it through ``[tool.dagster]`` in pyproject.toml.
-Resources default to the embedded demo (see orchestration/resources.py); a run config such as
-examples/pascal5i_run_config.yaml switches to real datasets and weights.
+``dagster dev`` in the repository root loads it through ``[tool.dagster]`` in pyproject.toml;
+``dagster asset materialize -m orchestration.definitions --select ... --partition demo_fold0``
+runs any selection. The settings come from the YAML file ``DIFFSS_CONFIG`` names (the fields of
+:class:`diffss.experiment.ExperimentConfig`; default: the embedded demo): they are part of every
+asset's code version, so they belong to the code location rather than to a run's config.
 
-Executor: ``DIFFSS_DAGSTER_EXECUTOR`` = ``multiprocess`` (default: each step in its own process,
-several partitions side by side), ``in_process``, or ``k8s`` (``dagster_k8s.k8s_job_executor``:
-one pod per step, GPU steps ask for a GPU; see deploy/dagster/README.md).
+Executor: ``DIFFSS_DAGSTER_EXECUTOR`` = ``multiprocess`` (default: each step in its own process),
+``in_process``, or ``k8s`` (``dagster_k8s.k8s_job_executor``: one pod per step, GPU steps ask for
+a GPU; see deploy/dagster/README.md).
 """
 
 from __future__ import annotations
@@ -15,31 +17,13 @@ import os
 
 import dagster as dg
 
-from orchestration.assets.data import fold_splits, raw_dataset
-from orchestration.assets.delivery import dvc_snapshot, onnx_segmenter
-from orchestration.assets.evaluation import auxiliary_evaluation, baseline_evaluation, evaluation_table, xshot_study
-from orchestration.assets.generation import auxiliary_supports, control_conditions
-from orchestration.assets.training import auxiliary_checkpoint, baseline_checkpoint
-from orchestration.automation import JOBS, SCHEDULES, SENSORS
-from orchestration.checks import ALL_CHECKS
-from orchestration.resources import default_resources
+from diffss.experiment import ExperimentConfig
+from orchestration.assets import build_assets
+from orchestration.automation import build_automation
+from orchestration.checks import build_checks
+from orchestration.resources import DvcResource, TrackerResource, experiment_resource
 
-# In lineage order.
-ALL_ASSETS = [
-    raw_dataset,
-    fold_splits,
-    control_conditions,
-    auxiliary_supports,
-    baseline_checkpoint,
-    auxiliary_checkpoint,
-    baseline_evaluation,
-    auxiliary_evaluation,
-    xshot_study,
-    evaluation_table,
-    onnx_segmenter,
-    dvc_snapshot,
-]
-
+CONFIG_ENV = "DIFFSS_CONFIG"
 EXECUTOR_ENV = "DIFFSS_DAGSTER_EXECUTOR"
 
 
@@ -50,18 +34,23 @@ def choose_executor(name: str | None = None) -> dg.ExecutorDefinition:
     if name == "in_process":
         return dg.in_process_executor
     if name == "k8s":
-        from dagster_k8s import k8s_job_executor  # installed in the deployment image only
+        from dagster_k8s import k8s_job_executor  # the `k8s` extra
 
         return k8s_job_executor
     raise ValueError(f"{EXECUTOR_ENV}={name!r}: use multiprocess, in_process or k8s")
 
 
-defs = dg.Definitions(
-    assets=ALL_ASSETS,
-    asset_checks=ALL_CHECKS,
-    jobs=JOBS,
-    schedules=SCHEDULES,
-    sensors=SENSORS,
-    resources=default_resources(),
-    executor=choose_executor(),
-)
+def build_definitions(settings: ExperimentConfig | None = None, tracker: TrackerResource | None = None,
+                      dvc: DvcResource | None = None, executor: str | None = None) -> dg.Definitions:
+    """The code location for ``settings`` (default: the file ``DIFFSS_CONFIG`` names, else the demo)."""
+    settings = settings or ExperimentConfig.from_yaml(os.environ.get(CONFIG_ENV))
+    jobs, schedules, sensors = build_automation(settings)
+    return dg.Definitions(
+        assets=build_assets(settings), asset_checks=build_checks(settings), jobs=jobs, schedules=schedules,
+        sensors=sensors, executor=choose_executor(executor),
+        resources={"experiment": experiment_resource(settings), "tracker": tracker or TrackerResource(),
+                   "dvc": dvc or DvcResource()},
+    )
+
+
+defs = build_definitions()

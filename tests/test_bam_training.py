@@ -125,8 +125,9 @@ def test_aux_pairing_first_takes_every_aux_image_from_the_first_support(demo_roo
 
 
 def test_bam_meta_learner_trains_on_the_frozen_base_learner_difss_protocol(demo_root, aux_table, base_learner, tmp_path):
-    with pytest.raises(ValueError, match="base_learner is required"):
-        TrainConfig(model="bam")
+    with pytest.raises(ValueError, match="base_learner is required"):  # a template may omit it; training may not
+        train(TrainConfig(model="bam", dataset="demo", root=str(demo_root), steps=1, device="cpu",
+                          output_dir=str(tmp_path / "no-base")), progress=False)
     config = TrainConfig(dataset="demo", root=str(demo_root), model="bam", backbone="small", base_learner=str(base_learner),
                          image_size=SIZE, true_shot=1, aux_shot=4, auxiliary_table=str(aux_table), condition="seg",
                          aux_pairing="first", steps=3, batch_size=2, checkpoint_every=3, device="cpu", output_dir=str(tmp_path / "bam"))

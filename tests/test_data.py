@@ -470,7 +470,7 @@ def write_aux_table(demo_root: Path, out: Path, fold: int, per_support: int, ski
                 Image.new("RGB", (64, 48), (si, k * 40, 200 if cond == "seg" else 10)).save(out / rel)
                 rows.append({"dataset": "demo", "support_name": s.name, "class_id": s.class_id,
                              "class_name": s.class_name, "aux_index": k, "seed": k, "prompt": "p",
-                             "condition": cond, "model_ids": "tiny", "path": rel.as_posix(), "seconds": 0.1,
+                             "condition": cond, "model_ids": "tiny", "path": rel.as_posix(),
                              "width": 64, "height": 48, "drift": drift})
     table = out / "aux.parquet"
     pd.DataFrame(rows).sample(frac=1.0, random_state=0).to_parquet(table)  # rows shuffled on purpose

@@ -66,7 +66,7 @@ def test_stages_lower_the_loss_and_generate_loads_the_result(trained, pool, tmp_
     # `diffss generate` loads the trained SD folder and ControlNet through from_pretrained.
     rc = cli_main(["--quiet", "generate", "--dataset", "demo", "--root", str(pool), "--split", "test",
                    "--base-model", str(sd), "--controlnet", f"seg={cn}", "--condition", "seg", "--num-aux", "1",
-                   "--steps", "2", "--resolution", "32", "--output", str(tmp_path / "aux"),
+                   "--num-inference-steps", "2", "--resolution", "32", "--output", str(tmp_path / "aux"),
                    "--conditions-dir", str(tmp_path / "cond")])
     assert rc == 0
     table = pd.read_parquet(tmp_path / "aux" / "demo" / "seg" / "auxiliary.parquet")

@@ -1,7 +1,9 @@
-"""The Dagster layer: definitions, the whole graph on the demo, webserver, automation, partitions, bad config.
+"""The Dagster layer: definitions, code versions, one fold as one run on the demo, reuse, the UI,
+`dagster asset materialize --select`, schedule and sensor, Dagster on PostgreSQL with its daemon,
+the Kubernetes configs against dagster-k8s's schema, bad settings.
 
-Everything runs on the embedded demo (procedural data, tiny random diffusion models, CPU) in
-temporary folders; the webserver test starts ``dagster-webserver`` on a free loopback port.
+Everything runs on the embedded demo (procedural data, tiny random diffusion models, CPU), made
+small, in temporary folders.
 """
 
 from __future__ import annotations
@@ -9,498 +11,67 @@ from __future__ import annotations
 import datetime
 import json
 import os
+import pwd
 import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
 
 import dagster as dg
 import pandas as pd
+from dagster._core.instance.ref import InstanceRef
 import pytest
+import yaml
 
-from orchestration.automation import raw_data_sensor, weekly_retrain_auxiliary, weekly_retrain_baseline
-from orchestration.checks import ALL_CHECKS
-from orchestration.definitions import ALL_ASSETS, defs
-from orchestration.demo import first_error
+from diffss.experiment import FOLDS, ExperimentConfig
+from orchestration.assets import code_version
+from orchestration.definitions import build_definitions, defs
 from orchestration.demo import main as demo_main
-from orchestration.demo import materialize_partition
-from orchestration.partitions import condition_key
-from orchestration.resources import (
-    ConfigError,
-    DiffusionResource,
-    DvcResource,
-    ExperimentResource,
-    SegmenterResource,
-    StorageResource,
-    TrackerResource,
-    resources_from_run_config,
-)
+from orchestration.demo import materialize_fold, print_report
+from orchestration.resources import DvcResource, TrackerResource
 
 REPO = Path(__file__).resolve().parents[1]
-TEST_CONDITIONS = ["seg", "scribble"]  # scribble runs the HED annotator too
+DAGSTER_BIN = Path(sys.executable).parent
+CONDITIONS = ["seg", "scribble"]  # scribble runs the HED annotator too
 
 
-def keys(*names: str) -> list[dg.AssetKey]:
-    # Asset keys, not selection strings: Dagster parses strings with ANTLR, and the pinned
-    # antlr4 runtime (4.9, required by DVC's hydra) cannot load Dagster's generated grammar.
-    return [dg.AssetKey(n) for n in names]
+def small_settings(data_root: Path, **changes) -> ExperimentConfig:
+    """The demo, smaller: fewer images, steps and episodes."""
+    values = {"data_root": str(data_root), "demo_images_per_class": 4, "conditions": CONDITIONS, "xshot_shots": [0, 1, 2],
+              "train": {"steps": 4, "image_size": 64}, "evaluation": {"episodes": 8, "image_size": 64, "num_examples": 2}}
+    return ExperimentConfig(**{**values, **changes})
 
 
-def small_run_config(tmp: Path, **experiment) -> dict:
-    """The demo, smaller: fewer images, steps and episodes; everything under ``tmp``."""
-    (tmp / "remote").mkdir(parents=True, exist_ok=True)
-    return {
-        "resources": {
-            "storage": {"config": {"data_root": str(tmp / "data"), "demo_images_per_class": 5}},
-            "experiment": {"config": {"conditions": TEST_CONDITIONS, "train_steps": 12, "eval_episodes": 12, "image_size": 64,
-                                      "xshot_shots": [0, 1, 2], **experiment}},
-            "tracker": {"config": {"mode": "offline", "dir": str(tmp / "wandb")}},
-            "dvc": {"config": {"repo_root": str(tmp), "remote": str(tmp / "remote")}},
-        }
-    }
+def write_settings(path: Path, settings: ExperimentConfig) -> Path:
+    path.write_text(yaml.safe_dump(settings.to_dict()))
+    return path
+
+
+def env_for(home: Path, config: Path, **extra: str) -> dict[str, str]:
+    return {**os.environ, "DAGSTER_HOME": str(home), "DIFFSS_CONFIG": str(config), "PYTHONPATH": str(REPO),
+            "WANDB_MODE": "disabled", **extra}
 
 
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):
-    """The whole graph for demo_fold0, in-process, recorded in one ephemeral instance."""
+    """demo_fold0 brought up to date in one run, recorded in one instance, published with DVC."""
     tmp = tmp_path_factory.mktemp("orchestration_demo")
+    (tmp / "remote").mkdir()
+    settings = small_settings(tmp / "data")
     instance = dg.DagsterInstance.ephemeral()
-    summary = materialize_partition("demo_fold0", run_config=small_run_config(tmp), instance=instance, log=lambda *_: None)
-    return tmp, instance, summary
+    summary = materialize_fold(settings, "demo_fold0", instance, tracker=TrackerResource(mode="offline", dir=str(tmp / "wandb")),
+                               dvc=DvcResource(repo_root=str(tmp), remote=str(tmp / "remote")), log=lambda *_: None)
+    return tmp, settings, instance, summary
 
 
 def _metadata(instance: dg.DagsterInstance, key: str) -> dict:
-    event = instance.get_latest_materialization_event(dg.AssetKey(key))
+    event = instance.get_latest_materialization_event(dg.AssetKey.from_user_string(key))
     assert event is not None, f"{key} was not materialised"
     return event.asset_materialization.metadata
-
-
-# ----------------------------------------------------------------------------- definitions
-
-
-def test_definitions_load_with_lineage_partitions_and_checks():
-    dg.Definitions.validate_loadable(defs)
-    graph = defs.resolve_asset_graph()
-    deps = {key.to_user_string(): {p.to_user_string() for p in graph.get(key).parent_keys} for key in graph.get_all_asset_keys()}
-    assert deps["fold_splits"] == {"raw_dataset"}
-    assert deps["control_conditions"] == {"fold_splits"}
-    assert deps["auxiliary_supports"] == {"control_conditions"}
-    assert deps["baseline_checkpoint"] == {"fold_splits"}
-    assert deps["auxiliary_checkpoint"] == {"auxiliary_supports"}
-    assert deps["evaluation_table"] == {"baseline_evaluation", "auxiliary_evaluation", "xshot_study"}
-    assert deps["onnx_segmenter"] == {"evaluation_table"}
-    # fold-level assets by (dataset, fold); condition-level ones also by condition
-    assert isinstance(graph.get(dg.AssetKey("auxiliary_supports")).partitions_def, dg.MultiPartitionsDefinition)
-    assert "demo_fold1" in graph.get(dg.AssetKey("raw_dataset")).partitions_def.get_partition_keys()
-    # GPU steps share the `gpu` pool (one slot in dagster.yaml), DVC has its own
-    pools = {name: defs.resolve_assets_def(name).op.pool for name in ("auxiliary_supports", "baseline_checkpoint", "dvc_snapshot", "fold_splits")}
-    assert pools == {"auxiliary_supports": "gpu", "baseline_checkpoint": "gpu", "dvc_snapshot": "dvc", "fold_splits": None}
-    names = {key.name for spec in ALL_CHECKS for key in spec.check_keys}
-    assert {"auxiliary_count", "auxiliary_images_match_supports", "drifted_share", "onnx_parity"} <= names
-    assert {j.name for j in defs.get_repository_def().get_all_jobs()} >= {"fold_data_job", "supports_job", "retrain_baseline_job"}
-
-
-def test_executor_is_chosen_by_environment(monkeypatch):
-    from orchestration.definitions import EXECUTOR_ENV, choose_executor
-
-    monkeypatch.delenv(EXECUTOR_ENV, raising=False)
-    assert choose_executor() is dg.multiprocess_executor  # default: partitions' steps in processes
-    monkeypatch.setenv(EXECUTOR_ENV, "in_process")
-    assert choose_executor() is dg.in_process_executor
-    with pytest.raises(ValueError, match=EXECUTOR_ENV):
-        choose_executor("celery")
-    try:  # dagster-k8s is installed in the cluster image only
-        import dagster_k8s
-    except ImportError:
-        with pytest.raises(ImportError, match="dagster_k8s"):
-            choose_executor("k8s")
-    else:
-        assert choose_executor("k8s") is dagster_k8s.k8s_job_executor
-
-
-def test_dagster_yaml_is_a_valid_instance_config(tmp_path, monkeypatch):
-    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path))
-    shutil.copyfile(REPO / "dagster.yaml", tmp_path / "dagster.yaml")
-    from dagster._core.instance.ref import InstanceRef
-
-    instance = dg.DagsterInstance.from_ref(InstanceRef.from_dir(str(tmp_path)))
-    try:
-        config = instance.get_concurrency_config()
-        assert config.pool_config.default_pool_limit == 1
-        assert config.run_queue_config.max_concurrent_runs >= 2
-        assert type(instance.run_coordinator).__name__ == "QueuedRunCoordinator"
-    finally:
-        instance.dispose()
-
-
-# ----------------------------------------------------------------------------- the whole graph
-
-
-def test_whole_graph_materialises_on_the_demo(demo_run):
-    tmp, instance, summary = demo_run
-    assert all(stage["success"] for stage in summary["stages"])
-    for asset in ALL_ASSETS:
-        _metadata(instance, asset.key.path[-1])
-
-    results = pd.read_csv(summary["results_csv"])
-    assert list(results["condition"]) == TEST_CONDITIONS
-    assert results[["miou_with_aux", "miou_without_aux"]].apply(lambda c: c.between(0, 100)).all().all()
-    split_dir = tmp / "data" / "demo_fold0"
-    for condition in TEST_CONDITIONS:  # each condition partition in its own folder
-        assert (split_dir / condition / "checkpoint" / "model.safetensors").is_file()
-        table_dir = split_dir / condition / "auxiliary" / "demo" / condition
-        table = pd.read_parquet(table_dir / "auxiliary.parquet")
-        assert set(table["condition"]) == {condition}
-        assert all((table_dir / p).is_file() for p in table["path"])
-        xshot = pd.read_csv(split_dir / condition / "xshot" / "xshot.csv")
-        assert list(xshot["aux_shot"]) == [0, 1, 2]
-    assert (split_dir / "model_repository" / "parity.json").is_file()
-    assert (tmp / "data.dvc").is_file()  # published with DVC at the end
-    # W&B offline runs, one per training / evaluation / study / export
-    assert len(list((tmp / "wandb" / "wandb").glob("offline-run-*"))) >= 2 + 3 * len(TEST_CONDITIONS)
-
-
-def test_demo_report_prints_results_and_where_outputs_are(demo_run, capsys):
-    from orchestration.demo import print_report
-
-    _, _, summary = demo_run
-    print_report(summary, 42.0)
-    out = capsys.readouterr().out
-    assert "miou_with_aux" in out and "seg" in out and "scribble" in out
-    assert summary["results_csv"] in out and summary["model_repository"] in out
-    assert "Tiny random diffusion models" in out and "Total: 42.0 s" in out
-
-
-def test_ui_metadata_has_images_tables_and_plots(demo_run):
-    _, instance, _ = demo_run
-    aux = _metadata(instance, "auxiliary_supports")
-    assert "data:image/png;base64," in aux["grid"].value and Path(aux["grid_path"].value).is_file()
-    predictions = _metadata(instance, "baseline_evaluation")
-    assert Path(predictions["predictions_path"].value).is_file() and "|" in predictions["per_class_iou"].value
-    table = _metadata(instance, "evaluation_table")
-    assert "miou_with_aux" in table["results"].value
-    for plot in ("miou_plot", "xshot_curve"):
-        assert table[plot].value.startswith("![") and Path(table[f"{plot}_path"].value).stat().st_size > 1000
-
-
-def test_asset_checks_ran_per_partition(demo_run):
-    _, instance, summary = demo_run
-    assert summary["check_errors"] == []
-    records = {}
-    for spec in ALL_CHECKS:
-        for key in spec.check_keys:
-            record = instance.event_log_storage.get_asset_check_execution_history(key, limit=5)
-            records[key.name] = record
-    for name in ("auxiliary_count", "auxiliary_images_match_supports", "baseline_covers_fold_classes",
-                 "auxiliary_covers_fold_classes", "table_covers_fold_classes", "onnx_parity", "drifted_share"):
-        assert records[name], f"check {name} never ran"
-    evaluation = records["auxiliary_count"][0].event.dagster_event.event_specific_data
-    assert evaluation.passed and evaluation.partition is not None
-    drift = records["drifted_share"][0].event.dagster_event.event_specific_data
-    assert drift.severity == dg.AssetCheckSeverity.WARN
-
-
-# ----------------------------------------------------------------------------- webserver
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _graphql(port: int, query: str) -> dict:
-    request = urllib.request.Request(f"http://127.0.0.1:{port}/graphql", data=json.dumps({"query": query}).encode(),
-                                     headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(request, timeout=30) as response:
-        return json.loads(response.read())
-
-
-def test_webserver_serves_the_asset_graph_over_graphql(tmp_path):
-    home = tmp_path / "dagster_home"
-    home.mkdir()
-    shutil.copyfile(REPO / "dagster.yaml", home / "dagster.yaml")
-    port = _free_port()
-    env = {**os.environ, "DAGSTER_HOME": str(home), "PYTHONPATH": str(REPO)}
-    webserver = Path(sys.executable).with_name("dagster-webserver")
-    proc = subprocess.Popen([str(webserver), "-m", "orchestration.definitions", "-h", "127.0.0.1", "-p", str(port)],
-                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/server_info", timeout=5):
-                    break
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise AssertionError(proc.stdout.read().decode()[-3000:]) from None
-                time.sleep(0.5)
-        data = _graphql(port, "{ assetNodes { assetKey { path } dependencyKeys { path } hasAssetChecks } }")["data"]
-        nodes = {"/".join(n["assetKey"]["path"]): n for n in data["assetNodes"]}
-        assert set(nodes) == {a.key.to_user_string() for a in ALL_ASSETS}
-        parents = {k: {"/".join(d["path"]) for d in n["dependencyKeys"]} for k, n in nodes.items()}
-        assert parents["auxiliary_supports"] == {"control_conditions"}
-        assert parents["evaluation_table"] == {"baseline_evaluation", "auxiliary_evaluation", "xshot_study"}
-        assert nodes["auxiliary_supports"]["hasAssetChecks"]
-    finally:
-        os.killpg(proc.pid, 15)  # the webserver and the code server it started
-        proc.wait(timeout=30)
-
-
-# ----------------------------------------------------------------------------- schedule and sensor
-
-
-def _resources(tmp: Path) -> dict:
-    return {"storage": StorageResource(data_root=str(tmp / "data")), "experiment": ExperimentResource(conditions=TEST_CONDITIONS)}
-
-
-def test_weekly_retrain_schedules(demo_run, tmp_path):
-    tmp, _, _ = demo_run
-    monday = datetime.datetime(2026, 11, 30, 3, 0, tzinfo=datetime.timezone.utc)
-    with dg.build_schedule_context(resources=_resources(tmp_path), scheduled_execution_time=monday) as empty:
-        assert isinstance(weekly_retrain_baseline(empty), dg.SkipReason)
-    with dg.build_schedule_context(resources=_resources(tmp), scheduled_execution_time=monday) as context:
-        baseline = weekly_retrain_baseline(context)
-        auxiliary = weekly_retrain_auxiliary(context)
-    assert [r.partition_key for r in baseline] == ["demo_fold0"]
-    assert baseline[0].run_config["ops"]["baseline_checkpoint"]["config"]["resume"] is False
-    # an up-to-date checkpoint would be reused: the weekly retrain asks for a new one explicitly
-    assert baseline[0].run_config["ops"]["baseline_checkpoint"]["config"]["retrain"] is True
-    assert all(r.run_config["ops"]["auxiliary_checkpoint"]["config"]["retrain"] is True for r in auxiliary)
-    assert baseline[0].run_key == "retrain-2026-11-30-demo_fold0"
-    assert {str(r.partition_key) for r in auxiliary} == {str(condition_key("demo_fold0", c)) for c in TEST_CONDITIONS}
-    assert weekly_retrain_baseline.cron_schedule == weekly_retrain_auxiliary.cron_schedule == "0 3 * * 1"
-    # the retrain jobs hold the checkpoints and everything below them of their partitioning;
-    # the fold summary follows through eager automation conditions
-    graph = defs.resolve_asset_graph()
-    assert set(defs.resolve_job_def("retrain_auxiliary_job").asset_layer.executable_asset_keys) == set(
-        keys("auxiliary_checkpoint", "auxiliary_evaluation", "xshot_study"))
-    assert set(defs.resolve_job_def("retrain_baseline_job").asset_layer.executable_asset_keys) == set(
-        keys("baseline_checkpoint", "baseline_evaluation"))
-    for name in ("evaluation_table", "onnx_segmenter"):
-        assert graph.get(dg.AssetKey(name)).automation_condition is not None
-
-
-def test_sensor_fires_on_new_raw_data_only_and_generates_for_the_new_support(tmp_path):
-    run_config = small_run_config(tmp_path, conditions=["seg"])
-    resources = resources_from_run_config(run_config)
-    assets = ALL_ASSETS + ALL_CHECKS
-    assert dg.materialize(assets, selection=keys("raw_dataset"), partition_key="demo_fold0", resources=resources).success
-
-    sensor_resources = {"storage": resources["storage"], "experiment": resources["experiment"]}
-    def tick(cursor=None):
-        with dg.build_sensor_context(cursor=cursor, resources=sensor_resources) as context:
-            return raw_data_sensor(context)
-
-    first = tick()
-    assert not first.run_requests and first.cursor  # nothing new since the index
-    assert not tick(first.cursor).run_requests
-
-    root = tmp_path / "data" / "raw" / "demo"
-    folder = (root / "classes.txt").read_text().split()[9]  # class 10: a training class of fold 0
-    shutil.copyfile(root / folder / "1.jpg", root / folder / "6.jpg")
-    shutil.copyfile(root / folder / "1.png", root / folder / "6.png")
-    fired = tick(first.cursor)
-    jobs = sorted(r.job_name for r in fired.run_requests)
-    assert jobs == ["fold_data_job", "supports_job"]
-    request = next(r for r in fired.run_requests if r.job_name == "supports_job")
-    selection = request.run_config["ops"]["auxiliary_supports"]["config"]
-    assert selection == {"redo_supports": [f"{folder}/6"], "only_redo": True}
-    # the cursor moved: the same listing does not fire twice
-    assert not tick(fired.cursor).run_requests
-
-    # running the requested job touches the new support only
-    result = dg.materialize(assets, selection=keys("control_conditions", "auxiliary_supports"),
-                            partition_key=request.partition_key, resources=resources, run_config=request.run_config)
-    assert result.success
-    table = pd.read_parquet(tmp_path / "data" / "demo_fold0" / "seg" / "auxiliary" / "demo" / "seg" / "auxiliary.parquet")
-    assert set(table["support_name"]) == {f"{folder}/6"} and len(table) == 1
-
-
-def test_raw_files_with_new_mtimes_but_the_same_bytes_are_not_new(tmp_path):
-    """What ``dvc pull`` does on another clone: same content, new mtimes. Neither the sensor nor
-    raw_dataset treat that as new data."""
-    resources = resources_from_run_config(small_run_config(tmp_path, conditions=["seg"]))
-    assets = ALL_ASSETS + ALL_CHECKS
-    assert dg.materialize(assets, selection=keys("raw_dataset"), partition_key="demo_fold0", resources=resources).success
-    for path in (tmp_path / "data" / "raw" / "demo").rglob("*"):
-        if path.is_file():
-            stat = path.stat()
-            os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
-    with dg.build_sensor_context(resources={"storage": resources["storage"], "experiment": resources["experiment"]}) as context:
-        tick = raw_data_sensor(context)
-    assert not tick.run_requests and "unchanged" in tick.skip_reason.skip_message
-    result = dg.materialize(assets, selection=keys("raw_dataset"), partition_key="demo_fold0", resources=resources)
-    metadata = result.get_asset_materialization_events()[0].event_specific_data.materialization.metadata
-    assert metadata["reused"].value is True
-
-
-# ----------------------------------------------------------------------------- partitions side by side
-
-
-def _chain(home: Path, config: Path, partition: str, logs: Path) -> subprocess.Popen:
-    """fold_data_job then retrain_baseline_job for one partition, in one background shell."""
-    first = " ".join(_shell_words(home, "fold_data_job", config, partition))
-    second = " ".join(_shell_words(home, "retrain_baseline_job", config, partition))
-    env = {**os.environ, "DAGSTER_HOME": str(home), "PYTHONPATH": str(REPO)}
-    return subprocess.Popen(["bash", "-c", f"{first} && {second}"], cwd=REPO, env=env,
-                            stdout=(logs / f"{partition}.log").open("w"), stderr=subprocess.STDOUT)
-
-
-def _shell_words(home: Path, job: str, config: Path, partition: str) -> list[str]:
-    import shlex
-
-    return [shlex.quote(w) for w in [str(Path(sys.executable).with_name("dagster")), "job", "execute", "-m",
-                                     "orchestration.definitions", "-j", job, "-c", str(config),
-                                     "--tags", json.dumps({"dagster/partition": partition})]]
-
-
-def _step_window(instance: dg.DagsterInstance, run_id: str, step: str) -> tuple[float, float]:
-    times = {e.dagster_event.event_type_value: e.timestamp for e in instance.all_logs(run_id)
-             if e.dagster_event is not None and e.step_key == step
-             and e.dagster_event.event_type_value in ("STEP_START", "STEP_SUCCESS", "STEP_FAILURE")}
-    return times["STEP_START"], times.get("STEP_SUCCESS", times.get("STEP_FAILURE"))
-
-
-def test_partitions_run_in_parallel_without_touching_each_other(tmp_path, monkeypatch):
-    """Two partitions and a failing third at once, as `dagster job execute` runs with the
-    multiprocess executor against one instance configured by the repo's dagster.yaml."""
-    import yaml
-
-    home = tmp_path / "home"
-    home.mkdir()
-    shutil.copyfile(REPO / "dagster.yaml", home / "dagster.yaml")
-    monkeypatch.setenv("DAGSTER_HOME", str(home))  # dagster.yaml reads it
-    data = tmp_path / "data"
-    good = small_run_config(tmp_path, train_steps=4, eval_episodes=6)
-    good["resources"]["tracker"]["config"]["mode"] = "off"
-    (tmp_path / "not_a_dataset").mkdir()
-    bad = json.loads(json.dumps(good))
-    bad["resources"]["storage"]["config"]["dataset_roots"] = {"folder": str(tmp_path / "not_a_dataset")}
-    (tmp_path / "good.yaml").write_text(yaml.safe_dump(good))
-    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(bad))
-    # One run in this instance first: it creates the instance's SQLite files (processes creating
-    # them at the same moment race on their schema stamp) and the shared demo data, as
-    # `make demo` would have.
-    from dagster._core.instance.ref import InstanceRef
-
-    with dg.DagsterInstance.from_ref(InstanceRef.from_dir(str(home))) as instance:
-        instance.all_instigator_state()  # the schedule storage is created on first use
-        assert dg.materialize(ALL_ASSETS, selection=keys("raw_dataset"), partition_key="demo_fold2",
-                              resources=resources_from_run_config(good), instance=instance).success
-
-    processes = {
-        "demo_fold0": _chain(home, tmp_path / "good.yaml", "demo_fold0", tmp_path),
-        "demo_fold1": _chain(home, tmp_path / "good.yaml", "demo_fold1", tmp_path),
-        "folder_fold0": _chain(home, tmp_path / "bad.yaml", "folder_fold0", tmp_path),
-    }
-    codes = {split: p.wait(timeout=480) for split, p in processes.items()}
-    logs = {split: (tmp_path / f"{split}.log").read_text() for split in processes}
-    assert codes["demo_fold0"] == 0 and codes["demo_fold1"] == 0, {k: v[-2000:] for k, v in logs.items()}
-    assert codes["folder_fold0"] != 0
-    assert "Executing steps using multiprocess executor" in logs["demo_fold0"]
-    assert str(tmp_path / "not_a_dataset") in logs["folder_fold0"]  # the failure names the bad folder
-
-    for split in ("demo_fold0", "demo_fold1"):
-        assert (data / split / "checkpoints" / "baseline" / "model.safetensors").is_file()
-        assert not (data / split / "checkpoints" / "baseline.partial").exists()
-        summary = json.loads((data / split / "evaluation" / "baseline" / "summary.json").read_text())
-        assert summary["checkpoint"] == str(data / split / "checkpoints" / "baseline")
-    # different folds test different classes: each partition wrote its own outputs
-    assert (pd.read_csv(data / "demo_fold0" / "splits" / "test.csv")["class_id"].unique().tolist()
-            != pd.read_csv(data / "demo_fold1" / "splits" / "test.csv")["class_id"].unique().tolist())
-    assert not (data / "folder_fold0" / "checkpoints").exists()
-
-    # The `gpu` pool (one slot) kept the two trainings from overlapping.
-    instance = dg.DagsterInstance.from_ref(InstanceRef.from_dir(str(home)))
-    try:
-        runs = instance.get_runs(dg.RunsFilter(job_name="retrain_baseline_job", statuses=[dg.DagsterRunStatus.SUCCESS]))
-        assert len(runs) == 2
-        (a0, a1), (b0, b1) = (_step_window(instance, run.run_id, "baseline_checkpoint") for run in runs)
-        assert a1 <= b0 or b1 <= a0, "two gpu-pool steps ran at the same time"
-    finally:
-        instance.dispose()
-
-
-# ----------------------------------------------------------------------------- bad configuration
-
-
-@pytest.mark.parametrize(
-    ("resources", "field"),
-    [
-        ({"storage": {"config": {"dataset_roots": {"pascal5i": "/nonexistent/VOC2012"}}}}, "dataset_roots['pascal5i']"),
-        ({"storage": {"config": {"dataset_roots": {"imagenet": "/tmp"}}}}, "StorageResource.dataset_roots"),
-        ({"experiment": {"config": {"conditions": ["seg", "depth"]}}}, "ExperimentResource.conditions"),
-        ({"segmenter": {"config": {"model": "unet"}}}, "SegmenterResource.model"),
-        ({"segmenter": {"config": {"backbone": "vit"}}}, "SegmenterResource.backbone"),
-        ({"diffusion": {"config": {"base_model": "/nonexistent/sd15", "controlnets": {"seg": "a", "hed": "b", "scribble": "c"}}}},
-         "DiffusionResource.base_model"),
-        ({"diffusion": {"config": {"controlnets": {"depth": "/x"}}}}, "DiffusionResource.controlnets"),
-        ({"experiment": {"config": {"xshot_shots": [0, 1, 8]}}}, "ExperimentResource.xshot_shots"),
-        ({"experiment": {"config": {"eval_aux_shot": 5}}}, "ExperimentResource.eval_aux_shot"),
-        ({"experiment": {"config": {"shot": 0}}}, "ExperimentResource.shot"),
-        ({"experiment": {"config": {"trian_steps": 3}}}, "trian_steps"),
-        ({"tracker": {"config": {"mode": "cloud"}}}, "TrackerResource.mode"),
-    ],
-)
-def test_bad_config_names_the_field(resources, field):
-    with pytest.raises((ConfigError, FileNotFoundError)) as info:
-        resources_from_run_config({"resources": resources})
-    assert field in str(info.value)
-
-
-def test_bad_config_fails_the_run_before_any_work(tmp_path):
-    data = tmp_path / "data"
-    resources = {
-        "storage": StorageResource(data_root=str(data)),
-        "experiment": ExperimentResource(xshot_shots=[0, 16]),
-        "diffusion": DiffusionResource(),
-        "segmenter": SegmenterResource(),
-        "tracker": TrackerResource(mode="off"),
-        "dvc": DvcResource(repo_root=str(tmp_path)),
-    }
-    result = dg.materialize(ALL_ASSETS, selection=keys("raw_dataset", "fold_splits"), partition_key="demo_fold0",
-                            resources=resources, raise_on_error=False)
-    assert not result.success
-    assert "ExperimentResource.xshot_shots" in first_error(result)
-    assert not data.exists()  # nothing was written: not even the demo data
-
-
-def test_demo_cli_rejects_a_bad_run_config(tmp_path, capsys):
-    config = tmp_path / "bad.yaml"
-    config.write_text(f"resources:\n  storage:\n    config:\n      data_root: {tmp_path / 'data'}\n"
-                      "      dataset_roots:\n        pascal5i: /nonexistent/VOCdevkit\n")
-    assert demo_main(["--config", str(config), "--partition", "pascal5i_fold0"]) == 2
-    err = capsys.readouterr().err
-    assert "dataset_roots['pascal5i']" in err
-    assert not (tmp_path / "data").exists()
-    assert demo_main(["--partition", "pascal5i_fold9"]) == 2
-    assert "--partition" in capsys.readouterr().err
-
-
-def test_example_run_config_is_well_formed():
-    import yaml
-
-    config = yaml.safe_load((REPO / "examples" / "pascal5i_run_config.yaml").read_text())
-    resources = config["resources"]
-    assert resources["diffusion"]["config"]["device"] == "cuda"
-    assert resources["segmenter"]["config"]["model"] == "pfenet"
-    # every field exists on its resource (values point at real files, checked where they exist)
-    from orchestration.resources import RESOURCE_CLASSES
-
-    for name, section in resources.items():
-        assert set(section["config"]) <= set(RESOURCE_CLASSES[name].model_fields), name
-    # and Dagster's config schema accepts it for the jobs it would launch
-    for name in ("fold_data_job", "supports_job", "retrain_baseline_job", "retrain_auxiliary_job"):
-        job = defs.resolve_job_def(name)
-        ops = {node.name for node in job.nodes_in_topological_order}
-        dg.validate_run_config(job, {**config, "ops": {k: v for k, v in config["ops"].items() if k in ops}})
-
-
-# ----------------------------------------------------------------------------- reuse (runs last: it reruns demo_run)
 
 
 def _snapshot(root: Path) -> dict[str, tuple[str, int]]:
@@ -510,45 +81,479 @@ def _snapshot(root: Path) -> dict[str, tuple[str, int]]:
             for p in sorted(root.rglob("*")) if p.is_file()}
 
 
-def test_a_second_run_reuses_everything_and_touches_no_file(demo_run, capsys):
-    from orchestration.demo import print_report
+# ----------------------------------------------------------------------------- definitions
 
-    tmp, instance, _ = demo_run
-    before = _snapshot(tmp / "data")
-    started = time.monotonic()
-    summary = materialize_partition("demo_fold0", run_config=small_run_config(tmp), instance=instance, log=lambda *_: None)
-    seconds = time.monotonic() - started
-    assert [stage["materialised"] for stage in summary["stages"]] == [[]] * len(summary["stages"])
-    assert {name for stage in summary["stages"] for name in stage["reused"]} == {a.key.to_user_string() for a in ALL_ASSETS}
-    assert _snapshot(tmp / "data") == before
-    # the same data versions as the first materialisation, metadata read back from the stamps
-    for key in ("raw_dataset", "baseline_checkpoint", "auxiliary_supports", "evaluation_table", "onnx_segmenter"):
-        by_partition: dict[str, list] = {}
-        for record in instance.fetch_materializations(dg.AssetKey(key), limit=10).records:  # newest first
-            by_partition.setdefault(record.partition_key, []).append(record.asset_materialization)
-        for partition, (new, old) in by_partition.items():
-            assert new.metadata["reused"].value is True and old.metadata["reused"].value is False, (key, partition)
-            assert new.tags["dagster/data_version"] == old.tags["dagster/data_version"], (key, partition)
-    table = _metadata(instance, "evaluation_table")
-    assert "miou_with_aux" in table["results"].value and table["miou_plot"].value.startswith("![")
-    assert Path(table["results_csv"].value) == tmp / "data" / "demo_fold0" / "evaluation" / "summary" / "results.csv"
-    print_report(summary, seconds)
+
+def test_definitions_load_with_one_partitioning_a_condition_factory_and_pools():
+    dg.Definitions.validate_loadable(defs)
+    graph = defs.resolve_asset_graph()
+    parents = {k.to_user_string(): {p.to_user_string() for p in graph.get(k).parent_keys} for k in graph.get_all_asset_keys()}
+    assert parents["fold_splits"] == {"raw_dataset"}
+    assert parents["seg/auxiliary_supports"] == {"seg/control_conditions", "raw_dataset", "diffusion_models"}
+    assert parents["seg/checkpoint"] == {"raw_dataset", "seg/auxiliary_supports"}
+    assert parents["baseline/checkpoint"] == {"raw_dataset"}  # real supports only: a condition of its own
+    assert "baseline/xshot_study" not in parents and "baseline/control_conditions" not in parents
+    assert {"baseline/evaluation", "seg/evaluation", "hed/xshot_study", "scribble/xshot_study"} <= parents["evaluation_table"]
+    assert parents["dvc_snapshot"] == {"onnx_segmenter", "evaluation_table"}
+    # every per-fold asset has the one partitioning: one fold is one run, keys are not parsed
+    partitioned = {graph.get(k).partitions_def for k in graph.get_all_asset_keys() if graph.get(k).is_partitioned}
+    assert len(partitioned) == 1 and set(partitioned.pop().get_partition_keys()) == set(FOLDS)
+    assert not graph.get(dg.AssetKey("diffusion_models")).is_partitioned
+    pools = {name: defs.resolve_assets_def(dg.AssetKey.from_user_string(name)).op.pool
+             for name in ("seg/auxiliary_supports", "baseline/checkpoint", "dvc_snapshot", "fold_splits")}
+    assert pools == {"seg/auxiliary_supports": "gpu", "baseline/checkpoint": "gpu", "dvc_snapshot": "dvc", "fold_splits": None}
+    checks = {key.name for spec in defs.asset_checks for key in spec.check_keys}
+    assert {"auxiliary_images_complete", "drifted_share", "covers_fold_classes", "table_covers_fold_classes", "onnx_parity"} <= checks
+    assert {job.name for job in defs.get_repository_def().get_all_jobs()} >= {"fold", "retrain", "refresh_supports"}
+
+
+def test_code_versions_follow_the_library_source_and_the_settings(tmp_path, monkeypatch):
+    def versions(settings) -> dict[str, str]:
+        graph = build_definitions(settings).resolve_asset_graph()
+        return {k.to_user_string(): graph.get(k).code_version for k in graph.get_all_asset_keys()}
+
+    base = versions(small_settings(tmp_path))
+    assert base == versions(small_settings(tmp_path))  # a hash, stable across loads (and clones)
+    steps = versions(small_settings(tmp_path, train={"steps": 5, "image_size": 64}))
+    assert {k for k in base if base[k] != steps[k]} == {"baseline/checkpoint", "seg/checkpoint", "scribble/checkpoint"}
+    # A runtime-only field (where or how fast) does not change what an asset makes.
+    device = versions(small_settings(tmp_path, train={"steps": 4, "image_size": 64, "device": "cuda:1"}))
+    assert device == base
+    # Editing the training code (a copy of the library, so nothing real changes) makes checkpoints Unsynced.
+    import orchestration.assets
+
+    library = tmp_path / "diffss"
+    shutil.copytree(orchestration.assets.LIBRARY, library, ignore=shutil.ignore_patterns("__pycache__"))
+    monkeypatch.setattr(orchestration.assets, "LIBRARY", library)
+    assert versions(small_settings(tmp_path)) == base
+    (library / "train.py").write_text((library / "train.py").read_text() + "\n# a change\n")
+    edited = versions(small_settings(tmp_path))
+    assert {k for k in base if base[k] != edited[k]} == {
+        "baseline/checkpoint", "seg/checkpoint", "scribble/checkpoint", "baseline/evaluation", "seg/evaluation",
+        "scribble/evaluation", "seg/xshot_study", "scribble/xshot_study"}
+    assert code_version(["diffss.train"], {"a": 1}) != code_version(["diffss.train"], {"a": 2})
+
+
+def test_executor_is_chosen_by_environment(monkeypatch):
+    import dagster_k8s
+
+    from orchestration.definitions import EXECUTOR_ENV, choose_executor
+
+    monkeypatch.delenv(EXECUTOR_ENV, raising=False)
+    assert choose_executor() is dg.multiprocess_executor
+    monkeypatch.setenv(EXECUTOR_ENV, "in_process")
+    assert choose_executor() is dg.in_process_executor
+    assert choose_executor("k8s") is dagster_k8s.k8s_job_executor
+    with pytest.raises(ValueError, match=EXECUTOR_ENV):
+        choose_executor("celery")
+
+
+# ----------------------------------------------------------------------------- one fold, one run
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+def test_one_fold_is_one_run_of_the_whole_graph(demo_run):
+    tmp, settings, instance, summary = demo_run
+    names = {k.to_user_string() for k in build_definitions(settings).resolve_asset_graph().get_all_asset_keys()}
+    assert summary["reused"] == 0 and set(summary["materialised"]) == names and summary["check_errors"] == []
+    runs = instance.get_runs()
+    assert len(runs) == 1 and runs[0].tags["dagster/partition"] == "demo_fold0"
+    results = pd.read_csv(summary["results_csv"])
+    assert list(results["condition"]) == CONDITIONS
+    assert results[["miou_with_aux", "miou_without_aux"]].apply(lambda c: c.between(0, 100)).all().all()
+    fold = tmp / "data" / "demo_fold0"
+    for condition in CONDITIONS:
+        table = pd.read_parquet(fold / condition / "auxiliary_supports" / "demo" / condition / "auxiliary.parquet")
+        assert set(table["condition"]) == {condition} and "seconds" not in table
+        assert list(pd.read_csv(fold / condition / "xshot_study" / "xshot.csv")["aux_shot"]) == [0, 1, 2]
+    assert (fold / "onnx_segmenter" / "parity.json").is_file()
+    # published: data.dvc, and the lineage a clone restores from
+    from diffss.versioning import data_version, published_version
+
+    assert published_version(tmp) == data_version(tmp / "data")
+    lineage = json.loads((tmp / "data" / "lineage.json").read_text())
+    assert {(e["asset"], e["partition"]) for e in lineage["assets"]} == {
+        (n, None if n == "diffusion_models" else "demo_fold0") for n in names - {"dvc_snapshot"}}
+    assert lineage["dvc_snapshot"]["inputs"] == ["evaluation_table", "onnx_segmenter"]
+    # W&B offline runs: training, evaluation, X-shot and export, read back with wandb's reader
+    from diffss.tracking import read_offline_run
+
+    runs_dirs = sorted((tmp / "wandb" / "wandb").glob("offline-run-*"))
+    assert len(runs_dirs) == 3 + 3 + 2 + 1
+    jobs = sorted(read_offline_run(d).job_type for d in runs_dirs)
+    assert jobs == ["eval"] * 3 + ["export"] + ["train"] * 3 + ["xshot"] * 2
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+def test_report_ui_pictures_tables_and_checks(demo_run, capsys):
+    _, _, instance, summary = demo_run
+    print_report(summary, 42.0)
     out = capsys.readouterr().out
-    assert "[reused]" in out and "[materialised]" not in out
-    total = sum(len(stage["reused"]) for stage in summary["stages"])
-    assert f"Reused (up to date, nothing recomputed): {total} of {total} materialisations" in out
+    assert "miou_with_aux" in out and "X-shot study" in out and "X=2" in out and "Tiny random diffusion models" in out
+    assert "materialised 18 in one run" in out and "Total: 42.0 s" in out  # 17 assets and the DVC snapshot
+    aux = _metadata(instance, "seg/auxiliary_supports")
+    assert "data:image/png;base64," in aux["grid"].value and Path(aux["grid_path"].value).is_file()
+    evaluation = _metadata(instance, "baseline/evaluation")
+    assert Path(evaluation["predictions_path"].value).is_file() and "|" in evaluation["per_class_iou"].value
+    table = _metadata(instance, "evaluation_table")
+    assert "miou_with_aux" in table["results"].value
+    for plot in ("miou_plot", "xshot_curve"):
+        assert table[plot].value.startswith("![") and Path(table[f"{plot}_path"].value).stat().st_size > 1000
+    history = {}
+    for spec in defs.asset_checks:
+        for key in spec.check_keys:
+            history[key] = instance.event_log_storage.get_asset_check_execution_history(key, limit=5)
+    ran = {key.name for key, records in history.items() if records}
+    assert {"auxiliary_images_complete", "drifted_share", "covers_fold_classes", "table_covers_fold_classes", "onnx_parity"} <= ran
+    drift = next(r for k, r in history.items() if k.name == "drifted_share" and r)[0].event.dagster_event.event_specific_data
+    assert drift.severity == dg.AssetCheckSeverity.WARN and drift.partition == "demo_fold0"
 
 
-def test_forced_incremental_steps_report_reused_when_nothing_was_missing(demo_run):
-    """Conditions and auxiliary supports keep existing files: forced to look, they find nothing to make."""
-    tmp, _, _ = demo_run
-    run_config = small_run_config(tmp)
-    run_config["ops"] = {name: {"config": {"force": True}} for name in ("control_conditions", "auxiliary_supports")}
-    result = dg.materialize(ALL_ASSETS + ALL_CHECKS, selection=keys("control_conditions", "auxiliary_supports"),
-                            partition_key=condition_key("demo_fold0", "seg"), resources=resources_from_run_config(run_config),
-                            run_config={"ops": run_config["ops"]})
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+def test_a_second_run_finds_nothing_to_do_and_touches_no_file(demo_run):
+    tmp, settings, instance, _ = demo_run
+    before = _snapshot(tmp / "data")
+    summary = materialize_fold(settings, "demo_fold0", instance, tracker=TrackerResource(mode="disabled"),
+                               dvc=DvcResource(repo_root=str(tmp), remote=str(tmp / "remote")), log=lambda *_: None)
+    assert summary["materialised"] == [] and summary["run_id"] is None and summary["reused"] == summary["total"]
+    assert _snapshot(tmp / "data") == before
+    assert len(instance.get_runs()) == 1
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+def test_the_weekly_retrain_schedule_asks_for_every_indexed_fold(demo_run, tmp_path):
+    tmp, settings, _, _ = demo_run
+    monday = datetime.datetime(2026, 11, 30, 3, 0, tzinfo=datetime.timezone.utc)
+    empty = build_definitions(small_settings(tmp_path / "nothing")).get_schedule_def("weekly_retrain")
+    with dg.build_schedule_context(scheduled_execution_time=monday) as context:
+        assert isinstance(empty(context), dg.SkipReason)
+    schedule = build_definitions(settings).get_schedule_def("weekly_retrain")
+    with dg.build_schedule_context(scheduled_execution_time=monday) as context:
+        requests = schedule(context)
+    assert [(r.partition_key, r.run_key) for r in requests] == [("demo_fold0", "retrain-2026-11-30-demo_fold0")]
+    ops = requests[0].run_config["ops"]
+    assert ops == {f"{c}__checkpoint": {"config": {"resume": False}} for c in ["baseline", *CONDITIONS]}
+    assert schedule.cron_schedule == "0 3 * * 1"
+    retrain = {k.to_user_string() for k in build_definitions(settings).resolve_job_def("retrain").asset_layer.executable_asset_keys}
+    assert "seg/checkpoint" in retrain and "onnx_segmenter" in retrain and "raw_dataset" not in retrain
+
+
+# ----------------------------------------------------------------------------- the tools' front doors
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+def test_dagster_asset_materialize_select_on_the_demo_partition(tmp_path, monkeypatch):
+    """Dagster's own CLI with a selection string (its ANTLR grammar) on the demo partition."""
+    config = write_settings(tmp_path / "settings.yaml", small_settings(tmp_path / "data", conditions=["seg"]))
+    home = tmp_path / "home"
+    home.mkdir()
+    shutil.copyfile(REPO / "dagster.yaml", home / "dagster.yaml")
+    result = subprocess.run([str(DAGSTER_BIN / "dagster"), "asset", "materialize", "-m", "orchestration.definitions",
+                             "--select", '+key:"seg/control_conditions"', "--partition", "demo_fold0"],
+                            cwd=REPO, env=env_for(home, config), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    fold = tmp_path / "data" / "demo_fold0"
+    assert (fold / "raw_dataset" / "manifest.json").is_file() and (fold / "fold_splits" / "episodes.csv").is_file()
+    assert any((fold / "seg" / "control_conditions" / "seg").rglob("*.png"))
+    assert not (fold / "seg" / "auxiliary_supports").exists()  # only what was selected
+    monkeypatch.setenv("DAGSTER_HOME", str(home))  # dagster.yaml reads it
+    with dg.DagsterInstance.from_ref(InstanceRef.from_dir(str(home))) as instance:
+        done = {r.asset_entry.asset_key.to_user_string() for r in instance.get_asset_records()}
+    assert done == {"raw_dataset", "fold_splits", "seg/control_conditions"}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_webserver_serves_the_asset_graph_over_graphql(tmp_path):
+    home = tmp_path / "home"
+    home.mkdir()
+    shutil.copyfile(REPO / "dagster.yaml", home / "dagster.yaml")
+    port = _free_port()
+    config = write_settings(tmp_path / "settings.yaml", small_settings(tmp_path / "data"))
+    proc = subprocess.Popen([str(DAGSTER_BIN / "dagster-webserver"), "-m", "orchestration.definitions", "-h", "127.0.0.1",
+                             "-p", str(port)], cwd=REPO, env=env_for(home, config), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/server_info", timeout=5):
+                    break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise AssertionError(proc.stdout.read().decode()[-3000:]) from None
+                time.sleep(0.5)
+        query = "{ assetNodes { assetKey { path } dependencyKeys { path } hasAssetChecks } }"
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/graphql", data=json.dumps({"query": query}).encode(),
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=60) as response:
+            nodes = {"/".join(n["assetKey"]["path"]): n for n in json.loads(response.read())["data"]["assetNodes"]}
+        assert "seg/checkpoint" in nodes and "hed/checkpoint" not in nodes  # the settings' conditions only
+        assert {"/".join(d["path"]) for d in nodes["seg/checkpoint"]["dependencyKeys"]} == {"raw_dataset", "seg/auxiliary_supports"}
+        assert nodes["seg/auxiliary_supports"]["hasAssetChecks"]
+    finally:
+        os.killpg(proc.pid, 15)  # the webserver and the code server it started
+        proc.wait(timeout=30)
+
+
+# ----------------------------------------------------------------------------- the raw-data sensor
+
+
+def test_sensor_fires_on_new_raw_data_only_and_makes_supports_for_the_new_sample(tmp_path):
+    settings = small_settings(tmp_path / "data", conditions=["seg"])
+    definitions = build_definitions(settings, tracker=TrackerResource(mode="disabled"), executor="in_process")
+    job = definitions.resolve_job_def("refresh_supports")
+    instance = dg.DagsterInstance.ephemeral()
+    assert job.execute_in_process(partition_key="demo_fold0", instance=instance, asset_selection=[dg.AssetKey("raw_dataset")]).success
+    sensor = definitions.get_sensor_def("raw_data_sensor")
+
+    def tick(cursor=None):
+        with dg.build_sensor_context(cursor=cursor, instance=instance) as context:
+            return sensor(context)
+
+    first = tick()
+    assert not first.run_requests and first.cursor  # nothing new since the index
+    root = tmp_path / "data" / "raw" / "demo"
+    # same bytes, new mtimes (what `dvc pull` does in another clone): not new data
+    for path in root.rglob("*.png"):
+        os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 10**9))
+    touched = tick(first.cursor)
+    assert not touched.run_requests and "unchanged" in touched.skip_reason.skip_message
+    folder = (root / "classes.txt").read_text().split()[9]  # class 10: a training class of fold 0
+    for suffix in (".jpg", ".png"):
+        shutil.copyfile(root / folder / f"1{suffix}", root / folder / f"6{suffix}")
+    fired = tick(touched.cursor)
+    (request,) = fired.run_requests
+    assert request.partition_key == "demo_fold0"
+    selection = request.run_config["ops"]["seg__auxiliary_supports"]["config"]
+    assert selection == {"redo_supports": [f"{folder}/6"], "only_redo": True}
+    assert not tick(fired.cursor).run_requests  # the cursor moved
+
+    result = job.execute_in_process(partition_key="demo_fold0", instance=instance, run_config=request.run_config,
+                                    asset_selection=[dg.AssetKey(["seg", "control_conditions"]), dg.AssetKey(["seg", "auxiliary_supports"]),
+                                                     dg.AssetKey("diffusion_models")])
     assert result.success
-    for event in result.get_asset_materialization_events():
-        metadata = event.event_specific_data.materialization.metadata
-        assert metadata["reuse_check"].value == "forced by the run config"
-        assert metadata["generated"].value == 0 and metadata["reused"].value is True
+    table = pd.read_parquet(tmp_path / "data/demo_fold0/seg/auxiliary_supports/demo/seg/auxiliary.parquet")
+    assert set(table["support_name"]) == {f"{folder}/6"} and len(table) == 1
+
+
+# ----------------------------------------------------------------------------- settings
+
+
+@pytest.mark.parametrize(("values", "field"), [
+    ({"conditions": ["seg", "depth"]}, "conditions.1"),
+    ({"xshot_shots": [0, -1]}, "xshot_shots.1"),
+    ({"train": {"steps": 0}}, "train.steps"),
+    ({"train": {"fold": 2}}, "train: ['fold'] are set by each stage"),
+    ({"evaluation": {"seeds": []}}, "evaluation.seeds"),
+    ({"generation": {"resolution": 100}}, "generation.resolution"),
+    ({"dataset_roots": {"imagenet": "/tmp"}}, "dataset_roots"),
+    ({"export_source": "depth"}, "export_source"),
+    ({"trian": {}}, "trian"),
+])
+def test_bad_settings_name_the_file_and_field(tmp_path, values, field):
+    path = tmp_path / "settings.yaml"
+    path.write_text(yaml.safe_dump(values))
+    with pytest.raises(ValueError) as info:
+        ExperimentConfig.from_yaml(path)
+    assert str(path) in str(info.value) and field in str(info.value)
+
+
+def test_demo_cli_rejects_bad_settings_before_any_work(tmp_path, capsys):
+    config = tmp_path / "bad.yaml"
+    config.write_text(f"data_root: {tmp_path / 'data'}\ndataset_roots:\n  pascal5i: /nonexistent/VOCdevkit\n")
+    assert demo_main(["--config", str(config), "--partition", "pascal5i_fold0"]) == 2
+    assert "dataset_roots['pascal5i']" in capsys.readouterr().err
+    assert not (tmp_path / "data").exists()
+    assert demo_main(["--config", str(config), "--partition", "pascal5i_fold9"]) == 2
+    assert "--partition" in capsys.readouterr().err
+
+
+def test_example_settings_load_and_name_their_missing_folders():
+    settings = ExperimentConfig.from_yaml(REPO / "examples" / "pascal5i.yaml")
+    assert (settings.train.backbone, settings.generation.device, settings.train_aux_shot) == ("resnet50", "cuda", 4)
+    with pytest.raises(FileNotFoundError, match="dataset_roots\\['pascal5i'\\]"):
+        settings.check_paths(FOLDS["pascal5i_fold0"])
+    graph = build_definitions(settings).resolve_asset_graph()
+    assert graph.get(dg.AssetKey(["hed", "checkpoint"])).code_version
+
+
+# ----------------------------------------------------------------------------- deployment configs
+
+
+def test_instance_configs_are_valid(tmp_path, monkeypatch):
+    """The local dagster.yaml loads as an instance; the Kubernetes one passes dagster-k8s's own schema."""
+    from dagster._config import process_config
+    from dagster_k8s import K8sRunLauncher, k8s_job_executor
+    from dagster_k8s.job import UserDefinedDagsterK8sConfig
+
+    from orchestration.assets import GPU
+
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path))
+    shutil.copyfile(REPO / "dagster.yaml", tmp_path / "dagster.yaml")
+    with dg.DagsterInstance.from_ref(InstanceRef.from_dir(str(tmp_path))) as instance:
+        assert instance.get_concurrency_config().pool_config.default_pool_limit == 1
+        assert type(instance.run_coordinator).__name__ == "QueuedRunCoordinator"
+
+    from dagster._core.instance.config import dagster_instance_config_schema
+
+    for name in ("DAGSTER_PG_HOST", "DAGSTER_PG_USER", "DAGSTER_PG_PASSWORD", "DAGSTER_PG_DB", "DAGSTER_K8S_INSTANCE_CONFIG_MAP",
+                 "DAGSTER_K8S_PG_PASSWORD_SECRET"):  # what the pods provide
+        monkeypatch.setenv(name, "x")
+    k8s = yaml.safe_load((REPO / "deploy/dagster/dagster.yaml").read_text())
+    instance_checked = process_config(dagster_instance_config_schema(), k8s)
+    assert instance_checked.success, instance_checked.errors
+    assert k8s["run_launcher"]["class"] == "K8sRunLauncher"
+    launcher = process_config(K8sRunLauncher.config_type(), k8s["run_launcher"]["config"])
+    assert launcher.success, launcher.errors
+    execution = yaml.safe_load((REPO / "deploy/dagster/run_config_k8s.yaml").read_text())["execution"]["config"]
+    checked = process_config(k8s_job_executor.config_schema.config_type, execution)
+    assert checked.success, checked.errors
+    steps = {key.to_python_identifier() for key in defs.resolve_asset_graph().get_all_asset_keys()}
+    assert set(execution["per_step_k8s_config"]) <= steps  # overrides name real step keys
+    gpu = UserDefinedDagsterK8sConfig.from_dict(GPU["op_tags"]["dagster-k8s/config"])
+    assert gpu.container_config["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    values = yaml.safe_load((REPO / "deploy/dagster/values.yaml").read_text())
+    deployment = values["dagster-user-deployments"]["deployments"][0]
+    assert deployment["dagsterApiGrpcArgs"] == ["--module-name", "orchestration.definitions"]
+    assert {e["name"] for e in deployment["env"]} >= {"DIFFSS_CONFIG", "DIFFSS_DAGSTER_EXECUTOR"}
+
+
+# ----------------------------------------------------------------------------- production: PostgreSQL + daemon
+
+
+def _postgres_bin() -> Path:
+    found = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"))
+    if not found:
+        pytest.fail("PostgreSQL is not installed (.ci/run installs it: apt-get install postgresql)")
+    return found[-1].parent
+
+
+class Postgres:
+    """A private PostgreSQL cluster in a temp dir on a free port; as the `postgres` user when run as root
+    (PostgreSQL refuses root)."""
+
+    def __init__(self):
+        self.bin = _postgres_bin()
+        self.dir = Path(tempfile.mkdtemp(prefix="diffss-pg-"))
+        self.port = _free_port()
+        self.as_user = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+        if os.geteuid() == 0:
+            user = pwd.getpwnam("postgres")
+            os.chown(self.dir, user.pw_uid, user.pw_gid)
+        self.user = "postgres" if os.geteuid() == 0 else pwd.getpwuid(os.geteuid()).pw_name
+
+    def run(self, *command: str) -> None:
+        subprocess.run([*self.as_user, *command], check=True, capture_output=True, text=True, cwd=self.dir)
+
+    def __enter__(self) -> "Postgres":
+        self.run(str(self.bin / "initdb"), "-D", str(self.dir / "db"), "-U", self.user, "--auth=trust", "-E", "UTF8")
+        self.run(str(self.bin / "pg_ctl"), "-D", str(self.dir / "db"), "-l", str(self.dir / "log"), "-w", "start", "-o",
+                 f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1")
+        return self
+
+    def __exit__(self, *exc) -> None:
+        subprocess.run([*self.as_user, str(self.bin / "pg_ctl"), "-D", str(self.dir / "db"), "-m", "fast", "stop"],
+                       capture_output=True, cwd=self.dir)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def env(self) -> dict[str, str]:
+        return {"DAGSTER_PG_HOST": "127.0.0.1", "DAGSTER_PG_PORT": str(self.port), "DAGSTER_PG_USER": self.user,
+                "DAGSTER_PG_PASSWORD": "unused-trust-auth", "DAGSTER_PG_DB": "postgres"}
+
+
+def _windows(instance, run_ids, start: str, end: str, step_filter=None) -> list[tuple[float, float]]:
+    windows = []
+    for run_id in run_ids:
+        times: dict = {}
+        for event in instance.all_logs(run_id):
+            dagster_event = event.dagster_event
+            if dagster_event is None or (step_filter and not step_filter(event.step_key)):
+                continue
+            if dagster_event.event_type_value in (start, end):
+                times.setdefault((event.step_key, dagster_event.event_type_value), event.timestamp)
+        for (step, kind), started in times.items():
+            if kind == start:
+                windows.append((started, times[(step, end)]))
+    return windows
+
+
+def _most_at_once(windows: list[tuple[float, float]]) -> int:
+    return max(sum(a <= t < b for a, b in windows) for t, _ in windows)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+def test_production_instance_on_postgres_queues_the_scheduled_retrain_under_its_limits(tmp_path, monkeypatch):
+    """deploy/dagster/dagster-postgres.yaml on a real PostgreSQL server: the daemon ticks the weekly
+    retrain (a missed Monday caught up), queues one run per indexed fold, runs at most
+    `max_concurrent_runs` at once and one `gpu`-pool step at a time across runs."""
+    settings = small_settings(tmp_path / "data", conditions=["seg"], train_aux_shot=0, eval_aux_shot=0, xshot_shots=[0],
+                              train={"steps": 3, "image_size": 64}, evaluation={"episodes": 4, "image_size": 64, "num_examples": 1})
+    config = write_settings(tmp_path / "settings.yaml", settings)
+    home = tmp_path / "home"
+    home.mkdir()
+    shutil.copyfile(REPO / "deploy/dagster/dagster-postgres.yaml", home / "dagster.yaml")
+    (home / "workspace.yaml").write_text(yaml.safe_dump({"load_from": [{"python_module": {
+        "module_name": "orchestration.definitions", "working_directory": str(REPO)}}]}))
+    with Postgres() as postgres:
+        env = env_for(home, config, DIFFSS_DAGSTER_EXECUTOR="in_process", **postgres.env())
+        for key, value in env.items():
+            monkeypatch.setenv(key, value)
+        folds = ["demo_fold0", "demo_fold1", "demo_fold2"]
+        with dg.DagsterInstance.get() as instance:
+            assert type(instance.run_storage).__name__ == "PostgresRunStorage"
+            local = build_definitions(settings, tracker=TrackerResource(mode="disabled"), executor="in_process")
+            for fold in folds:  # index three folds: the schedule retrains indexed folds
+                assert local.resolve_job_def("refresh_supports").execute_in_process(
+                    partition_key=fold, instance=instance, asset_selection=[dg.AssetKey("raw_dataset"), dg.AssetKey("fold_splits")]).success
+        workspace = ["-w", str(home / "workspace.yaml")]
+        subprocess.run([str(DAGSTER_BIN / "dagster"), "schedule", "start", "weekly_retrain", *workspace],
+                       cwd=REPO, env=env, check=True, capture_output=True, timeout=300)
+        with dg.DagsterInstance.get() as instance:
+            from dagster._core.scheduler.instigation import ScheduleInstigatorData
+
+            (state,) = [s for s in instance.all_instigator_state() if s.name == "weekly_retrain"]
+            last_week = time.time() - 8 * 24 * 3600  # the schedule was on last Monday 03:00: the daemon catches up
+            instance.update_instigator_state(state.with_data(ScheduleInstigatorData(state.instigator_data.cron_schedule,
+                                                                                    start_timestamp=last_week)))
+        daemon = subprocess.Popen([str(DAGSTER_BIN / "dagster-daemon"), "run", *workspace], cwd=REPO, env=env,
+                                  stdout=(tmp_path / "daemon.log").open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            deadline = time.monotonic() + 900
+            with dg.DagsterInstance.get() as instance:
+                while True:
+                    runs = instance.get_runs(dg.RunsFilter(tags={"diffss/trigger": "weekly_retrain"}))
+                    if len(runs) == len(folds) and all(r.is_finished for r in runs):
+                        break
+                    assert daemon.poll() is None and time.monotonic() < deadline, (tmp_path / "daemon.log").read_text()[-4000:]
+                    time.sleep(2)
+                assert sorted(r.tags["dagster/partition"] for r in runs) == folds
+                errors = [e.message for r in runs for e in instance.all_logs(r.run_id)
+                          if e.dagster_event and e.dagster_event.event_type_value in ("STEP_FAILURE", "PIPELINE_FAILURE")]
+                assert all(r.status == dg.DagsterRunStatus.SUCCESS for r in runs), errors[:3]
+                ids = [r.run_id for r in runs]
+                queue_limit = yaml.safe_load((home / "dagster.yaml").read_text())["concurrency"]["runs"]["max_concurrent_runs"]
+                run_windows = _windows(instance, ids, "PIPELINE_START", "PIPELINE_SUCCESS")
+                assert _most_at_once(run_windows) <= queue_limit < len(folds)
+                dequeued = [e for r in ids for e in instance.all_logs(r) if e.dagster_event
+                            and e.dagster_event.event_type_value == "PIPELINE_ENQUEUED"]
+                assert len(dequeued) == len(folds)  # every run went through the queue
+                gpu = _windows(instance, ids, "STEP_START", "STEP_SUCCESS",
+                               lambda step: step is not None and step.endswith(("checkpoint", "evaluation", "xshot_study")))
+                assert len(gpu) == 5 * len(folds) and _most_at_once(gpu) == 1
+                models = {r.tags["dagster/partition"]: settings.folder(FOLDS[r.tags["dagster/partition"]], "seg", "checkpoint")
+                          for r in runs}
+                assert all((path / "model.safetensors").is_file() for path in models.values())
+        finally:
+            os.killpg(daemon.pid, 15)
+            daemon.wait(timeout=60)

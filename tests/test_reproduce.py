@@ -1,44 +1,38 @@
-"""Reproduce on a second clone: ``dvc pull`` restores data/, and Dagster recomputes nothing.
+"""Reproduce on a second clone: `git clone` + `dvc pull` restores data/, and Dagster recomputes nothing;
+two runs in two clones give one data hash.
 
-The demo graph (one condition, tiny settings) runs in a git repository ``origin`` and is
-published with the ``dvc_snapshot`` asset to a local DVC remote; ``data.dvc`` and the DVC config
-are committed, the repository is cloned with git, and ``pull_data`` restores data/ there. A new,
-empty Dagster instance then materialises the whole graph on the clone: every asset must find its
-stamp, report ``reused`` with the data version the origin reported, leave every file under
-data/ untouched and never call the training, evaluation, generation or export code.
+The demo graph (one condition, tiny settings) runs in a git repository ``origin`` and is published
+with the ``dvc_snapshot`` asset to the default remote its committed ``.dvc/config`` names (under the
+test's own HOME). A clone then runs DVC's own ``dvc pull``; a new, empty Dagster instance imports the
+lineage recorded with the data and Dagster itself sees every asset as up to date: nothing runs, no
+file changes, and the training / generation / export code is never called.
 """
 
 from __future__ import annotations
 
+import os
 import subprocess
 from pathlib import Path
 
 import dagster as dg
 import pytest
 
-from diffss.versioning import data_version, file_md5, published_version, pull_data
-from orchestration.definitions import ALL_ASSETS, defs
-from orchestration.demo import FOLD_ASSETS, materialize_partition, reuse_of, run_stage
-from orchestration.checks import ALL_CHECKS
-from orchestration.partitions import condition_key
-from orchestration.resources import resources_from_run_config
+from diffss.experiment import ExperimentConfig
+from diffss.versioning import data_version, dvc_executable, file_md5, published_version
+from orchestration.definitions import build_definitions
+from orchestration.demo import materialize_fold
+from orchestration.lineage import out_of_date
+from orchestration.resources import DvcResource, TrackerResource
 
-SPLIT = "demo_fold0"
-CONDITION = "seg"
-ASSET_NAMES = {a.key.to_user_string() for a in ALL_ASSETS}
+FOLD = "demo_fold0"
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
 
 
-def small_run_config(data_root: Path, repo_root: Path, remote: Path, **experiment) -> dict:
-    """The demo for one condition, as small as it goes (the pattern of test_orchestration)."""
-    return {
-        "resources": {
-            "storage": {"config": {"data_root": str(data_root), "demo_images_per_class": 4}},
-            "experiment": {"config": {"conditions": [CONDITION], "train_steps": 4, "eval_episodes": 10, "image_size": 64,
-                                      "xshot_shots": [0, 1], **experiment}},
-            "tracker": {"config": {"mode": "off"}},
-            "dvc": {"config": {"repo_root": str(repo_root), "remote": str(remote)}},
-        }
-    }
+def small_settings(**changes) -> ExperimentConfig:
+    """The demo for one condition, as small as it goes, with the data root relative to the clone."""
+    values = {"data_root": "data", "demo_images_per_class": 4, "conditions": ["seg"], "xshot_shots": [0, 1],
+              "train": {"steps": 4, "image_size": 64}, "evaluation": {"episodes": 10, "image_size": 64}}
+    return ExperimentConfig(**{**values, **changes})
 
 
 def git(cwd: Path, *args: str) -> str:
@@ -53,50 +47,50 @@ def snapshot(root: Path) -> dict[str, tuple[str, int]]:
             for p in sorted(root.rglob("*")) if p.is_file()}
 
 
-def materializations(instance: dg.DagsterInstance) -> dict[tuple[str, str | None], dg.AssetMaterialization]:
-    """The latest materialisation of every (asset, partition) recorded in ``instance``."""
-    latest = {}
-    for asset in ALL_ASSETS:
-        records = instance.fetch_materializations(dg.AssetRecordsFilter(asset_key=asset.key), limit=100).records
-        for record in reversed(records):  # newest first -> oldest first, so the newest wins
-            materialization = record.asset_materialization
-            latest[(asset.key.to_user_string(), materialization.partition)] = materialization
-    return latest
+def run_fold(repo: Path, settings: ExperimentConfig, instance: dg.DagsterInstance) -> dict:
+    """``make demo`` in ``repo``: the data root is relative to it, as in a checkout."""
+    cwd = os.getcwd()
+    os.chdir(repo)
+    try:
+        return materialize_fold(settings, FOLD, instance, tracker=TrackerResource(mode="disabled"),
+                                dvc=DvcResource(repo_root="."), log=lambda *_: None)
+    finally:
+        os.chdir(cwd)
 
 
 @pytest.fixture(scope="module")
 def published(tmp_path_factory):
-    """The origin: the whole graph materialised and published; then a git clone with data/ pulled."""
+    """The origin: one fold materialised and published, committed; then a clone with `dvc pull`."""
     tmp = tmp_path_factory.mktemp("reproduce")
-    origin, remote, clone = tmp / "origin", tmp / "remote", tmp / "clone"
+    env = {"HOME": str(tmp / "home"), "DVC_GLOBAL_CONFIG_DIR": str(tmp / "dvc-global"),
+           "DVC_SITE_CACHE_DIR": str(tmp / "dvc-site")}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)  # the committed default remote `~/.cache/diffss/dvc-remote` lands under this HOME
+    origin, clone = tmp / "origin", tmp / "clone"
     origin.mkdir()
-    remote.mkdir()
     git(origin, "init", "-q")
+    (origin / ".gitignore").write_text("/data\n")
     instance = dg.DagsterInstance.ephemeral()
-    summary = materialize_partition(SPLIT, run_config=small_run_config(origin / "data", origin, remote),
-                                    instance=instance, log=lambda *_: None)
-    assert all(stage["success"] for stage in summary["stages"])
-    assert summary["check_errors"] == []
-    assert published_version(origin) == data_version(origin / "data")
-    # What a user commits after publishing: the .dvc file and DVC's config (the data is ignored).
-    git(origin, "add", "data.dvc", ".gitignore", ".dvc/config", ".dvc/.gitignore", ".dvcignore")
+    summary = run_fold(origin, small_settings(), instance)
+    assert summary["check_errors"] == [] and summary["reused"] == 0
+    git(origin, "add", "-A")
     git(origin, "commit", "-q", "-m", "data published with dvc")
     git(tmp, "clone", "-q", str(origin), str(clone))
     assert not (clone / "data").exists()
-    pull_data(clone, "data", remote=str(remote))
-    return origin, clone, remote, instance
+    pulled = subprocess.run([dvc_executable(), "pull"], cwd=clone, capture_output=True, text=True)
+    assert pulled.returncode == 0, pulled.stderr
+    yield origin, clone, instance
+    for key, value in saved.items():
+        os.environ.pop(key) if value is None else os.environ.__setitem__(key, value)
 
 
-def test_pull_restores_data_byte_identical_with_stamps(published):
-    origin, clone, _, _ = published
+def test_dvc_pull_restores_data_byte_identical_with_its_lineage(published):
+    origin, clone, _ = published
     ours = {path: md5 for path, (md5, _) in snapshot(clone / "data").items()}
-    theirs = {path: md5 for path, (md5, _) in snapshot(origin / "data").items()}
-    assert ours == theirs
+    assert ours == {path: md5 for path, (md5, _) in snapshot(origin / "data").items()}
     assert data_version(clone / "data") == published_version(clone)
-    stamps = {path for path in ours if "/stamps/" in path}
-    assert f"{SPLIT}/stamps/baseline_checkpoint.json" in stamps
-    assert f"{SPLIT}/{CONDITION}/stamps/auxiliary_supports.json" in stamps
-    assert len(stamps) == len(ALL_ASSETS) - 1  # every asset but the DVC snapshot (data.dvc is its record)
+    assert "lineage.json" in ours
+    assert "~/.cache/diffss/dvc-remote" in (clone / ".dvc" / "config").read_text()  # committed, not machine-specific
 
 
 def _refuse(name):
@@ -105,71 +99,67 @@ def _refuse(name):
     return refuse
 
 
-def test_materialising_the_clone_regenerates_nothing(published, monkeypatch):
+def test_a_fresh_instance_on_the_clone_recomputes_nothing(published, monkeypatch):
     from dagster._core.definitions.data_version import CachingStaleStatusResolver, StaleStatus
     from dagster._core.loader import LoadingContextForTest
 
-    origin, clone, remote, origin_instance = published
-    for module, name in [("diffss.train", "train"), ("diffss.train", "evaluate"),
-                         ("diffss.generation", "generate_auxiliary"), ("diffss.generation", "AuxiliaryGenerator"),
-                         ("diffss.conditions", "build_conditions"), ("diffss.export", "export_model_repository")]:
-        monkeypatch.setattr(f"{module}.{name}", _refuse(f"{module}.{name}"))
+    _, clone, origin_instance = published
+    for name in ("index_raw_data", "write_fold_splits", "prepare_diffusion_models", "draw_conditions", "generate_supports",
+                 "train_checkpoint", "evaluate_checkpoint", "xshot_study", "results_table", "export_segmenter"):
+        monkeypatch.setattr(f"diffss.experiment.{name}", _refuse(name))
     before = snapshot(clone / "data")
-
     instance = dg.DagsterInstance.ephemeral()  # a new machine: no run history at all
-    summary = materialize_partition(SPLIT, run_config=small_run_config(clone / "data", clone, remote),
-                                    instance=instance, log=lambda *_: None)
 
-    assert all(stage["success"] for stage in summary["stages"])
-    assert [stage["materialised"] for stage in summary["stages"]] == [[]] * len(summary["stages"])
-    assert {name for stage in summary["stages"] for name in stage["reused"]} == ASSET_NAMES
-    assert summary["check_errors"] == []  # the checks pass on the restored files
+    summary = run_fold(clone, small_settings(), instance)
+
+    assert summary["materialised"] == [] and summary["run_id"] is None and summary["reused"] == summary["total"]
+    assert len(summary["restored"]) == summary["total"]  # every asset, dvc_snapshot included
     assert snapshot(clone / "data") == before  # no file written, added or removed (contents and mtimes)
+    # Dagster's own view: the origin's data and code versions, and every asset partition up to date.
+    graph = build_definitions(small_settings()).resolve_asset_graph()
+    resolver = CachingStaleStatusResolver(instance, graph, LoadingContextForTest(instance))
+    for key in graph.get_all_asset_keys():
+        partition = FOLD if graph.get(key).is_partitioned else None
+        assert resolver.get_status(key, partition) == StaleStatus.FRESH, key
+        ours = instance.get_latest_materialization_event(key).asset_materialization.tags
+        theirs = origin_instance.get_latest_materialization_event(key).asset_materialization.tags
+        assert ours["dagster/data_version"] == theirs["dagster/data_version"], key
+        if key.to_user_string() != "dvc_snapshot":
+            assert ours["dagster/code_version"] == theirs["dagster/code_version"] == graph.get(key).code_version
 
-    # Dagster sees the same data versions the origin reported, each with its code version ...
-    ours, theirs = materializations(instance), materializations(origin_instance)
-    assert set(ours) == set(theirs) and len(ours) == len(ASSET_NAMES)  # one partition each
-    for key, materialization in ours.items():
-        assert materialization.metadata["reused"].value is True, key
-        assert materialization.tags["dagster/data_version"] == theirs[key].tags["dagster/data_version"], key
-        assert materialization.tags["dagster/code_version"] == "1", key
-    # ... and so every asset partition as up to date.
-    resolver = CachingStaleStatusResolver(instance, defs.resolve_asset_graph(), LoadingContextForTest(instance))
-    for (name, partition) in ours:
-        assert resolver.get_status(dg.AssetKey(name), partition) == StaleStatus.FRESH, (name, partition)
 
-
-def test_changed_settings_are_not_reused(published):
-    _, clone, remote, _ = published
+def test_changed_settings_make_exactly_what_they_change_unsynced(published):
+    _, clone, _ = published
     instance = dg.DagsterInstance.ephemeral()
-    run_config = small_run_config(clone / "data", clone, remote, train_steps=5)
-    resources = resources_from_run_config(run_config)
-    result = run_stage(ALL_ASSETS + ALL_CHECKS, FOLD_ASSETS, SPLIT, resources, run_config, instance, {})
-    assert result.success
-    reused, made = reuse_of(result)
-    assert reused == ["raw_dataset", "fold_splits"]  # their settings did not change
-    assert made == ["baseline_checkpoint", "baseline_evaluation"]
-    checkpoint = instance.get_latest_materialization_event(dg.AssetKey("baseline_checkpoint")).asset_materialization
-    assert checkpoint.metadata["steps"].value == 5
-    assert "config changed: steps" in checkpoint.metadata["reuse_check"].value
-    evaluation = instance.get_latest_materialization_event(dg.AssetKey("baseline_evaluation")).asset_materialization
-    assert "input(s) changed: baseline_checkpoint" in evaluation.metadata["reuse_check"].value
+    from orchestration.lineage import import_lineage
 
-    # The same settings again, with an explicit retrain: trained again although the stamp matches.
-    run_config["ops"] = {"baseline_checkpoint": {"config": {"retrain": True}}}
-    result = run_stage(ALL_ASSETS + ALL_CHECKS, ["baseline_checkpoint"], SPLIT, resources, run_config, instance, {})
-    assert result.success and reuse_of(result) == ([], ["baseline_checkpoint"])
-    # Dagster now sees the evaluation of the old checkpoint as stale (what FRESH above rules out).
-    from dagster._core.definitions.data_version import CachingStaleStatusResolver, StaleStatus
-    from dagster._core.loader import LoadingContextForTest
+    import_lineage(instance, clone / "data", clone)
+    settings = small_settings(train={"steps": 5, "image_size": 64}, data_root=str(clone / "data"))
+    stale = {k.to_user_string() for k in out_of_date(build_definitions(settings), instance, FOLD)}
+    assert stale == {"baseline/checkpoint", "seg/checkpoint", "baseline/evaluation", "seg/evaluation", "seg/xshot_study",
+                     "evaluation_table", "onnx_segmenter", "dvc_snapshot"}
+    # A file modified by hand is not what Dagster recorded: it is not restored, so it is recomputed.
+    fresh = dg.DagsterInstance.ephemeral()
+    xshot = clone / "data" / FOLD / "seg" / "xshot_study" / "xshot.csv"
+    original = xshot.read_text()
+    xshot.write_text("tampered\n")
+    try:
+        restored = import_lineage(fresh, clone / "data", clone)
+        assert "seg/xshot_study[demo_fold0]" not in restored and "raw_dataset[demo_fold0]" in restored
+        stale = {k.to_user_string() for k in out_of_date(build_definitions(small_settings(data_root=str(clone / "data"))), fresh, FOLD)}
+        assert stale == {"seg/xshot_study", "evaluation_table", "onnx_segmenter", "dvc_snapshot"}
+    finally:
+        xshot.write_text(original)
 
-    resolver = CachingStaleStatusResolver(instance, defs.resolve_asset_graph(), LoadingContextForTest(instance))
-    assert resolver.get_status(dg.AssetKey("baseline_evaluation"), SPLIT) == StaleStatus.STALE
-    assert resolver.get_status(dg.AssetKey("baseline_checkpoint"), SPLIT) == StaleStatus.FRESH
-    # Outputs modified by hand do not match their stamp: redone.
-    (clone / "data" / SPLIT / CONDITION / "xshot" / "xshot.csv").write_text("tampered\n")
-    result = run_stage(ALL_ASSETS + ALL_CHECKS, ["xshot_study"], condition_key(SPLIT, CONDITION), resources,
-                       small_run_config(clone / "data", clone, remote), instance, {})
-    assert result.success and reuse_of(result) == ([], ["xshot_study"])
-    xshot = instance.get_latest_materialization_event(dg.AssetKey("xshot_study")).asset_materialization
-    assert "outputs differ" in xshot.metadata["reuse_check"].value
+
+def test_two_runs_in_two_clones_give_one_data_hash(published, tmp_path):
+    """Nothing machine- or run-specific is versioned: a second clone that computes everything
+    itself (its own DVC cache, remote and Dagster instance) publishes the same data.dvc md5."""
+    origin, _, _ = published
+    other = tmp_path / "other"
+    git(tmp_path, "clone", "-q", str(origin), str(other))
+    (other / "data.dvc").unlink()  # compute, do not pull
+    summary = run_fold(other, small_settings(), dg.DagsterInstance.ephemeral())
+    assert summary["reused"] == 0
+    assert published_version(other) == published_version(origin)
+    assert (other / "data.dvc").read_text() == (origin / "data.dvc").read_text()

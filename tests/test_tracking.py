@@ -1,4 +1,4 @@
-"""W&B run tracking: offline runs written to a tmp folder and read back, disabled and null trackers."""
+"""W&B run tracking: offline runs written to a tmp folder and read back with wandb's own reader; disabled runs."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from diffss.tracking import NullTracker, RunTracker, read_offline_run, resolve_mode, start_tracker
+from diffss.tracking import RunTracker, read_offline_run, resolve_mode, start_tracker
 
 
 @pytest.fixture(autouse=True)
@@ -81,6 +81,7 @@ def test_offline_run_records_metrics_table_images_artifacts(tmp_path):
     losses = [row["loss"] for row in offline.history if "loss" in row]
     assert losses == pytest.approx([1.0, 0.5, 1 / 3])
     assert [row["_step"] for row in offline.history if "loss" in row] == [0, 1, 2]
+    assert offline.history[-1]["examples.count"] == 3  # nested values come dotted, as W&B stores them
     assert offline.summary["miou"] == 26.875 and offline.summary["fbiou"] == 55.0
     assert offline.summary["loss"] == pytest.approx(1 / 3)
     assert offline.summary["per_class_iou"]["_type"] == "table-file"
@@ -138,12 +139,22 @@ def test_disabled_mode_and_null_tracker_write_nothing(tmp_path):
     assert not root.exists()
     assert not (tmp_path / "wandb-root").exists()
 
-    null = start_tracker(enabled=False, project="p")
-    assert isinstance(null, NullTracker)
-    with null as t:
+    # Tracking switched off is W&B's disabled mode: the same calls, nothing written anywhere.
+    off = start_tracker(enabled=False, project="p", dir=tmp_path / "off-root")
+    with off as t:
+        assert t.mode == "disabled"
         t.log({"x": 1}, step=0)
         t.log_table("t", pd.DataFrame({"a": [1]}))
-        t.log_images("i", [])
-        assert t.log_artifact("anything", "n", "model") == "n"
+        t.log_images("i", [(np.zeros((4, 4, 3), np.uint8), "c")])
+        assert t.log_artifact(tmp_path, "n", "model") == "n"
         t.update_summary({"m": 1})
-    assert (null.run_id, null.url, null.run_dir, null.finished) == (None, None, None, True)
+    assert (off.run_id, off.url, off.run_dir, off.finished) == (None, None, None, True)
+    assert not (tmp_path / "off-root").exists()
+
+
+def test_reading_a_folder_that_is_not_a_run_names_it(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no run-"):
+        read_offline_run(tmp_path)
+    (tmp_path / "run-x.wandb").write_bytes(b"not a log")
+    with pytest.raises(ValueError, match=str(tmp_path)):
+        read_offline_run(tmp_path)

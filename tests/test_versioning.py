@@ -1,11 +1,13 @@
-"""DVC publish/pull round trip and its failure modes, on small git repos in tmp folders."""
+"""DVC publish/pull round trip and its failure modes, on small git repos in tmp folders.
+
+DVC runs as a command in its own tool environment (``.venv-dvc``, linked as ``.venv/bin/dvc``).
+"""
 
 from __future__ import annotations
 
 import hashlib
 import os
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -43,7 +45,7 @@ def _isolated_dvc(tmp_path, monkeypatch):
     monkeypatch.setenv("DVC_SITE_CACHE_DIR", str(tmp_path / "dvc-site-cache"))
     monkeypatch.setenv("DVC_GLOBAL_CONFIG_DIR", str(tmp_path / "dvc-global"))
     monkeypatch.setenv("DVC_SYSTEM_CONFIG_DIR", str(tmp_path / "dvc-system"))
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg-cache"))
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
     monkeypatch.delenv(versioning.REMOTE_ENV, raising=False)
     for key, value in GIT_ENV.items():
         monkeypatch.setenv(key, value)
@@ -132,23 +134,58 @@ def test_publish_clone_pull_restores_identical_bytes(tmp_path):
     assert tree_hashes(clone / "data") == tree_hashes(repo / "data")
 
 
-def test_default_remote_is_a_local_folder_recorded_in_config_local(tmp_path):
+def test_default_remote_is_committed_and_a_clone_restores_with_plain_dvc_pull(tmp_path):
     repo = make_repo(tmp_path / "repo")
     meta = publish_data(repo)
-    default_dir = tmp_path / "xdg-cache" / "diffss" / "dvc-remote"
+    default_dir = tmp_path / "home" / ".cache" / "diffss" / "dvc-remote"
     assert meta["remote"] == versioning.DEFAULT_REMOTE_NAME
     assert meta["remote_url"] == str(default_dir)
     assert any(default_dir.rglob("*"))
-    # Machine-specific: kept out of the committed .dvc/config.
-    assert str(default_dir) in (repo / ".dvc" / "config.local").read_text()
-    assert str(default_dir) not in (repo / ".dvc" / "config").read_text()
+    # Committed with `~`, which DVC expands for whoever runs it: no machine-specific path.
+    config = (repo / ".dvc" / "config").read_text()
+    assert "~/.cache/diffss/dvc-remote" in config and str(tmp_path) not in config
+    assert not (repo / ".dvc" / "config.local").exists()
 
-    # A clone on the same machine (no config.local) falls back to the same default folder.
+    # A second clone on the same machine: `git clone` then DVC's own `dvc pull`, nothing else.
     commit_all(repo)
     clone = tmp_path / "clone"
     git(tmp_path, "clone", "-q", str(repo), str(clone))
-    pull_data(clone)
+    result = subprocess.run([versioning.dvc_executable(), "pull"], cwd=clone, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
     assert tree_hashes(clone / "data") == tree_hashes(repo / "data")
+
+
+def test_stale_dvc_temporaries_are_removed_by_the_next_run(tmp_path):
+    """A DVC killed mid-copy leaves ``.<random>.tmp`` files in the cache and the remote; the next
+    publish removes them (a remote's young ones may belong to another clone's running push)."""
+    repo = make_repo(tmp_path / "repo")
+    remote = tmp_path / "remote"
+    remote.mkdir()
+    publish_data(repo, remote=str(remote))
+    cache_tmp = repo / ".dvc" / "cache" / "files" / "md5" / "ab" / ".Zq3xkilled.tmp"
+    old_remote_tmp = remote / "files" / "md5" / "cd" / ".Yy7killed.tmp"
+    young_remote_tmp = remote / "files" / "md5" / "cd" / ".Ww1running.tmp"
+    for path in (cache_tmp, old_remote_tmp, young_remote_tmp):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"half an object")
+    hour_ago = time.time() - versioning.REMOTE_TMP_MAX_AGE_S - 60
+    os.utime(old_remote_tmp, (hour_ago, hour_ago))
+
+    meta = publish_data(repo, remote=str(remote))
+    assert not cache_tmp.exists() and not old_remote_tmp.exists()
+    assert young_remote_tmp.exists()
+    assert meta["transferred"] == 0  # nothing else changed
+
+    # While another DVC process holds the repository lock, its temporaries are left alone.
+    cache_tmp.write_bytes(b"being written")
+    holder = _hold_dvc_lock(repo)
+    try:
+        assert versioning.remove_stale_temporaries(repo) == []
+        assert cache_tmp.exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    assert versioning.remove_stale_temporaries(repo) == [cache_tmp.resolve()]
 
 
 def test_unreachable_remote_raises_and_leaves_data_intact(tmp_path):
@@ -227,7 +264,9 @@ def _hold_dvc_lock(repo: Path) -> subprocess.Popen:
     )
     lock_file = repo / ".dvc" / "tmp" / "lock"
     lock_file.parent.mkdir(parents=True, exist_ok=True)
-    proc = subprocess.Popen([sys.executable, "-c", code, str(lock_file)], stdout=subprocess.PIPE, text=True)
+    # zc.lockfile is DVC's dependency: run the holder in DVC's tool environment.
+    dvc_python = Path(versioning.dvc_executable()).resolve().with_name("python")
+    proc = subprocess.Popen([str(dvc_python), "-c", code, str(lock_file)], stdout=subprocess.PIPE, text=True)
     assert proc.stdout.readline().strip() == "locked"
     return proc
 

@@ -6,8 +6,12 @@ import dataclasses
 import hashlib
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import field
 from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import ConfigDict, Field
+from pydantic.dataclasses import dataclass
 
 DEFAULT_BASE_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 DEFAULT_CONTROLNETS = {
@@ -34,11 +38,15 @@ PAPER_SETTINGS = dict(controlnets=PAPER_CONTROLNETS, prompt_template="a real sho
                       controlnet_conditioning_scale=1.0)
 
 
-@dataclass
+PositiveInt = Annotated[int, Field(ge=1)]
+
+
+@dataclass(config=ConfigDict(extra="forbid"))
 class GenerationConfig:
     """What to generate with and how. Fields in :data:`OUTPUT_FIELDS` determine the images;
     the rest (device, dtype, compile, channels_last, batching, offline loading) only how fast
-    they come (fp16 vs fp32 moves pixels by float noise, not content).
+    they come (fp16 vs fp32 moves pixels by float noise, not content). A pydantic dataclass:
+    each field's constraint is its validation (``ValueError`` naming the field).
 
     ``batch_size``: images per pipeline call, drawn across supports (None: ``supports_per_call``
     supports' ``num_aux`` images). Every call is padded to this size, so an image's pixels do
@@ -48,43 +56,27 @@ class GenerationConfig:
     base_model: str = DEFAULT_BASE_MODEL
     controlnets: dict[str, str] = field(default_factory=lambda: dict(DEFAULT_CONTROLNETS))
     hed_model: str = "lllyasviel/Annotators"
-    prompt_template: str = "a real shot photo of {class_name}"
+    prompt_template: Annotated[str, Field(pattern=r"\{class_name\}")] = "a real shot photo of {class_name}"
     quality_suffix: str = ", best quality, extremely detailed"
     negative_prompt: str = DEFAULT_NEGATIVE_PROMPT
     scheduler: str = "UniPCMultistepScheduler"
-    num_inference_steps: int = 20
+    num_inference_steps: PositiveInt = 20
     guidance_scale: float = 9.0
-    resolution: int = 512
+    resolution: Annotated[int, Field(ge=8, multiple_of=8)] = 512
     controlnet_conditioning_scale: float = 1.0
     seed: int = 0
     # Runtime-only settings.
     device: str | None = None
-    dtype: str | None = None
+    dtype: Literal["float16", "bfloat16", "float32"] | None = None
     compile: bool = False
     channels_last: bool = False
-    supports_per_call: int = 1
+    supports_per_call: PositiveInt = 1
     local_files_only: bool = False
-    batch_size: int | None = None
+    batch_size: PositiveInt | None = None
 
     OUTPUT_FIELDS = ("base_model", "controlnets", "prompt_template", "quality_suffix", "negative_prompt",
                      "scheduler", "num_inference_steps", "guidance_scale", "resolution",
                      "controlnet_conditioning_scale", "seed")
-
-    def __post_init__(self):
-        if "{class_name}" not in self.prompt_template:
-            raise ValueError(f"prompt_template must contain '{{class_name}}', got {self.prompt_template!r}")
-        if int(self.num_inference_steps) < 1:
-            raise ValueError(f"num_inference_steps must be >= 1, got {self.num_inference_steps}")
-        if int(self.resolution) < 8 or int(self.resolution) % 8:
-            raise ValueError(f"resolution must be a positive multiple of 8, got {self.resolution}")
-        if int(self.supports_per_call) < 1:
-            raise ValueError(f"supports_per_call must be >= 1, got {self.supports_per_call}")
-        if self.batch_size is not None and int(self.batch_size) < 1:
-            raise ValueError(f"batch_size must be >= 1 or null, got {self.batch_size}")
-        if self.dtype not in (None, "float16", "bfloat16", "float32"):
-            raise ValueError(f"dtype must be float16, bfloat16, float32 or null, got {self.dtype!r}")
-        if not isinstance(self.controlnets, dict):
-            raise ValueError(f"controlnets must map condition kind -> model id, got {self.controlnets!r}")
 
     @classmethod
     def paper(cls, **overrides) -> "GenerationConfig":

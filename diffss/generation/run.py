@@ -10,7 +10,8 @@ Layout under ``out_dir``::
 Every image is written atomically and the table is rewritten (atomically) after pipeline
 calls, so a run killed at any moment leaves complete images only. A rerun keeps each image
 that decodes, regenerates missing or corrupt ones, and recomputes the table row of an image
-whose row was lost (``seconds`` is then NaN: the time was not recorded).
+whose row was lost. The table holds no timings (it is versioned data: two runs that make the
+same images write the same bytes); the caller times the run (``GenerationResult.seconds``).
 
 Shards (``shard=(i, n)``) split the supports; n processes, on one machine or on several over a
 shared filesystem with POSIX locks (local disk, NFS, CephFS), can write one folder at once.
@@ -62,7 +63,7 @@ CONFIG_NAME = "generation_config.json"
 # ".<conditions folder>.lock" beside the conditions folder while conditions are built.
 LOCK_NAME = ".auxiliary.lock"
 TABLE_COLUMNS = ["dataset", "support_name", "class_id", "class_name", "aux_index", "seed", "prompt", "condition",
-                 "model_ids", "path", "seconds", "width", "height", "drift"]
+                 "model_ids", "path", "width", "height", "drift"]
 
 
 def condition_label(condition: str | Sequence[str]) -> str:
@@ -104,7 +105,7 @@ def _write_table(path: Path, rows: dict) -> pd.DataFrame:
     table = pd.DataFrame(list(rows.values()), columns=TABLE_COLUMNS)
     table = table.sort_values(["class_id", "support_name", "aux_index"], kind="stable").reset_index(drop=True)
     table = table.astype({"class_id": "int64", "aux_index": "int64", "seed": "int64", "width": "int64",
-                          "height": "int64", "seconds": "float64", "drift": "float64"})
+                          "height": "int64", "drift": "float64"})
     with atomic_path(path) as tmp:
         table.to_parquet(tmp, index=False)
     return table
@@ -282,7 +283,7 @@ def generate_shard(samples: Sequence, condition: str | Sequence[str], out_dir: s
                 rows[key] = {c: old_rows[key][c] for c in TABLE_COLUMNS}
             else:
                 with Image.open(path) as im:
-                    rows[key] = supports.finish_row(row, im.convert("RGB"), sample, math.nan)
+                    rows[key] = supports.finish_row(row, im.convert("RGB"), sample)
 
     def merge() -> pd.DataFrame:
         """Other runs' rows as they stand on disk now, plus this run's; atomic, under the lock."""
@@ -320,7 +321,7 @@ def generate_shard(samples: Sequence, condition: str | Sequence[str], out_dir: s
             for s, _ in chunk:
                 if id(s) not in controls:
                     controls[id(s)] = _load_controls(conditions_dir, kinds, s, config.resolution)
-            images, seconds = generator.timed_generate(
+            images = generator.generate(
                 [controls[id(s)] for s, _ in chunk], [s.class_name for s, _ in chunk],
                 [aux_seed(dataset_name, s.name, s.class_id, k, config.seed) for s, k in chunk], pad_to=per_call)
             for (sample, k), image in zip(chunk, images):
@@ -330,7 +331,7 @@ def generate_shard(samples: Sequence, condition: str | Sequence[str], out_dir: s
                 if aux.size != size:
                     aux = aux.resize(size, Image.BICUBIC)
                 save_png_atomic(aux, root / row["path"])
-                rows[key_of(sample, k)] = supports.finish_row(row, aux, sample, seconds)
+                rows[key_of(sample, k)] = supports.finish_row(row, aux, sample)
             bar.update(len(chunk))
             # Rewrite the table when that costs at most ~10% of the time since the last write
             # (every call for small tables); rows lost to a kill are rebuilt from the images.
@@ -365,12 +366,12 @@ class _SupportCache:
         mask = self._get(sample)[0]
         return mask.shape[1], mask.shape[0]
 
-    def finish_row(self, row: dict, aux: Image.Image, sample, seconds: float) -> dict:
-        """Add size, time and drift (against the support mask, relative to the support photo)."""
+    def finish_row(self, row: dict, aux: Image.Image, sample) -> dict:
+        """Add size and drift (against the support mask, relative to the support photo)."""
         mask, expected = self._get(sample)
         if aux.size != (mask.shape[1], mask.shape[0]):
             aux = aux.resize((mask.shape[1], mask.shape[0]), Image.BICUBIC)
-        row.update(seconds=float(seconds), width=aux.width, height=aux.height,
+        row.update(width=aux.width, height=aux.height,
                    drift=drift_from_alignment(edge_alignment(aux, mask), expected))
         return row
 
@@ -404,6 +405,5 @@ def run_generation(dataset_kwargs: dict, condition: str | Sequence[str], out_dir
 def summarize(table: pd.DataFrame) -> dict:
     """Small JSON-able summary of a generation table (for CLI output / orchestration)."""
     return {"images": int(len(table)), "supports": int(table[["support_name", "class_id"]].drop_duplicates().shape[0]),
-            "mean_seconds": float(table["seconds"].mean()) if len(table) else math.nan,
             "mean_drift": float(table["drift"].mean()) if len(table) else math.nan,
             "model_ids": json.loads(table["model_ids"].iloc[0]) if len(table) else None}

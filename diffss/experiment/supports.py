@@ -1,0 +1,197 @@
+"""Auxiliary supports: which supports get them, their control conditions, generation, checks."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from diffss.experiment.config import (
+    CONDITIONS, RANDOM_HED, TINY, ExperimentConfig, Fold, file_lock, fresh, load_split, write_json,
+)
+from diffss.generation.config import GenerationConfig
+
+
+def prepare_diffusion_models(settings: ExperimentConfig, out: Path) -> GenerationConfig:
+    """Make ``out`` describe the models generation uses: for ``base_model: tiny`` the tiny random set
+    built there once (reused after); for any other models a ``models.json`` of their settings (the
+    weights stay where they are configured; their ids and paths are their identity)."""
+    from diffss.generation import build_tiny_diffusion
+
+    if settings.generation.base_model == TINY:
+        with file_lock(out / ".build.lock"):  # folds starting together build it once
+            build_tiny_diffusion(out)
+    else:
+        write_json(fresh(out) / "models.json", settings.generation.output_signature())
+    return diffusion_models(settings, out)
+
+
+def diffusion_models(settings: ExperimentConfig, out: Path) -> GenerationConfig:
+    """The generation settings with concrete models (``tiny``: the set :func:`prepare_diffusion_models` built)."""
+    if settings.generation.base_model != TINY:
+        return settings.generation
+    if not (out / "sd" / "model_index.json").is_file():
+        raise FileNotFoundError(f"{out} holds no tiny diffusion models: materialise diffusion_models first")
+    return dataclasses.replace(settings.generation, base_model=str(out / "sd"),
+                               controlnets={c: str(out / f"controlnet-{c}") for c in CONDITIONS})
+
+
+def plan_auxiliary(settings: ExperimentConfig, fold: Fold, redo: list[str] = (), only_redo: bool = False) -> dict[str, tuple[list, int]]:
+    """``{split: (samples, images each)}``: the supports that get auxiliary images and how many.
+
+    Training draws ``ceil(train_aux_shot / true_shot)`` per support from any training sample;
+    evaluation needs the supports of its fixed episodes, each with enough images for the largest
+    of ``eval_aux_shot`` and ``xshot_shots``. ``redo``: sample names to regenerate; with
+    ``only_redo`` nothing else is touched.
+    """
+    plan: dict[str, tuple[list, int]] = {}
+    if settings.train_aux_shot:
+        plan["train"] = (list(load_split(settings, fold, "train").samples),
+                         math.ceil(settings.train_aux_shot / settings.train.true_shot))
+    largest = max(settings.eval_aux_shot, *settings.xshot_shots)
+    if largest:
+        names, samples = set(), {}
+        for seed in settings.evaluation.seeds:
+            test = load_split(settings, fold, "test", episodes=settings.evaluation.episodes, seed=seed)
+            names |= {n for _, supports in test.episode_list() for n in supports}
+            samples.update({s.name: s for s in test.samples})
+        plan["test"] = ([samples[n] for n in sorted(names)], math.ceil(largest / settings.evaluation.shot))
+    if redo:
+        known = {s.name for split in ("train", "test") for s in load_split(settings, fold, split).samples}
+        unknown = sorted(set(redo) - known)
+        if unknown:
+            raise ValueError(f"redo_supports: {unknown[:5]} are not samples of {fold.key}")
+        if only_redo:
+            plan = {split: ([s for s in samples if s.name in set(redo)], n) for split, (samples, n) in plan.items()}
+    return plan
+
+
+def _hed(settings: ExperimentConfig, condition: str):
+    from diffss.conditions import HedConditioner
+
+    if condition not in ("hed", "scribble"):
+        return None
+    device = settings.generation.device
+    if settings.generation.hed_model == RANDOM_HED:
+        return HedConditioner.random(seed=0, device=device)
+    return HedConditioner(settings.generation.hed_model, device=device)
+
+
+def _preview(plan: dict[str, tuple[list, int]]) -> list:
+    return (plan.get("test") or plan.get("train") or ([], 0))[0][:4]
+
+
+def draw_conditions(settings: ExperimentConfig, fold: Fold, condition: str, out: Path, redo: list[str] = (),
+                    only_redo: bool = False) -> dict[str, Any]:
+    """ControlNet control images of every support in :func:`plan_auxiliary` (kept when valid, so a
+    rerun fills gaps; ``redo`` samples are drawn again) and a support | condition preview."""
+    from PIL import Image
+
+    from diffss.conditions import build_conditions, condition_path
+    from diffss.figures import image_grid, save_png
+
+    plan = plan_auxiliary(settings, fold, redo, only_redo)
+    samples = [s for group, _ in plan.values() for s in group]
+    for s in samples:
+        if s.name in set(redo):
+            condition_path(out, condition, s.class_id, s.name).unlink(missing_ok=True)
+    missing = sum(not condition_path(out, condition, s.class_id, s.name).is_file() for s in samples)
+    table = build_conditions(samples, [condition], out, resolution=settings.generation.resolution,
+                             hed=_hed(settings, condition), progress=False, dataset_name=fold.dataset)
+    rows = [[s.load_image(), Image.open(condition_path(out, condition, s.class_id, s.name))] for s in _preview(plan)]
+    info = {"conditions": int((table["kind"] == condition).sum()), "drawn": missing, "resolution": settings.generation.resolution}
+    if rows:
+        info["preview"] = save_png(image_grid(rows), out / "preview.png")
+    return info
+
+
+def auxiliary_table(out: Path, fold: Fold, condition: str) -> Path:
+    """The generation table :func:`generate_supports` writes under ``out``."""
+    from diffss.generation import TABLE_NAME
+
+    return out / fold.dataset / condition / TABLE_NAME
+
+
+def generate_supports(settings: ExperimentConfig, fold: Fold, condition: str, models: GenerationConfig,
+                      conditions_dir: Path, out: Path, redo: list[str] = (), only_redo: bool = False) -> dict[str, Any]:
+    """Auxiliary supports of every planned support (missing or ``redo`` ones are painted, valid ones
+    kept), the generation table, and a support | condition | auxiliary images grid."""
+    from PIL import Image
+
+    from diffss.conditions import condition_path
+    from diffss.figures import image_grid, save_png
+    from diffss.generation import AuxiliaryGenerator, aux_relpath, generate_auxiliary, summarize
+
+    folder = auxiliary_table(out, fold, condition).parent
+    saved = folder / "generation_config.json"
+    if saved.is_file() and GenerationConfig.from_json(saved).output_signature() != models.output_signature():
+        shutil.rmtree(folder)  # images of other settings must not be mixed in
+    plan = plan_auxiliary(settings, fold, redo, only_redo)
+    for samples, count in plan.values():
+        for s in (s for s in samples if s.name in set(redo)):
+            for k in range(count):
+                (folder / aux_relpath(s.class_id, s.name, k)).unlink(missing_ok=True)
+    missing = sum(not (folder / aux_relpath(s.class_id, s.name, k)).is_file()
+                  for samples, count in plan.values() for s in samples for k in range(count))
+    generator = AuxiliaryGenerator(models, condition) if missing else None  # loaded once for both splits
+    hed = _hed(settings, condition)
+    for samples, count in plan.values():
+        if samples:
+            generate_auxiliary(samples, condition, out, config=models, num_aux=count, dataset_name=fold.dataset,
+                               conditions_dir=conditions_dir, hed=hed, generator=generator, progress=False)
+    table_path = auxiliary_table(out, fold, condition)
+    table = pd.read_parquet(table_path) if table_path.is_file() else pd.DataFrame()
+    summary = summarize(table) if len(table) else {"images": 0}
+    info: dict[str, Any] = {"images": summary["images"], "generated": missing, "supports": summary.get("supports", 0),
+                            "mean_drift": summary.get("mean_drift", float("nan")), "table": table_path}
+    rows = []
+    for s in _preview(plan):
+        own = table[(table["support_name"] == s.name) & (table["class_id"] == s.class_id)]
+        rows.append([s.load_image(), Image.open(condition_path(conditions_dir, condition, s.class_id, s.name))]
+                    + [Image.open(folder / p) for p in own["path"]])
+    if rows:
+        info["grid"] = save_png(image_grid(rows), out / "grid.png")
+    if len(table):
+        info["per_class"] = table.groupby("class_name", as_index=False).agg(images=("path", "count"), mean_drift=("drift", "mean"))
+    return info
+
+
+def auxiliary_problems(settings: ExperimentConfig, fold: Fold, table_path: Path) -> dict[str, Any]:
+    """Supports short of their planned number of auxiliary images, and images that do not decode or
+    whose size differs from their support's (their mask would not fit)."""
+    from PIL import Image
+
+    table = pd.read_parquet(table_path)
+    have = table.groupby(["support_name", "class_id"]).size().to_dict()
+    short, sizes = [], {}
+    for samples, count in plan_auxiliary(settings, fold).values():
+        for s in samples:
+            if have.get((s.name, s.class_id), 0) < count:
+                short.append(f"{s.name} (class {s.class_id}): {have.get((s.name, s.class_id), 0)}/{count}")
+            with Image.open(s.image_path) as im:
+                sizes[(s.name, s.class_id)] = im.size
+    bad = []
+    for row in table.itertuples(index=False):
+        path = table_path.parent / row.path
+        try:
+            with Image.open(path) as im:
+                im.load()
+                size = im.size
+        except Exception as exc:  # noqa: BLE001 - any decode failure is a problem
+            bad.append(f"{path}: does not decode ({exc})")
+            continue
+        expected = sizes.get((row.support_name, int(row.class_id)), (row.width, row.height))
+        if size != expected or size != (row.width, row.height):
+            bad.append(f"{path}: {size[0]}x{size[1]}, support is {expected[0]}x{expected[1]}")
+    return {"images": len(table), "short": short, "bad": bad}
+
+
+def drifted_share(settings: ExperimentConfig, table_path: Path) -> dict[str, float]:
+    """Share of auxiliary images whose drift exceeds ``drift_threshold`` (unmeasured ones excluded)."""
+    drift = pd.read_parquet(table_path)["drift"].astype(float).dropna()
+    return {"drifted_share": float((drift > settings.drift_threshold).mean()) if len(drift) else 0.0,
+            "mean_drift": float(drift.mean()) if len(drift) else float("nan"), "images": int(len(drift))}

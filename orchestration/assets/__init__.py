@@ -1,1 +1,0 @@
-"""Assets, one module per stage: data -> generation -> training -> evaluation -> delivery."""
