@@ -166,3 +166,20 @@ def test_shipped_generator_paints_the_class_inside_the_mask(tmp_path):
     tiny = build_tiny_diffusion(tmp_path / "tiny", conditions=("seg",))
     tiny = dataclasses.replace(tiny, resolution=shipped.resolution, device="cpu")
     assert _palette_contrast(tiny, samples, conditions) < 0.1  # the property a random generator lacks
+
+
+@pytest.mark.slow
+def test_the_shipped_weights_command_runs(tmp_path):
+    """The command README gives for the shipped weights, a few steps of each stage at the preset's
+    sizes: it writes a generator folder that generation loads."""
+    out = tmp_path / "generator"
+    rc = cli_main(["--quiet", "train-generator", "--preset", "demo", "--seed", "0", "--device", "cpu",
+                   "--work-dir", str(tmp_path / "work"), "--output", str(out), "--steps-scale", "0.004",
+                   "--pool-per-class", "2"])
+    assert rc == 0
+    history = pd.read_csv(tmp_path / "work" / "text-to-image" / "history.csv")
+    assert len(history) == 4  # 1000 steps x 0.004
+    config = demo_generation_config(out, device="cpu", num_inference_steps=2)
+    assert config.resolution == 64 and set(config.controlnets) == {"seg", "hed", "scribble"}
+    image = AuxiliaryGenerator(config, "scribble").generate([Image.new("RGB", (64, 64))], ["striped star"], [0])[0]
+    assert image.shape == (64, 64, 3)

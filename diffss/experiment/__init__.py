@@ -20,7 +20,8 @@ version of the assets that run it.
 """
 
 from diffss.experiment.config import (
-    BASELINE, CONDITIONS, DATASET_FOLDS, FOLDS, RANDOM_HED, TINY, ExperimentConfig, Fold, demo_generation, load_split,
+    BASELINE, CONDITIONS, DATASET_FOLDS, FOLDS, LEARNED_DEMO, RANDOM_HED, TINY, ExperimentConfig, Fold, demo_generation,
+    learned_demo_generation, load_split,
 )
 from diffss.experiment.data import changed_samples, fold_test_classes, index_raw_data, raw_manifest, write_fold_splits
 from diffss.experiment.results import choose_checkpoint, export_segmenter, onnx_parity, results_table
@@ -33,9 +34,9 @@ from diffss.experiment.training import (
 )
 
 __all__ = [
-    "BASELINE", "CONDITIONS", "DATASET_FOLDS", "FOLDS", "RANDOM_HED", "TINY", "ExperimentConfig", "Fold",
+    "BASELINE", "CONDITIONS", "DATASET_FOLDS", "FOLDS", "LEARNED_DEMO", "RANDOM_HED", "TINY", "ExperimentConfig", "Fold",
     "auxiliary_problems", "auxiliary_table", "changed_samples", "choose_checkpoint", "demo_generation", "diffusion_models",
     "draw_conditions", "drifted_share", "evaluate_checkpoint", "export_segmenter", "fold_test_classes", "generate_supports",
-    "index_raw_data", "load_split", "missing_classes", "onnx_parity", "plan_auxiliary", "prepare_diffusion_models", "raw_manifest",
+    "index_raw_data", "learned_demo_generation", "load_split", "missing_classes", "onnx_parity", "plan_auxiliary", "prepare_diffusion_models", "raw_manifest",
     "results_table", "train_base_learner", "train_checkpoint", "write_fold_splits", "xshot_study",
 ]

@@ -28,7 +28,8 @@ DATASET_FOLDS: dict[str, tuple[int, ...]] = {
 }
 CONDITIONS = ("seg", "hed", "scribble")
 BASELINE = "baseline"  # the real-supports-only segmenter, a condition of its own
-TINY = "tiny"  # GenerationConfig.base_model: build tiny random SD + ControlNet models (the demo)
+TINY = "tiny"  # GenerationConfig.base_model: build tiny random SD + ControlNet models (tests, plumbing)
+LEARNED_DEMO = "demo"  # GenerationConfig.base_model: the learned demo generator shipped in the package
 RANDOM_HED = "random"  # GenerationConfig.hed_model: a random-weight HED network (the demo)
 Condition = Literal["seg", "hed", "scribble"]
 Fraction = Annotated[float, Field(ge=0, le=1)]
@@ -55,6 +56,16 @@ def demo_generation() -> GenerationConfig:
     """Tiny random diffusion models at 64 px and 2 steps on CPU: exercises generation, paints noise."""
     return GenerationConfig(base_model=TINY, controlnets={}, hed_model=RANDOM_HED, num_inference_steps=2,
                             resolution=64, supports_per_call=8, local_files_only=True, device="cpu", dtype="float32")
+
+
+def learned_demo_generation() -> GenerationConfig:
+    """The learned demo generator (diffss/generation/pretrained/demo, trained on the demo world's
+    pretraining pool) with its own sampling settings, on CPU."""
+    from diffss.generation.demo_generator import demo_generation_config
+
+    shipped = demo_generation_config()
+    return dataclasses.replace(shipped, base_model=LEARNED_DEMO, controlnets={}, supports_per_call=8, device="cpu",
+                               dtype="float32")
 
 
 @dataclass(config=ConfigDict(extra="forbid"))
@@ -153,7 +164,7 @@ class ExperimentConfig:
         if pretrained not in (None, "", "imagenet") and not Path(pretrained).expanduser().is_file():
             raise FileNotFoundError(f"train.pretrained: weights file {pretrained} does not exist")
         gen = self.generation
-        if gen.local_files_only and gen.base_model != TINY:
+        if gen.local_files_only and gen.base_model not in (TINY, LEARNED_DEMO):
             for label, model, marker in [("generation.base_model", gen.base_model, "model_index.json"),
                                          *[(f"generation.controlnets[{c!r}]", gen.controlnets.get(c, ""), "config.json")
                                            for c in self.conditions]]:

@@ -11,27 +11,37 @@ from typing import Any
 import pandas as pd
 
 from diffss.experiment.config import (
-    CONDITIONS, RANDOM_HED, TINY, ExperimentConfig, Fold, file_lock, fresh, load_split, write_json,
+    CONDITIONS, LEARNED_DEMO, RANDOM_HED, TINY, ExperimentConfig, Fold, file_lock, fresh, load_split, write_json,
 )
 from diffss.generation.config import GenerationConfig
 
 
 def prepare_diffusion_models(settings: ExperimentConfig, out: Path) -> GenerationConfig:
     """Make ``out`` describe the models generation uses: for ``base_model: tiny`` the tiny random set
-    built there once (reused after); for any other models a ``models.json`` of their settings (the
+    built there once (reused after); for ``demo`` the digests of the shipped learned generator; for any other models a ``models.json`` of their settings (the
     weights stay where they are configured; their ids and paths are their identity)."""
     from diffss.generation import build_tiny_diffusion
 
     if settings.generation.base_model == TINY:
         with file_lock(out / ".build.lock"):  # folds starting together build it once
             build_tiny_diffusion(out)
+    elif settings.generation.base_model == LEARNED_DEMO:  # the shipped weights' digests are its identity
+        from diffss.generation.demo_generator import weights_digest
+
+        write_json(fresh(out) / "models.json", {**settings.generation.output_signature(), "weights": weights_digest()})
     else:
         write_json(fresh(out) / "models.json", settings.generation.output_signature())
     return diffusion_models(settings, out)
 
 
 def diffusion_models(settings: ExperimentConfig, out: Path) -> GenerationConfig:
-    """The generation settings with concrete models (``tiny``: the set :func:`prepare_diffusion_models` built)."""
+    """The generation settings with concrete models (``tiny``: the set :func:`prepare_diffusion_models`
+    built; ``demo``: the shipped learned demo generator)."""
+    if settings.generation.base_model == LEARNED_DEMO:
+        from diffss.generation.demo_generator import PRETRAINED_DIR
+
+        return dataclasses.replace(settings.generation, base_model=str(PRETRAINED_DIR / "sd"),
+                                   controlnets={c: str(PRETRAINED_DIR / "controlnet") for c in CONDITIONS})
     if settings.generation.base_model != TINY:
         return settings.generation
     if not (out / "sd" / "model_index.json").is_file():

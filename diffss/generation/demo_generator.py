@@ -33,8 +33,8 @@ DEMO_PRESET = {
               "attention_head_dim": 8, "text_width": 48, "text_layers": 2, "text_heads": 4,
               "condition_channels": (16, 24, 48)},
     "autoencoder": {"steps": 600, "batch_size": 16, "learning_rate": 2e-3},
-    "text-to-image": {"steps": 1500, "batch_size": 16, "learning_rate": 1e-3},
-    "controlnet": {"steps": 800, "batch_size": 16, "learning_rate": 1e-3},
+    "text-to-image": {"steps": 1000, "batch_size": 16, "learning_rate": 1e-3},
+    "controlnet": {"steps": 600, "batch_size": 16, "learning_rate": 1e-3},
     "generation": {"num_inference_steps": 12, "guidance_scale": 3.0, "negative_prompt": "", "resolution": 64},
 }
 
@@ -117,3 +117,12 @@ def demo_generation_config(weights_dir: str | os.PathLike | None = None, **overr
     config = dataclasses.replace(config, base_model=str(weights_dir / config.base_model),
                                  controlnets={k: str(weights_dir / v) for k, v in config.controlnets.items()})
     return dataclasses.replace(config, **overrides)
+
+
+def weights_digest(weights_dir: str | os.PathLike | None = None) -> dict[str, str]:
+    """SHA-256 of every weights file of a demo generator folder (relative path -> hex digest)."""
+    import hashlib
+
+    root = Path(weights_dir or PRETRAINED_DIR)
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*.safetensors"))}
