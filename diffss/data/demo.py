@@ -6,9 +6,11 @@ lighting, so a support can look unlike its query. Class k uses shape k % 10 and 
 (k + k // 10) % 6, so with 20 classes every novel class's shape and texture also occur, in
 other pairings, among the base classes: transfer is learnable but not trivial.
 
-Supports matter: every image shows its class's object among one or two distractors, objects of
-the other classes of the same fold group, as large and salient as the target. Only the
-support says which object is meant, so "segment the salient object" cannot solve an episode.
+Supports matter: every image shows its class's object beside a distractor, an object of another
+class of the same fold group, as large and salient as the target, on a muted background. Only
+the support says which object is meant, so "segment the salient object" cannot solve an episode;
+and a member's colours scatter around its class palette (HUE_SPREAD) so widely that one support
+can mislead where several (or auxiliary images of the class) do not.
 """
 
 from __future__ import annotations
@@ -31,11 +33,12 @@ MAX_CLASSES = len(SHAPES) * len(TEXTURES)
 DEFAULT_ROOT = Path("data/raw/demo")
 MARKER = ".demo_complete.json"  # written last: its presence means every file is in place
 BUILDING = ".demo_building.json"  # written first: a folder with it is a demo build to finish
-FORMAT_VERSION = 2  # 2: distractor objects of other classes
+FORMAT_VERSION = 3  # 2: distractor objects of other classes; 3: one distractor, muted backgrounds
 NUM_FOLDS = 4
 DEMO_DEFAULTS = {"seed": 0, "num_classes": 20, "per_class": 12}  # build_demo_dataset's defaults
-MAX_DISTRACTORS = 2  # objects of other classes beside the target (1..MAX_DISTRACTORS)
-HUE_SPREAD = 0.07  # std of a member's hue around its class's (1 = the whole colour wheel)
+MAX_DISTRACTORS = 1  # objects of other classes beside the target (1..MAX_DISTRACTORS)
+HUE_SPREAD = 0.1  # std of a member's hue around its class's (1 = the whole colour wheel)
+BACKGROUND_SATURATION = 0.25  # backgrounds are muted: the objects, not the background, carry the colours
 
 
 def class_spec(k: int) -> tuple[str, str]:
@@ -175,9 +178,11 @@ def _ramp(h, w, rng):
 
 
 def background(h: int, w: int, rng: np.random.Generator) -> np.ndarray:
-    """HxWx3 float: a tinted gradient plus smooth noise."""
+    """HxWx3 float: a tinted gradient plus smooth noise, its colours muted."""
     base, tint = rng.uniform(0.15, 0.85, 3), rng.uniform(-0.3, 0.3, 3)
-    return base + tint * _ramp(h, w, rng) + 0.25 * (_smooth_noise(h, w, 6, rng)[..., None] - 0.5)
+    img = base + tint * _ramp(h, w, rng) + 0.25 * (_smooth_noise(h, w, 6, rng)[..., None] - 0.5)
+    grey = img.mean(axis=2, keepdims=True)
+    return grey + BACKGROUND_SATURATION * (img - grey)
 
 
 def lighting(img: np.ndarray, rng: np.random.Generator) -> Image.Image:
@@ -220,7 +225,7 @@ def render_scene(k: int, n: int, seed: int, num_classes: int = 20) -> tuple[Imag
     """Image of member n of class k and the visible region (bool HxW) of each object in it, as
     (class index, region) pairs, the target first.
 
-    The object of class k stands among 1-2 distractors: objects of other classes of the same
+    The object of class k stands beside MAX_DISTRACTORS (here one) objects of other classes of the same
     size, drawn in random order (later ones occlude earlier ones), each in colours drawn around
     its own class palette. Only the support tells which of them is meant.
     """

@@ -10,7 +10,6 @@ the demo world *can* reward auxiliary supports, before any generator is asked to
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -65,6 +64,6 @@ def write_oracle_auxiliary(samples: Sequence, out_dir: str | os.PathLike, num_au
             else:
                 image = render_in_mask(k, np.asarray(sample.load_mask()) == 1, np.random.default_rng(image_seed))
                 save_png_atomic(image, path)
-            rows[(row["support_name"], row["class_id"], i)] = supports.finish_row(row, image, sample, math.nan)
+            rows[(row["support_name"], row["class_id"], i)] = supports.finish_row(row, image, sample)
         supports.clear()
     return _write_table(root / TABLE_NAME, rows)
