@@ -189,20 +189,24 @@ def support_check(cfg: StudyConfig, reference_spread: float | None = None, progr
     return verdict
 
 
-def generated_tables(cfg: StudyConfig, generation, conditions, num_aux: int, progress: bool = True) -> dict[str, Path]:
-    """Auxiliary images of every train and test sample of the fold for each condition, with the
-    generator of ``generation`` (a GenerationConfig); returns condition -> table path."""
+def generated_tables(cfg: StudyConfig, generation, conditions, num_aux: int, progress: bool = True,
+                     train_num_aux: int | None = None, shard: str | None = None) -> dict[str, Path]:
+    """Auxiliary images with the generator of ``generation`` (a GenerationConfig) for each
+    condition: ``num_aux`` per test support, ``train_num_aux`` (default: what the study's arms
+    train with, ``max(train_aux_shot, paper_aux_shot)``) per training support. ``shard`` ``"i/n"``:
+    this process's part (n processes may share the folder). Returns condition -> table path."""
     from diffss.data import load_dataset
     from diffss.generation import TABLE_NAME, generate_auxiliary
 
-    samples = []
-    for split in ("train", "test"):
-        samples += load_dataset(cfg.dataset, root=cfg.root, fold=cfg.fold, split=split, episodes=1).samples
+    train_num_aux = train_num_aux or max(cfg.train_aux_shot, cfg.paper_aux_shot, 1)
+    splits = {split: load_dataset(cfg.dataset, root=cfg.root, fold=cfg.fold, split=split, episodes=1).samples
+              for split in ("test", "train")}
     out = Path(cfg.output_dir) / "auxiliary"
     tables = {}
     for condition in conditions:
-        generate_auxiliary(samples, condition, out, config=generation, num_aux=num_aux, dataset_name=cfg.dataset,
-                           conditions_dir=out / cfg.dataset / "conditions", progress=progress)
+        for split, n in (("test", num_aux), ("train", train_num_aux)):
+            generate_auxiliary(splits[split], condition, out, config=generation, num_aux=n, dataset_name=cfg.dataset,
+                               conditions_dir=out / cfg.dataset / "conditions", progress=progress, shard=shard)
         tables[condition] = out / cfg.dataset / condition / TABLE_NAME
     return tables
 

@@ -14,11 +14,12 @@ from PIL import Image
 from diffss.cli import main as cli_main
 from diffss.data import AuxiliarySupports, build_demo_dataset, load_dataset
 from diffss.data.demo import palette_share
-from diffss.generation import AuxiliaryGenerator, GenerationConfig
+from diffss.generation import AuxiliaryGenerator
 from diffss.generation.demo_generator import (
     PRETRAINED_DIR,
     POOL_SEED,
     build_pretraining_pool,
+    class_in_mask_contrast,
     demo_generation_config,
 )
 from diffss.generation.oracle import demo_class_index, write_oracle_auxiliary
@@ -135,24 +136,6 @@ def test_oracle_set_is_read_like_a_generated_one(tmp_path):
     pd.testing.assert_frame_equal(table, again)
 
 
-def _palette_contrast(config: GenerationConfig, samples, conditions_dir, kind: str = "seg") -> float:
-    """Mean over supports of (class palette share inside the mask) - (share outside)."""
-    from diffss.conditions import build_conditions, condition_path, load_square
-
-    build_conditions(samples, [kind], conditions_dir, resolution=config.resolution, hed="random", progress=False,
-                     dataset_name="demo")
-    generator = AuxiliaryGenerator(config, kind)
-    controls = [Image.open(condition_path(conditions_dir, kind, s.class_id, s.name)).convert("RGB") for s in samples]
-    images = generator.generate(controls, [s.class_name for s in samples], list(range(len(samples))))
-    contrast = []
-    for sample, image in zip(samples, images):
-        mask = load_square(sample, config.resolution)[1] == 1
-        k = demo_class_index(sample.class_name)
-        pixels = (image * 255).round().astype(np.uint8)
-        contrast.append(palette_share(pixels, mask, k) - palette_share(pixels, ~mask, k))
-    return float(np.mean(contrast))
-
-
 def test_shipped_generator_paints_the_class_inside_the_mask(tmp_path):
     import dataclasses
 
@@ -162,10 +145,10 @@ def test_shipped_generator_paints_the_class_inside_the_mask(tmp_path):
     samples = load_dataset("demo", root=root, fold=0, split="test", episodes=1).samples[::6]  # 2 per novel class
     shipped = demo_generation_config(PRETRAINED_DIR, device="cpu")
     conditions = tmp_path / "conditions"
-    assert _palette_contrast(shipped, samples, conditions) > 0.15
+    assert class_in_mask_contrast(shipped, samples, conditions) > 0.15
     tiny = build_tiny_diffusion(tmp_path / "tiny", conditions=("seg",))
     tiny = dataclasses.replace(tiny, resolution=shipped.resolution, device="cpu")
-    assert _palette_contrast(tiny, samples, conditions) < 0.1  # the property a random generator lacks
+    assert class_in_mask_contrast(tiny, samples, conditions) < 0.1  # the property a random generator lacks
 
 
 @pytest.mark.slow
