@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from PIL import Image
 
 from diffss.data import build_demo_dataset
 from diffss.data.demo import distractor_classes, render, render_scene
@@ -31,6 +32,22 @@ def test_the_target_is_not_the_salient_object():
             n += 1
     assert largest / n < 0.6, largest / n
     assert comparable / n > 0.8, comparable / n
+
+
+def test_a_scene_is_a_sample_of_each_of_its_classes(tmp_path):
+    """The same image, two masks: memorising the training images cannot tell which is asked."""
+    root = build_demo_dataset(tmp_path / "demo", seed=0, num_classes=8, per_class=3)
+    shared = sorted(root.glob("*/*-*.jpg"))
+    assert len(shared) >= 8 * 3 * 0.8  # nearly every distractor is visible enough to be a sample
+    for copy in shared:
+        owner, n = copy.stem.rsplit("-", 1)
+        original = root / owner / f"{n}.jpg"
+        assert copy.read_bytes() == original.read_bytes()
+        mask_here = np.asarray(Image.open(copy.with_suffix(".png"))) > 127
+        mask_there = np.asarray(Image.open(original.with_suffix(".png"))) > 127
+        assert mask_here.any() and mask_there.any() and not (mask_here & mask_there).any()
+    pool = build_demo_dataset(tmp_path / "pool", seed=0, num_classes=8, per_class=3, shared_scenes=False)
+    assert not list(pool.glob("*/*-*.jpg"))
 
 
 def _rows(one, five, oracle):

@@ -33,11 +33,12 @@ MAX_CLASSES = len(SHAPES) * len(TEXTURES)
 DEFAULT_ROOT = Path("data/raw/demo")
 MARKER = ".demo_complete.json"  # written last: its presence means every file is in place
 BUILDING = ".demo_building.json"  # written first: a folder with it is a demo build to finish
-FORMAT_VERSION = 3  # 2: distractor objects of other classes; 3: one distractor, muted backgrounds
+FORMAT_VERSION = 4  # 2: distractor objects; 3: one distractor, muted backgrounds; 4: shared scenes
 NUM_FOLDS = 4
 DEMO_DEFAULTS = {"seed": 0, "num_classes": 20, "per_class": 12}  # build_demo_dataset's defaults
 MAX_DISTRACTORS = 1  # objects of other classes beside the target (1..MAX_DISTRACTORS)
 HUE_SPREAD = 0.1  # std of a member's hue around its class's (1 = the whole colour wheel)
+MIN_SHARED_AREA = 0.02  # a distractor is a sample of its class when this share of the image shows it
 BACKGROUND_SATURATION = 0.25  # backgrounds are muted: the objects, not the background, carry the colours
 
 
@@ -298,14 +299,24 @@ def read_marker(root: Path) -> dict | None:
         return None
 
 
-def build_demo_dataset(root=DEFAULT_ROOT, seed: int = 0, num_classes: int = 20, per_class: int = 12) -> Path:
-    """Write the demo dataset under ``root`` (same seed -> byte-identical files); skip if complete."""
+def build_demo_dataset(root=DEFAULT_ROOT, seed: int = 0, num_classes: int = 20, per_class: int = 12,
+                       shared_scenes: bool = True) -> Path:
+    """Write the demo dataset under ``root`` (same seed -> byte-identical files); skip if complete.
+
+    Member n of class k is ``<k's folder>/<n>.jpg``. With ``shared_scenes`` each scene is also a
+    sample of its distractor's class, ``<j's folder>/<k's folder>-<n>.jpg`` with the distractor's
+    mask (when enough of it is visible): the same image then has two right answers, and only the
+    support says which is asked, so a segmenter cannot learn the training images by heart instead
+    of reading its supports. (The generator's pretraining pool shows each scene once.)
+    """
     if not 4 <= num_classes <= MAX_CLASSES:
         raise ValueError(f"num_classes must be in 4..{MAX_CLASSES}, got {num_classes}")
     if per_class < 2:
         raise ValueError(f"per_class must be >= 2, got {per_class}")
     root = Path(root)
     params = _params(seed, num_classes, per_class)
+    if not shared_scenes:
+        params["shared_scenes"] = False
     if read_marker(root) == params:
         return root
     if read_marker(root) is None and not (root / BUILDING).exists() and root.is_dir() and any(root.iterdir()):
@@ -315,15 +326,23 @@ def build_demo_dataset(root=DEFAULT_ROOT, seed: int = 0, num_classes: int = 20, 
     write_text_atomic(root / BUILDING, json.dumps(params, sort_keys=True))  # ours, to finish after a kill
     (root / MARKER).unlink(missing_ok=True)  # a rebuild with other parameters is incomplete until done
     folders = class_folders(num_classes)
+    expected: dict[str, set[str]] = {folder: set() for folder in folders}
+
+    def write(folder: str, stem: str, image: Image.Image, region: np.ndarray) -> None:
+        write_bytes_atomic(root / folder / f"{stem}.jpg", _encode(image, "JPEG"))
+        write_bytes_atomic(root / folder / f"{stem}.png", _encode(Image.fromarray(region.astype(np.uint8) * 255, "L"), "PNG"))
+        expected[folder] |= {f"{stem}.jpg", f"{stem}.png"}
+
     for k, folder in enumerate(folders):
-        expected = set()
         for n in range(1, per_class + 1):
-            image, mask = render(k, n, seed, num_classes)
-            write_bytes_atomic(root / folder / f"{n}.jpg", _encode(image, "JPEG"))
-            write_bytes_atomic(root / folder / f"{n}.png", _encode(mask, "PNG"))
-            expected |= {f"{n}.jpg", f"{n}.png"}
-        for stale in (root / folder).iterdir():  # left by an earlier build with more members
-            if stale.is_file() and stale.name not in expected and not stale.name.startswith("."):
+            image, objects = render_scene(k, n, seed, num_classes)
+            write(folder, str(n), image, objects[0][1])
+            for j, region in objects[1:] if shared_scenes else ():
+                if region.sum() >= MIN_SHARED_AREA * region.size:
+                    write(folders[j], f"{folder}-{n}", image, region)
+    for folder in folders:  # files left by an earlier build with more members
+        for stale in (root / folder).iterdir():
+            if stale.is_file() and stale.name not in expected[folder] and not stale.name.startswith("."):
                 stale.unlink()
     write_text_atomic(root / "classes.txt", "\n".join(folders) + "\n")
     write_text_atomic(root / MARKER, json.dumps(params, sort_keys=True))

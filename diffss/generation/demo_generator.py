@@ -44,7 +44,8 @@ def build_pretraining_pool(root: str | os.PathLike, per_class: int = DEMO_PRESET
     """The demo world rendered from :data:`POOL_SEED` in the FSS-1000 layout (all classes)."""
     from diffss.data import build_demo_dataset
 
-    return build_demo_dataset(root, seed=POOL_SEED, num_classes=num_classes, per_class=per_class)
+    return build_demo_dataset(root, seed=POOL_SEED, num_classes=num_classes, per_class=per_class,
+                              shared_scenes=False)
 
 
 def stage_configs(pool: str | os.PathLike, work_dir: str | os.PathLike, preset: dict = DEMO_PRESET, seed: int = 0,
