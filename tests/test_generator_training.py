@@ -16,6 +16,7 @@ from diffss.data import AuxiliarySupports, build_demo_dataset, load_dataset
 from diffss.data.demo import palette_share
 from diffss.generation import AuxiliaryGenerator
 from diffss.generation.demo_generator import (
+    DEMO_PRESET,
     PRETRAINED_DIR,
     POOL_SEED,
     build_pretraining_pool,
@@ -161,7 +162,7 @@ def test_the_shipped_weights_command_runs(tmp_path):
                    "--pool-per-class", "2"])
     assert rc == 0
     history = pd.read_csv(tmp_path / "work" / "text-to-image" / "history.csv")
-    assert len(history) == 4  # 1000 steps x 0.004
+    assert len(history) == round(DEMO_PRESET["text-to-image"]["steps"] * 0.004)
     config = demo_generation_config(out, device="cpu", num_inference_steps=2)
     assert config.resolution == 64 and set(config.controlnets) == {"seg", "hed", "scribble"}
     image = AuxiliaryGenerator(config, "scribble").generate([Image.new("RGB", (64, 64))], ["striped star"], [0])[0]

@@ -33,8 +33,8 @@ DEMO_PRESET = {
               "attention_head_dim": 8, "text_width": 48, "text_layers": 2, "text_heads": 4,
               "condition_channels": (16, 24, 48)},
     "autoencoder": {"steps": 600, "batch_size": 16, "learning_rate": 2e-3},
-    "text-to-image": {"steps": 1000, "batch_size": 16, "learning_rate": 1e-3},
-    "controlnet": {"steps": 600, "batch_size": 16, "learning_rate": 1e-3},
+    "text-to-image": {"steps": 600, "batch_size": 16, "learning_rate": 1e-3},
+    "controlnet": {"steps": 400, "batch_size": 16, "learning_rate": 1e-3},
     "generation": {"num_inference_steps": 8, "guidance_scale": 3.0, "negative_prompt": "", "resolution": 64},
 }
 
