@@ -71,7 +71,8 @@ def test_stages_lower_the_loss_and_generate_loads_the_result(trained, pool, tmp_
                    "--conditions-dir", str(tmp_path / "cond")])
     assert rc == 0
     table = pd.read_parquet(tmp_path / "aux" / "demo" / "seg" / "auxiliary.parquet")
-    assert len(table) == 3 and all((tmp_path / "aux" / "demo" / "seg" / p).is_file() for p in table["path"])
+    test_samples = load_dataset("demo", root=pool, fold=0, split="test", episodes=1).samples
+    assert len(table) == len(test_samples) and all((tmp_path / "aux" / "demo" / "seg" / p).is_file() for p in table["path"])
 
 
 def test_resume_after_a_kill_ends_with_the_uninterrupted_weights(trained, pool, tmp_path):
