@@ -405,16 +405,16 @@ def test_test_episodes_determinism(demo_root):
     b = load_dataset("demo", root=demo_root, fold=2, split="test", shot=1, seed=0)
     c = load_dataset("demo", root=demo_root, fold=2, split="test", shot=1, seed=1)
     assert len(a) == 1000 and a.episode_list() == b.episode_list() != c.episode_list()
-    # queries cycle: 60 test images, so each is the query 16 or 17 times
+    # queries cycle: 120 test samples (60 images, each a sample of both of its classes), 8 or 9 times each
     counts = pd.Series([q for q, _ in a.episode_list()]).value_counts()
-    assert len(counts) == 60 and counts.min() == 16 and counts.max() == 17
+    assert len(counts) == 120 and counts.min() == 8 and counts.max() == 9
     ea, eb = a[7], b[7]
     assert ea["query_name"] == eb["query_name"] and torch.equal(ea["support_images"], eb["support_images"])
 
 
 def test_train_epochs_reseed(demo_root):
     ds = load_dataset("demo", root=demo_root, fold=0, split="train", shot=1, seed=5)
-    assert len(ds) == len(ds.samples) == 15 * 12
+    assert len(ds) == len(ds.samples) == 15 * 12 * 2  # each scene is a sample of both of its classes
     assert [q for q, _ in ds.episode_list()] == [s.name for s in ds.samples]  # each sample is a query once
     e0 = ds.episode_list()
     ds.set_epoch(1)
@@ -432,8 +432,8 @@ def test_batching_and_argument_errors(demo_root):
     assert batch["class_id"].shape == (2,) and len(batch["query_name"]) == 2
     with pytest.raises(ValueError, match="shot"):
         load_dataset("demo", root=demo_root, shot=0)
-    with pytest.raises(DatasetError, match=r"has 12 image\(s\); shot=12"):
-        load_dataset("demo", root=demo_root, split="test", shot=12)
+    with pytest.raises(DatasetError, match=r"image\(s\); shot=60"):  # 12 members + ~12 shared scenes
+        load_dataset("demo", root=demo_root, split="test", shot=60)
     with pytest.raises(ValueError, match="unknown dataset"):
         load_dataset("imagenet")
     with pytest.raises(ValueError, match="auxiliary"):
