@@ -160,7 +160,7 @@ def build_assets(settings: ExperimentConfig) -> list[dg.AssetsDefinition]:
     if s.uses_base_learner:
         @dg.asset(partitions_def=FOLD_PARTITIONS, group_name="training", deps=[raw_dataset], **GPU,
                   kinds={"pytorch", "safetensors"}, code_version=code_version(
-                      ["diffss.train_base", "diffss.models", "diffss.data", "diffss.experiment.config",
+                      ["diffss.train_base", "diffss.train", "diffss.models", "diffss.data", "diffss.experiment.config",
                        "diffss.experiment.training"],
                       {**s.base_train.output_settings(), "pretrained": weights_identity(s.base_train.pretrained)}),
                   description="BAM's base learner: a PSPNet trained by semantic segmentation of the fold's base "

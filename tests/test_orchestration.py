@@ -32,7 +32,7 @@ from orchestration.assets import code_version
 from orchestration.definitions import build_definitions, defs
 from orchestration.demo import main as demo_main
 from orchestration.demo import materialize_fold, print_report
-from orchestration.resources import DvcResource, TrackerResource
+from orchestration.resources import DvcResource, TrackerResource, experiment_resource
 
 REPO = Path(__file__).resolve().parents[1]
 DAGSTER_BIN = Path(sys.executable).parent
@@ -132,6 +132,34 @@ def test_code_versions_follow_the_library_source_and_the_settings(tmp_path, monk
         "baseline/checkpoint", "seg/checkpoint", "scribble/checkpoint", "baseline/evaluation", "seg/evaluation",
         "scribble/evaluation", "seg/xshot_study", "scribble/xshot_study"}
     assert code_version(["diffss.train"], {"a": 1}) != code_version(["diffss.train"], {"a": 2})
+
+
+def test_bam_trains_its_base_learner_per_fold_then_the_meta_learner_on_it(tmp_path):
+    """train.model: bam adds BAM's first stage as a per-fold asset upstream of every checkpoint."""
+    settings = small_settings(tmp_path / "data", conditions=["seg"], train={"model": "bam", "steps": 2, "image_size": 64},
+                              base_train={"steps": 2, "image_size": 64, "batch_size": 2})
+    bam = build_definitions(settings)
+    graph = bam.resolve_asset_graph()
+    parents = {k.to_user_string(): {p.to_user_string() for p in graph.get(k).parent_keys} for k in graph.get_all_asset_keys()}
+    assert parents["base_learner"] == {"raw_dataset"}
+    assert parents["baseline/checkpoint"] == {"raw_dataset", "base_learner"}
+    assert parents["seg/checkpoint"] == {"raw_dataset", "base_learner", "seg/auxiliary_supports"}
+    assert "base_learner" not in {k.to_user_string() for k in defs.resolve_asset_graph().get_all_asset_keys()}
+    with pytest.raises(ValueError, match="base_train.backbone"):
+        small_settings(tmp_path, train={"model": "bam", "backbone": "resnet50"})
+
+    result = dg.materialize([*bam.assets], selection=["raw_dataset", "base_learner", "baseline/checkpoint"],
+                            partition_key="demo_fold0", instance=dg.DagsterInstance.ephemeral(),
+                            resources={"experiment": experiment_resource(settings), "tracker": TrackerResource(mode="disabled"),
+                                       "dvc": DvcResource()})
+    assert result.success
+    fold = tmp_path / "data" / "demo_fold0"
+    saved = json.loads((fold / "baseline" / "checkpoint" / "config.json").read_text())
+    assert saved["model"] == "bam" and saved["base_learner"] == str(fold / "base_learner")
+    assert (fold / "base_learner" / "model.safetensors").is_file()
+    # finished folders hold the model, not the resumable state
+    assert not (fold / "baseline" / "checkpoint" / "checkpoints").exists()
+    assert not list((fold / "base_learner").glob("trainer_state.pt"))
 
 
 def test_executor_is_chosen_by_environment(monkeypatch):
