@@ -295,6 +295,51 @@ def test_dagster_asset_materialize_select_on_the_demo_partition(tmp_path, monkey
     assert done == {"raw_dataset", "fold_splits", "seg/control_conditions"}
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+def test_generation_fans_out_to_shards_run_by_the_multiprocess_executor(tmp_path, monkeypatch):
+    """generation_shards: 2 makes seg/auxiliary_supports a graph (prepare -> a paint op per shard ->
+    merge); Dagster's CLI runs the shards as separate processes, and the images and table equal
+    those of one unsharded run byte for byte."""
+    from diffss import experiment as ex
+
+    settings = small_settings(tmp_path / "data", conditions=["seg"], generation_shards=2)
+    config = write_settings(tmp_path / "settings.yaml", settings)
+    home = tmp_path / "home"
+    home.mkdir()
+    result = subprocess.run([str(DAGSTER_BIN / "dagster"), "asset", "materialize", "-m", "orchestration.definitions",
+                             "--select", '+key:"seg/auxiliary_supports"', "--partition", "demo_fold0"],
+                            cwd=REPO, env=env_for(home, config, DIFFSS_DAGSTER_EXECUTOR="multiprocess"),
+                            capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    monkeypatch.setenv("DAGSTER_HOME", str(home))
+    with dg.DagsterInstance.from_ref(InstanceRef.from_dir(str(home))) as instance:
+        starts = instance.get_records_for_run(
+            instance.get_runs()[0].run_id, of_type=dg.DagsterEventType.STEP_START).records
+        pids = {r.event_log_entry.step_key: r.event_log_entry.dagster_event.pid for r in starts}
+        meta = instance.get_latest_materialization_event(dg.AssetKey(["seg", "auxiliary_supports"])).asset_materialization.metadata
+    shard_steps = sorted(k for k in pids if "paint_shard" in k)
+    assert shard_steps == [f"seg__auxiliary_supports.seg__auxiliary_supports__paint_shard[shard_{i}]" for i in (0, 1)]
+    assert len({pids[k] for k in shard_steps}) == 2  # one process per shard
+    assert meta["shards"].value == 2 and meta["painted_by_shards"].value == meta["images"].value > 0
+    assert meta["generated"].value == 0  # the fan-in found every image made
+
+    fold = FOLDS["demo_fold0"]
+    shutil.copytree(tmp_path / "data", tmp_path / "ref")
+    ref = small_settings(tmp_path / "ref", conditions=["seg"])
+    out = ref.folder(fold, "seg", "auxiliary_supports")
+    shutil.rmtree(out)
+    models = ex.diffusion_models(ref, ref.folder(None, "diffusion_models"))
+    ex.generate_supports(ref, fold, "seg", models, ref.folder(fold, "seg", "control_conditions"), out)
+    sharded = settings.folder(fold, "seg", "auxiliary_supports")
+    images = sorted(p.relative_to(sharded) for p in sharded.rglob("*.png") if p.name != "grid.png")
+    assert images and images == sorted(p.relative_to(out) for p in out.rglob("*.png") if p.name != "grid.png")
+    assert all((sharded / p).read_bytes() == (out / p).read_bytes() for p in images)
+    tables = [pd.read_parquet(ex.auxiliary_table(folder, fold, "seg")) for folder in (sharded, out)]
+    # model_ids name the tiny models' folders, which differ between the two data roots
+    pd.testing.assert_frame_equal(*[t.drop(columns="model_ids") for t in tables])
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
