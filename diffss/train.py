@@ -133,7 +133,7 @@ class TrainConfig(_JsonConfig):
 class EvalConfig(_JsonConfig):
     dataset: str = "demo"
     root: str | None = None
-    fold: NonNegativeInt = 0
+    fold: NonNegativeInt | None = 0  # None: a folder dataset scored on all its classes
     shot: PositiveInt = 1
     aux_shot: NonNegativeInt = 0
     auxiliary_table: str | None = None

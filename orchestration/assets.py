@@ -122,7 +122,7 @@ def build_assets(settings: ExperimentConfig) -> list[dg.AssetsDefinition]:
     train_code = ["diffss.train", "diffss.models", "diffss.data", "diffss.experiment.config", "diffss.experiment.training"]
     plan = {"train_aux_shot": s.train_aux_shot, "true_shot": s.train.true_shot, "eval_aux_shot": s.eval_aux_shot,
             "xshot_shots": s.xshot_shots, "shot": s.evaluation.shot, "episodes": s.evaluation.episodes,
-            "seeds": s.evaluation.seeds, "image_size": s.evaluation.image_size}
+            "seeds": s.evaluation.seeds, "image_size": s.evaluation.image_size, "model": s.train.model}
 
     def fold_of(context) -> ex.Fold:
         return FOLDS[context.partition_key]
@@ -160,7 +160,7 @@ def build_assets(settings: ExperimentConfig) -> list[dg.AssetsDefinition]:
     if s.uses_base_learner:
         @dg.asset(partitions_def=FOLD_PARTITIONS, group_name="training", deps=[raw_dataset], **GPU,
                   kinds={"pytorch", "safetensors"}, code_version=code_version(
-                      ["diffss.train_base", "diffss.models", "diffss.data", "diffss.experiment.config",
+                      ["diffss.train_base", "diffss.train", "diffss.models", "diffss.data", "diffss.experiment.config",
                        "diffss.experiment.training"],
                       {**s.base_train.output_settings(), "pretrained": weights_identity(s.base_train.pretrained)}),
                   description="BAM's base learner: a PSPNet trained by semantic segmentation of the fold's base "
@@ -250,21 +250,76 @@ def condition_assets(s: ExperimentConfig, condition: str, plan: dict, code: list
         info = ex.draw_conditions(experiment, fold, condition, out, config.redo_supports, config.only_redo)
         return materialized(out, info, started)
 
-    @dg.asset(key=[condition, "auxiliary_supports"], partitions_def=FOLD_PARTITIONS, group_name=condition,
-              kinds={"pytorch", "parquet"}, deps=[raw_dataset, control_conditions, models], **GPU,
-              code_version=code_version([*code, "diffss.generation"], {**plan, **gen.output_signature()}),
-              description=f"DifFSS auxiliary supports painted from each support's {condition} condition, paired with "
-              "its mask, and their table (seed, prompt, models, size, drift).")
-    def auxiliary_supports(context, config: SupportsRun, experiment: dg.ResourceParam[ExperimentConfig]) -> dg.MaterializeResult:
+    key = [condition, "auxiliary_supports"]
+    version = code_version([*code, "diffss.generation"], {**plan, **gen.output_signature()})
+    description = (f"DifFSS auxiliary supports painted from each support's {condition} condition, paired with its mask, "
+                   "and their table (seed, prompt, models, size, drift).")
+
+    def paint(context, config: SupportsRun, experiment: ExperimentConfig, shard=None) -> tuple[dict, Path, float]:
         fold = FOLDS[context.partition_key]
         started, out = time.monotonic(), experiment.folder(fold, condition, "auxiliary_supports")
         models = ex.diffusion_models(experiment, experiment.folder(None, "diffusion_models"))
-        info = ex.generate_supports(experiment, fold, condition, models, experiment.folder(fold, condition, "control_conditions"),
-                                    out, config.redo_supports, config.only_redo)
-        info["seconds_per_image"] = round((time.monotonic() - started) / max(info["generated"], 1), 3)
-        return materialized(out, info, started)
+        conditions_dir = experiment.folder(fold, condition, "control_conditions")
+        if shard is not None:
+            return ex.generate_supports_shard(experiment, fold, condition, models, conditions_dir, out, shard,
+                                              config.redo_supports, config.only_redo), out, started
+        return ex.generate_supports(experiment, fold, condition, models, conditions_dir, out, config.redo_supports,
+                                    config.only_redo), out, started
 
-    return control_conditions, auxiliary_supports
+    if s.generation_shards == 1:
+        @dg.asset(key=key, partitions_def=FOLD_PARTITIONS, group_name=condition, kinds={"pytorch", "parquet"},
+                  deps=[raw_dataset, control_conditions, models], **GPU, code_version=version, description=description)
+        def auxiliary_supports(context, config: SupportsRun, experiment: dg.ResourceParam[ExperimentConfig]) -> dg.MaterializeResult:
+            info, out, started = paint(context, config, experiment)
+            info["seconds_per_image"] = round((time.monotonic() - started) / max(info["generated"], 1), 3)
+            return materialized(out, info, started)
+
+        return control_conditions, auxiliary_supports
+    return control_conditions, sharded_supports(s, condition, key, version, description, paint,
+                                                [raw_dataset, control_conditions, models])
+
+
+def sharded_supports(s: ExperimentConfig, condition: str, key: list[str], version: str, description: str, paint, deps):
+    """``<condition>/auxiliary_supports`` as a graph: ``prepare`` -> one ``paint_shard`` op per shard
+    (dynamic outputs: the multiprocess executor runs them side by side, the k8s executor in one pod
+    with one GPU each) -> ``merge`` (the fan-in: paints what no shard did, summarises, reports)."""
+    name = dg.AssetKey(key).to_python_identifier()
+
+    @dg.op(name=f"{name}__prepare", ins={"after": dg.In(dg.Nothing)}, out=dg.DynamicOut(tuple))
+    def prepare(context, config: SupportsRun, experiment: dg.ResourceParam[ExperimentConfig]):
+        fold = FOLDS[context.partition_key]
+        models = ex.diffusion_models(experiment, experiment.folder(None, "diffusion_models"))
+        missing = ex.prepare_supports(experiment, fold, condition, models, experiment.folder(fold, condition, "auxiliary_supports"),
+                                      config.redo_supports, config.only_redo)
+        context.log.info(f"{missing} auxiliary images to paint in {s.generation_shards} shards")
+        for i in range(s.generation_shards):
+            yield dg.DynamicOutput((i, s.generation_shards), mapping_key=f"shard_{i}")
+
+    @dg.op(name=f"{name}__paint_shard", pool=GPU["pool"], tags=GPU["op_tags"])
+    def paint_shard(context, config: SupportsRun, experiment: dg.ResourceParam[ExperimentConfig], shard: tuple) -> dict:
+        info, _, started = paint(context, config, experiment, tuple(shard))
+        return {**info, "seconds": round(time.monotonic() - started, 1)}
+
+    @dg.op(name=f"{name}__merge", out=dg.Out(dg.Nothing))
+    def merge(context, config: SupportsRun, experiment: dg.ResourceParam[ExperimentConfig], shards: list):
+        info, out, started = paint(context, config, experiment)
+        info.update(shards=len(shards), painted_by_shards=sum(r["generated"] for r in shards),
+                    shard_seconds=[r["seconds"] for r in shards])
+        done = materialized(out, info, started)
+        return dg.Output(None, metadata=done.metadata, data_version=done.data_version)
+
+    run_config = dg.ConfigMapping(config_schema=SupportsRun.to_config_schema(), config_fn=lambda c: {
+        op.name: {"config": c} for op in (prepare, paint_shard, merge)})
+
+    @dg.graph_asset(key=key, partitions_def=FOLD_PARTITIONS, group_name=condition, kinds={"pytorch", "parquet"},
+                    code_version=version, description=description, config=run_config,
+                    ins={name: dg.AssetIn(dep.key, dagster_type=dg.Nothing) for name, dep in zip(
+                        ("raw_dataset", "control_conditions", "diffusion_models"), deps)})
+    def auxiliary_supports(raw_dataset, control_conditions, diffusion_models):
+        return merge(prepare(after=[raw_dataset, control_conditions, diffusion_models]).map(paint_shard).collect())
+
+    return auxiliary_supports
+
 
 
 def training_assets(s: ExperimentConfig, condition: str, code: list[str], inputs: list, supports):

@@ -32,7 +32,7 @@ from orchestration.assets import code_version
 from orchestration.definitions import build_definitions, defs
 from orchestration.demo import main as demo_main
 from orchestration.demo import materialize_fold, print_report
-from orchestration.resources import DvcResource, TrackerResource
+from orchestration.resources import DvcResource, TrackerResource, experiment_resource
 
 REPO = Path(__file__).resolve().parents[1]
 DAGSTER_BIN = Path(sys.executable).parent
@@ -132,6 +132,34 @@ def test_code_versions_follow_the_library_source_and_the_settings(tmp_path, monk
         "baseline/checkpoint", "seg/checkpoint", "scribble/checkpoint", "baseline/evaluation", "seg/evaluation",
         "scribble/evaluation", "seg/xshot_study", "scribble/xshot_study"}
     assert code_version(["diffss.train"], {"a": 1}) != code_version(["diffss.train"], {"a": 2})
+
+
+def test_bam_trains_its_base_learner_per_fold_then_the_meta_learner_on_it(tmp_path):
+    """train.model: bam adds BAM's first stage as a per-fold asset upstream of every checkpoint."""
+    settings = small_settings(tmp_path / "data", conditions=["seg"], train={"model": "bam", "steps": 2, "image_size": 64},
+                              base_train={"steps": 2, "image_size": 64, "batch_size": 2})
+    bam = build_definitions(settings)
+    graph = bam.resolve_asset_graph()
+    parents = {k.to_user_string(): {p.to_user_string() for p in graph.get(k).parent_keys} for k in graph.get_all_asset_keys()}
+    assert parents["base_learner"] == {"raw_dataset"}
+    assert parents["baseline/checkpoint"] == {"raw_dataset", "base_learner"}
+    assert parents["seg/checkpoint"] == {"raw_dataset", "base_learner", "seg/auxiliary_supports"}
+    assert "base_learner" not in {k.to_user_string() for k in defs.resolve_asset_graph().get_all_asset_keys()}
+    with pytest.raises(ValueError, match="base_train.backbone"):
+        small_settings(tmp_path, train={"model": "bam", "backbone": "resnet50"})
+
+    result = dg.materialize([*bam.assets], selection=["raw_dataset", "base_learner", "baseline/checkpoint"],
+                            partition_key="demo_fold0", instance=dg.DagsterInstance.ephemeral(),
+                            resources={"experiment": experiment_resource(settings), "tracker": TrackerResource(mode="disabled"),
+                                       "dvc": DvcResource()})
+    assert result.success
+    fold = tmp_path / "data" / "demo_fold0"
+    saved = json.loads((fold / "baseline" / "checkpoint" / "config.json").read_text())
+    assert saved["model"] == "bam" and saved["base_learner"] == str(fold / "base_learner")
+    assert (fold / "base_learner" / "model.safetensors").is_file()
+    # finished folders hold the model, not the resumable state
+    assert not (fold / "baseline" / "checkpoint" / "checkpoints").exists()
+    assert not list((fold / "base_learner").glob("trainer_state.pt"))
 
 
 def test_executor_is_chosen_by_environment(monkeypatch):
@@ -265,6 +293,51 @@ def test_dagster_asset_materialize_select_on_the_demo_partition(tmp_path, monkey
     with dg.DagsterInstance.from_ref(InstanceRef.from_dir(str(home))) as instance:
         done = {r.asset_entry.asset_key.to_user_string() for r in instance.get_asset_records()}
     assert done == {"raw_dataset", "fold_splits", "seg/control_conditions"}
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+def test_generation_fans_out_to_shards_run_by_the_multiprocess_executor(tmp_path, monkeypatch):
+    """generation_shards: 2 makes seg/auxiliary_supports a graph (prepare -> a paint op per shard ->
+    merge); Dagster's CLI runs the shards as separate processes, and the images and table equal
+    those of one unsharded run byte for byte."""
+    from diffss import experiment as ex
+
+    settings = small_settings(tmp_path / "data", conditions=["seg"], generation_shards=2)
+    config = write_settings(tmp_path / "settings.yaml", settings)
+    home = tmp_path / "home"
+    home.mkdir()
+    result = subprocess.run([str(DAGSTER_BIN / "dagster"), "asset", "materialize", "-m", "orchestration.definitions",
+                             "--select", '+key:"seg/auxiliary_supports"', "--partition", "demo_fold0"],
+                            cwd=REPO, env=env_for(home, config, DIFFSS_DAGSTER_EXECUTOR="multiprocess"),
+                            capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    monkeypatch.setenv("DAGSTER_HOME", str(home))
+    with dg.DagsterInstance.from_ref(InstanceRef.from_dir(str(home))) as instance:
+        starts = instance.get_records_for_run(
+            instance.get_runs()[0].run_id, of_type=dg.DagsterEventType.STEP_START).records
+        pids = {r.event_log_entry.step_key: r.event_log_entry.dagster_event.pid for r in starts}
+        meta = instance.get_latest_materialization_event(dg.AssetKey(["seg", "auxiliary_supports"])).asset_materialization.metadata
+    shard_steps = sorted(k for k in pids if "paint_shard" in k)
+    assert shard_steps == [f"seg__auxiliary_supports.seg__auxiliary_supports__paint_shard[shard_{i}]" for i in (0, 1)]
+    assert len({pids[k] for k in shard_steps}) == 2  # one process per shard
+    assert meta["shards"].value == 2 and meta["painted_by_shards"].value == meta["images"].value > 0
+    assert meta["generated"].value == 0  # the fan-in found every image made
+
+    fold = FOLDS["demo_fold0"]
+    shutil.copytree(tmp_path / "data", tmp_path / "ref")
+    ref = small_settings(tmp_path / "ref", conditions=["seg"])
+    out = ref.folder(fold, "seg", "auxiliary_supports")
+    shutil.rmtree(out)
+    models = ex.diffusion_models(ref, ref.folder(None, "diffusion_models"))
+    ex.generate_supports(ref, fold, "seg", models, ref.folder(fold, "seg", "control_conditions"), out)
+    sharded = settings.folder(fold, "seg", "auxiliary_supports")
+    images = sorted(p.relative_to(sharded) for p in sharded.rglob("*.png") if p.name != "grid.png")
+    assert images and images == sorted(p.relative_to(out) for p in out.rglob("*.png") if p.name != "grid.png")
+    assert all((sharded / p).read_bytes() == (out / p).read_bytes() for p in images)
+    tables = [pd.read_parquet(ex.auxiliary_table(folder, fold, "seg")) for folder in (sharded, out)]
+    # model_ids name the tiny models' folders, which differ between the two data roots
+    pd.testing.assert_frame_equal(*[t.drop(columns="model_ids") for t in tables])
 
 
 def _free_port() -> int:

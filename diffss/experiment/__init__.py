@@ -14,20 +14,21 @@ version of the assets that run it.
   :func:`changed_samples` (what the raw-data sensor compares).
 - ``supports.py``: :func:`plan_auxiliary` (which supports get how many auxiliary images: every
   training sample may be drawn as a support; the test supports are those of the fixed evaluation
-  episodes), :func:`draw_conditions`, :func:`generate_supports`, their checks.
+  episodes), :func:`draw_conditions`, :func:`generate_supports` (or, fanned out,
+  :func:`prepare_supports` -> :func:`generate_supports_shard` per shard -> :func:`generate_supports`), their checks.
 - ``training.py``: :func:`train_base_learner` (BAM's first stage), :func:`train_checkpoint`, :func:`evaluate_checkpoint`, :func:`xshot_study`.
 - ``results.py``: :func:`results_table`, :func:`choose_checkpoint`, :func:`export_segmenter`.
 """
 
 from diffss.experiment.config import (
     BASELINE, CONDITIONS, DATASET_FOLDS, FOLDS, LEARNED_DEMO, RANDOM_HED, TINY, ExperimentConfig, Fold, demo_generation,
-    learned_demo_generation, load_split,
+    learned_demo_generation, load_split, test_episodes,
 )
 from diffss.experiment.data import changed_samples, fold_test_classes, index_raw_data, raw_manifest, write_fold_splits
 from diffss.experiment.results import choose_checkpoint, export_segmenter, onnx_parity, results_table
 from diffss.experiment.supports import (
     auxiliary_problems, auxiliary_table, diffusion_models, draw_conditions, drifted_share, generate_supports,
-    plan_auxiliary, prepare_diffusion_models,
+    generate_supports_shard, plan_auxiliary, prepare_diffusion_models, prepare_supports,
 )
 from diffss.experiment.training import (
     evaluate_checkpoint, missing_classes, train_base_learner, train_checkpoint, xshot_study,
@@ -36,7 +37,7 @@ from diffss.experiment.training import (
 __all__ = [
     "BASELINE", "CONDITIONS", "DATASET_FOLDS", "FOLDS", "LEARNED_DEMO", "RANDOM_HED", "TINY", "ExperimentConfig", "Fold",
     "auxiliary_problems", "auxiliary_table", "changed_samples", "choose_checkpoint", "demo_generation", "diffusion_models",
-    "draw_conditions", "drifted_share", "evaluate_checkpoint", "export_segmenter", "fold_test_classes", "generate_supports",
-    "index_raw_data", "learned_demo_generation", "load_split", "missing_classes", "onnx_parity", "plan_auxiliary", "prepare_diffusion_models", "raw_manifest",
+    "draw_conditions", "drifted_share", "evaluate_checkpoint", "export_segmenter", "fold_test_classes", "generate_supports", "generate_supports_shard",
+    "index_raw_data", "learned_demo_generation", "load_split", "test_episodes", "missing_classes", "onnx_parity", "plan_auxiliary", "prepare_diffusion_models", "prepare_supports", "raw_manifest",
     "results_table", "train_base_learner", "train_checkpoint", "write_fold_splits", "xshot_study",
 ]

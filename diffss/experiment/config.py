@@ -19,6 +19,7 @@ from pydantic.dataclasses import dataclass
 
 from diffss.atomic import atomic_path, write_text_atomic
 from diffss.generation.config import GenerationConfig
+from diffss.protocol import EvalProtocol
 from diffss.train import EvalConfig, TrainConfig
 from diffss.train_base import BaseTrainConfig
 
@@ -94,6 +95,9 @@ class ExperimentConfig:
     train: TrainConfig = field(default_factory=lambda: TrainConfig(checkpoint_every=100))
     evaluation: EvalConfig = field(default_factory=lambda: EvalConfig(episodes=200, image_size=96))
     generation: GenerationConfig = field(default_factory=demo_generation)
+    # Each condition's generation fans out to this many shards (Dagster ops; on Kubernetes one pod
+    # and one GPU each), then one fan-in step merges and summarises; 1: one step.
+    generation_shards: Annotated[int, Field(ge=1)] = 1
     # BAM's first stage (used when train.model is "bam"): the base learner, one per fold.
     base_train: BaseTrainConfig = field(default_factory=BaseTrainConfig)
 
@@ -188,12 +192,26 @@ class ExperimentConfig:
         return dataclasses.replace(self.base_train, dataset=fold.dataset, root=str(self.dataset_root(fold.dataset)),
                                    fold=fold.fold, output_dir=str(output_dir))
 
+    def eval_protocol(self, fold: Fold) -> EvalProtocol:
+        """How the fold's evaluations score (the model's published protocol unless the
+        ``evaluation`` template sets size, episodes, seeds, ...)."""
+        return self.eval_config(fold, BASELINE, None).protocol_for(self.train.model)
+
     def eval_config(self, fold: Fold, condition: str, auxiliary_table: Path | None, aux_shot: int | None = None) -> EvalConfig:
         aux = 0 if condition == BASELINE else (self.eval_aux_shot if aux_shot is None else aux_shot)
         return dataclasses.replace(
             self.evaluation, dataset=fold.dataset, root=str(self.dataset_root(fold.dataset)), fold=fold.fold,
             aux_shot=aux, auxiliary_table=str(auxiliary_table) if aux else None, condition=condition if aux else None,
             max_drift=self.max_drift if aux else None)
+
+
+def test_episodes(settings: ExperimentConfig, fold: Fold) -> Iterator[tuple[int, Any]]:
+    """``(seed, test split)`` for every seed of the fold's evaluation protocol: exactly the episodes
+    ``diffss.train.evaluate`` scores (same seeds, episode count and query order)."""
+    protocol = settings.eval_protocol(fold)
+    for seed in protocol.seeds:
+        yield seed, load_split(settings, fold, "test", episodes=protocol.episodes, seed=seed,
+                               query_sampling=protocol.query_order)
 
 
 def load_split(settings: ExperimentConfig, fold: Fold, split: str, **kw):

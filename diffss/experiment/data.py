@@ -8,7 +8,7 @@ from typing import Any
 
 import pandas as pd
 
-from diffss.experiment.config import ExperimentConfig, Fold, fresh, load_split, write_csv, write_json
+from diffss.experiment.config import ExperimentConfig, Fold, fresh, load_split, test_episodes, write_csv, write_json
 
 
 def sample_files(samples) -> list[Path]:
@@ -80,8 +80,7 @@ def write_fold_splits(settings: ExperimentConfig, fold: Fold, out: Path) -> dict
                                        "image_path": Path(s.image_path).relative_to(root).as_posix()} for s in data.samples])
         write_csv(frames[split], out / f"{split}.csv")
     episodes = []
-    for seed in settings.evaluation.seeds:
-        test = load_split(settings, fold, "test", episodes=settings.evaluation.episodes, seed=seed)
+    for seed, test in test_episodes(settings, fold):
         for index, (query, supports) in enumerate(test.episode_list()):
             episodes.append({"seed": seed, "episode": index, "class_id": test.samples[test.episode_indices(index)[0]].class_id,
                              "query": query, "supports": "|".join(supports)})
@@ -89,7 +88,7 @@ def write_fold_splits(settings: ExperimentConfig, fold: Fold, out: Path) -> dict
     test_classes = sorted(int(c) for c in frames["test"]["class_id"].unique())
     write_json(out / "summary.json", {"test_class_ids": test_classes,
                                       "train_class_ids": sorted(int(c) for c in frames["train"]["class_id"].unique()),
-                                      "episodes_per_seed": settings.evaluation.episodes, "seeds": list(settings.evaluation.seeds)})
+                                      "episodes_per_seed": len(test), "seeds": list(settings.eval_protocol(fold).seeds)})
     counts = pd.concat(frames).groupby(["class_id", "class_name"]).size().reset_index(name="samples")
     return {"train_samples": len(frames["train"]), "test_samples": len(frames["test"]), "test_class_ids": test_classes,
             "test_episodes": len(episodes), "classes": counts}

@@ -62,7 +62,7 @@ def export_segmenter(settings: ExperimentConfig, checkpoint: Path, label: str, o
     from diffss.export import export_model_repository
 
     out = fresh(out)
-    info = export_model_repository(checkpoint, out, name=settings.export_name, image_size=settings.evaluation.image_size)
+    info = export_model_repository(checkpoint, out, name=settings.export_name, image_size=settings.evaluation.image_size or settings.train.image_size)
     write_json(out / "source.json", {"checkpoint": checkpoint.relative_to(settings.data_root).as_posix(), "label": label,
                                      "name": settings.export_name})
     parity = info["parity"]
@@ -78,4 +78,4 @@ def onnx_parity(settings: ExperimentConfig, repository: Path) -> dict[str, Any]:
 
     source = json.loads((repository / "source.json").read_text())
     model = load_model(Path(settings.data_root) / source["checkpoint"])
-    return {**measure_parity(model, repository, name=source["name"], size=settings.evaluation.image_size), "source": source["label"]}
+    return {**measure_parity(model, repository, name=source["name"], size=settings.evaluation.image_size or settings.train.image_size), "source": source["label"]}

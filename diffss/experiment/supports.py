@@ -11,7 +11,8 @@ from typing import Any
 import pandas as pd
 
 from diffss.experiment.config import (
-    CONDITIONS, LEARNED_DEMO, RANDOM_HED, TINY, ExperimentConfig, Fold, file_lock, fresh, load_split, write_json,
+    CONDITIONS, LEARNED_DEMO, RANDOM_HED, TINY, ExperimentConfig, Fold, file_lock, fresh, load_split, test_episodes,
+    write_json,
 )
 from diffss.generation.config import GenerationConfig
 
@@ -65,8 +66,7 @@ def plan_auxiliary(settings: ExperimentConfig, fold: Fold, redo: list[str] = (),
     largest = max(settings.eval_aux_shot, *settings.xshot_shots)
     if largest:
         names, samples = set(), {}
-        for seed in settings.evaluation.seeds:
-            test = load_split(settings, fold, "test", episodes=settings.evaluation.episodes, seed=seed)
+        for _, test in test_episodes(settings, fold):
             names |= {n for _, supports in test.episode_list() for n in supports}
             samples.update({s.name: s for s in test.samples})
         plan["test"] = ([samples[n] for n in sorted(names)], math.ceil(largest / settings.evaluation.shot))
@@ -126,33 +126,63 @@ def auxiliary_table(out: Path, fold: Fold, condition: str) -> Path:
     return out / fold.dataset / condition / TABLE_NAME
 
 
-def generate_supports(settings: ExperimentConfig, fold: Fold, condition: str, models: GenerationConfig,
-                      conditions_dir: Path, out: Path, redo: list[str] = (), only_redo: bool = False) -> dict[str, Any]:
-    """Auxiliary supports of every planned support (missing or ``redo`` ones are painted, valid ones
-    kept), the generation table, and a support | condition | auxiliary images grid."""
-    from PIL import Image
-
-    from diffss.conditions import condition_path
-    from diffss.figures import image_grid, save_png
-    from diffss.generation import AuxiliaryGenerator, aux_relpath, generate_auxiliary, summarize
+def prepare_supports(settings: ExperimentConfig, fold: Fold, condition: str, models: GenerationConfig, out: Path,
+                     redo: list[str] = (), only_redo: bool = False) -> int:
+    """Before painting: images made with other settings go (they must not be mixed in), and so do
+    the ``redo`` supports' images. Returns how many planned images are missing."""
+    from diffss.generation import aux_relpath
 
     folder = auxiliary_table(out, fold, condition).parent
     saved = folder / "generation_config.json"
     if saved.is_file() and GenerationConfig.from_json(saved).output_signature() != models.output_signature():
-        shutil.rmtree(folder)  # images of other settings must not be mixed in
+        shutil.rmtree(folder)
     plan = plan_auxiliary(settings, fold, redo, only_redo)
     for samples, count in plan.values():
         for s in (s for s in samples if s.name in set(redo)):
             for k in range(count):
                 (folder / aux_relpath(s.class_id, s.name, k)).unlink(missing_ok=True)
+    return sum(not (folder / aux_relpath(s.class_id, s.name, k)).is_file()
+               for samples, count in plan.values() for s in samples for k in range(count))
+
+
+def generate_supports_shard(settings: ExperimentConfig, fold: Fold, condition: str, models: GenerationConfig,
+                            conditions_dir: Path, out: Path, shard: tuple[int, int] | None,
+                            redo: list[str] = (), only_redo: bool = False) -> dict[str, Any]:
+    """Paint the missing auxiliary images of shard ``(i, n)`` of the planned supports (None: all of
+    them), on the shard's device (:func:`diffss.generation.shard_device`); shards run at once, in
+    processes, pods or machines, into one folder (the generation table is merged under a lock)."""
+    from diffss.generation import AuxiliaryGenerator, aux_relpath, generate_shard, shard_device, shard_samples
+
+    folder = auxiliary_table(out, fold, condition).parent
+    plan = [(samples, count) for samples, count in plan_auxiliary(settings, fold, redo, only_redo).values() if samples]
     missing = sum(not (folder / aux_relpath(s.class_id, s.name, k)).is_file()
-                  for samples, count in plan.values() for s in samples for k in range(count))
-    generator = AuxiliaryGenerator(models, condition) if missing else None  # loaded once for both splits
-    hed = _hed(settings, condition)
-    for samples, count in plan.values():
-        if samples:
-            generate_auxiliary(samples, condition, out, config=models, num_aux=count, dataset_name=fold.dataset,
-                               conditions_dir=conditions_dir, hed=hed, generator=generator, progress=False)
+                  for samples, count in plan for s in shard_samples(samples, shard) for k in range(count))
+    # loaded once for both splits, and only when this shard has something to paint
+    generator = AuxiliaryGenerator(dataclasses.replace(models, device=shard_device(shard, models.device)),
+                                   condition) if missing else None
+    for samples, count in plan:
+        generate_shard(samples, condition, out, shard, config=models, num_aux=count, dataset_name=fold.dataset,
+                       conditions_dir=conditions_dir, hed=_hed(settings, condition), generator=generator, progress=False)
+    return {"shard": "all" if shard is None else f"{shard[0]}/{shard[1]}", "generated": missing}
+
+
+def generate_supports(settings: ExperimentConfig, fold: Fold, condition: str, models: GenerationConfig,
+                      conditions_dir: Path, out: Path, redo: list[str] = (), only_redo: bool = False) -> dict[str, Any]:
+    """Auxiliary supports of every planned support (missing or ``redo`` ones are painted, valid ones
+    kept), the generation table, and a support | condition | auxiliary images grid. After shards
+    (:func:`generate_supports_shard`) it is the fan-in: it paints what no shard did (nothing, when
+    every shard finished) and summarises."""
+    from PIL import Image
+
+    from diffss.conditions import condition_path
+    from diffss.figures import image_grid, save_png
+    from diffss.generation import summarize
+
+    missing = prepare_supports(settings, fold, condition, models, out, redo, only_redo)
+    if missing:
+        generate_supports_shard(settings, fold, condition, models, conditions_dir, out, None, redo, only_redo)
+    folder = auxiliary_table(out, fold, condition).parent
+    plan = plan_auxiliary(settings, fold, redo, only_redo)
     table_path = auxiliary_table(out, fold, condition)
     table = pd.read_parquet(table_path) if table_path.is_file() else pd.DataFrame()
     summary = summarize(table) if len(table) else {"images": 0}

@@ -88,7 +88,7 @@ def evaluate_checkpoint(settings: ExperimentConfig, fold: Fold, condition: str, 
     write_json(out / "summary.json", {
         "miou": result.miou, "fbiou": result.fbiou, "per_seed": result.per_seed, "label": condition,
         "checkpoint": checkpoint.relative_to(settings.data_root).as_posix(), "aux_shot": cfg.aux_shot,
-        "episodes": cfg.episodes, "seeds": list(cfg.seeds)})
+        "protocol": result.protocol})
     info = {"miou": result.miou, "fbiou": result.fbiou, "per_class_iou": result.per_class}
     if result.examples:
         info["predictions"] = save_png(stack_panels(result.examples), out / "predictions.png")
