@@ -4,6 +4,8 @@ oracle auxiliary set and the shipped demo generator."""
 from __future__ import annotations
 
 import hashlib
+import json
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -167,3 +169,16 @@ def test_the_shipped_weights_command_runs(tmp_path):
     assert config.resolution == 64 and set(config.controlnets) == {"seg", "hed", "scribble"}
     image = AuxiliaryGenerator(config, "scribble").generate([Image.new("RGB", (64, 64))], ["striped star"], [0])[0]
     assert image.shape == (64, 64, 3)
+
+
+def test_an_experiment_selects_the_shipped_generator_by_name(tmp_path):
+    from diffss.experiment import LEARNED_DEMO, ExperimentConfig, learned_demo_generation, prepare_diffusion_models
+
+    settings = ExperimentConfig(generation=learned_demo_generation())
+    assert settings.generation.base_model == LEARNED_DEMO  # a name, not a machine's path
+    settings.check_paths()
+    config = prepare_diffusion_models(settings, tmp_path / "models")
+    assert (Path(config.base_model) / "model_index.json").is_file()
+    assert all((Path(p) / "config.json").is_file() for p in config.controlnets.values())
+    weights = json.loads((tmp_path / "models" / "models.json").read_text())["weights"]
+    assert set(weights) >= {"sd/unet/diffusion_pytorch_model.safetensors", "controlnet/diffusion_pytorch_model.safetensors"}
