@@ -303,7 +303,7 @@ def test_generation_fans_out_to_shards_run_by_the_multiprocess_executor(tmp_path
     those of one unsharded run byte for byte."""
     from diffss import experiment as ex
 
-    settings = small_settings(tmp_path / "data", conditions=["seg"], generation_shards=2)
+    settings = small_settings(tmp_path / "data", conditions=["seg"], generation_shards=2, demo_images_per_class=2)
     config = write_settings(tmp_path / "settings.yaml", settings)
     home = tmp_path / "home"
     home.mkdir()
@@ -326,7 +326,7 @@ def test_generation_fans_out_to_shards_run_by_the_multiprocess_executor(tmp_path
 
     fold = FOLDS["demo_fold0"]
     shutil.copytree(tmp_path / "data", tmp_path / "ref")
-    ref = small_settings(tmp_path / "ref", conditions=["seg"])
+    ref = small_settings(tmp_path / "ref", conditions=["seg"], demo_images_per_class=2)
     out = ref.folder(fold, "seg", "auxiliary_supports")
     shutil.rmtree(out)
     models = ex.diffusion_models(ref, ref.folder(None, "diffusion_models"))
