@@ -55,7 +55,7 @@ def base_learner(demo_root, tmp_path_factory):
 
 def test_semantic_view_labels_every_base_class_of_an_image(tmp_path, demo_root):
     demo = load_semantic_dataset("demo", root=demo_root, fold=0, image_size=SIZE)
-    assert demo.base_class_ids == list(range(6, 21)) and len(demo) == 15 * 12
+    assert demo.base_class_ids == list(range(6, 21)) and len(demo) == 15 * 24  # 12 members + 12 shared scenes per class folder
     item = demo[0]
     assert item["image"].shape == (3, SIZE, SIZE) and item["label"].shape == (SIZE, SIZE)
     channel = demo.channel_of[demo.images[0][1][0].class_id]

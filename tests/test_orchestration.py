@@ -329,8 +329,15 @@ def test_generation_fans_out_to_shards_run_by_the_multiprocess_executor(tmp_path
     ref = small_settings(tmp_path / "ref", conditions=["seg"], demo_images_per_class=2)
     out = ref.folder(fold, "seg", "auxiliary_supports")
     shutil.rmtree(out)
-    models = ex.diffusion_models(ref, ref.folder(None, "diffusion_models"))
-    ex.generate_supports(ref, fold, "seg", models, ref.folder(fold, "seg", "control_conditions"), out)
+    # The reference runs in a process of its own too, with the same torch threads as the shard
+    # processes: float results (and so pixels) may depend on the thread count, not on sharding.
+    reference = ("import sys, yaml; from diffss import experiment as ex; from diffss.experiment import FOLDS, ExperimentConfig\n"
+                 "s = ExperimentConfig(**yaml.safe_load(open(sys.argv[1]))); f = FOLDS['demo_fold0']\n"
+                 "ex.generate_supports(s, f, 'seg', ex.diffusion_models(s, s.folder(None, 'diffusion_models')),\n"
+                 "                     s.folder(f, 'seg', 'control_conditions'), s.folder(f, 'seg', 'auxiliary_supports'))\n")
+    done = subprocess.run([sys.executable, "-c", reference, str(write_settings(tmp_path / "ref.yaml", ref))], cwd=REPO,
+                          env=env_for(home, config), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
     sharded = settings.folder(fold, "seg", "auxiliary_supports")
     images = sorted(p.relative_to(sharded) for p in sharded.rglob("*.png") if p.name != "grid.png")
     assert images and images == sorted(p.relative_to(out) for p in out.rglob("*.png") if p.name != "grid.png")
