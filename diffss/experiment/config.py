@@ -82,7 +82,8 @@ class ExperimentConfig:
 
     data_root: str = "data"
     dataset_roots: dict[str, str] = field(default_factory=dict)
-    demo_images_per_class: Annotated[int, Field(ge=2)] = 8
+    # members per class; each scene also counts for its distractor's class, so a class folder holds twice as many
+    demo_images_per_class: Annotated[int, Field(ge=2)] = 4
     conditions: Annotated[list[Condition], Field(min_length=1)] = field(default_factory=lambda: list(CONDITIONS))
     train_aux_shot: NonNegativeInt = 1
     eval_aux_shot: NonNegativeInt = 1
