@@ -13,12 +13,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from benchmarks import bench_gpu_generation as bench  # noqa: E402
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def test_shipped_configs_are_stable_diffusion_1_5_size(tmp_path):

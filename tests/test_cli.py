@@ -4,20 +4,13 @@ from __future__ import annotations
 
 import pandas as pd
 import pytest
-import torch
 from PIL import Image
 
 from diffss.cli import main as cli_main
 from diffss.data import AuxiliarySupports, build_demo_dataset, load_dataset
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny models on a shared 2-core machine: a second OpenMP thread turns others' load into stalls.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def test_conditions_and_generation_from_the_command_line(tmp_path, capsys, monkeypatch):
