@@ -27,7 +27,7 @@ from dagster._core.instance.ref import InstanceRef
 import pytest
 import yaml
 
-from diffss.experiment import FOLDS, ExperimentConfig
+from diffss.experiment import FOLDS, ExperimentConfig, tiny_generation
 from orchestration.assets import code_version
 from orchestration.definitions import build_definitions, defs
 from orchestration.demo import main as demo_main
@@ -42,7 +42,8 @@ CONDITIONS = ["seg", "scribble"]  # scribble runs the HED annotator too
 def small_settings(data_root: Path, **changes) -> ExperimentConfig:
     """The demo, smaller: fewer images, steps and episodes."""
     values = {"data_root": str(data_root), "demo_images_per_class": 4, "conditions": CONDITIONS, "xshot_shots": [0, 1, 2],
-              "train": {"steps": 4, "image_size": 64}, "evaluation": {"episodes": 8, "image_size": 64, "num_examples": 2}}
+              "train": {"steps": 4, "image_size": 64}, "evaluation": {"episodes": 8, "image_size": 64, "num_examples": 2},
+              "generation": tiny_generation()}  # plumbing: tiny random diffusion models
     return ExperimentConfig(**{**values, **changes})
 
 
