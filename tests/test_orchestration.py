@@ -235,7 +235,10 @@ def test_report_ui_pictures_tables_and_checks(demo_run, capsys):
         for key in spec.check_keys:
             history[key] = instance.event_log_storage.get_asset_check_execution_history(key, limit=5)
     ran = {key.name for key, records in history.items() if records}
-    assert {"auxiliary_images_complete", "drifted_share", "covers_fold_classes", "table_covers_fold_classes", "onnx_parity"} <= ran
+    assert {"auxiliary_images_complete", "drifted_share", "covers_fold_classes", "table_covers_fold_classes", "onnx_parity",
+            "supports_matter"} <= ran
+    matter = next(r for k, r in history.items() if k.name == "supports_matter" and r)[0].event.dagster_event.event_specific_data
+    assert {"one_shot_miou", "5_shot_miou", "gain", "margin"} <= set(matter.metadata)
     drift = next(r for k, r in history.items() if k.name == "drifted_share" and r)[0].event.dagster_event.event_specific_data
     assert drift.severity == dg.AssetCheckSeverity.WARN and drift.partition == "demo_fold0"
 

@@ -171,7 +171,7 @@ class ExperimentConfig:
         if fold is not None and fold.dataset != "demo" and not self.dataset_root(fold.dataset).is_dir():
             raise FileNotFoundError(f"dataset_roots[{fold.dataset!r}]: {self.dataset_root(fold.dataset)} is not a folder")
         pretrained = self.train.pretrained
-        if pretrained not in (None, "", "imagenet") and not Path(pretrained).expanduser().is_file():
+        if pretrained not in (None, "", "imagenet", "demo") and not Path(pretrained).expanduser().is_file():
             raise FileNotFoundError(f"train.pretrained: weights file {pretrained} does not exist")
         gen = self.generation
         if gen.local_files_only and gen.base_model not in (TINY, LEARNED_DEMO):
