@@ -239,6 +239,23 @@ def cmd_train_generator(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_pretrain_backbone(args: argparse.Namespace) -> int:
+    from diffss.data import load_dataset
+    from diffss.generation.demo_generator import build_pretraining_pool
+    from diffss.models.backbone import SMALL_DEMO_WEIGHTS
+    from diffss.models.pretraining import pretrain_small_backbone
+
+    if args.preset != "demo":
+        raise ValueError(f"unknown --preset {args.preset!r}; known: demo")
+    pool = build_pretraining_pool(Path(args.work_dir) / "pool", per_class=args.pool_per_class) \
+        if args.pool_per_class else build_pretraining_pool(Path(args.work_dir) / "pool")
+    samples = [s for split in ("train", "test") for s in load_dataset("demo", root=pool, fold=0, split=split, episodes=1).samples]
+    output = Path(args.output) if args.output else SMALL_DEMO_WEIGHTS
+    summary = pretrain_small_backbone(samples, output, steps=args.steps, seed=args.seed, progress=not args.quiet)
+    print(json.dumps({**summary, "output": str(output)}, indent=2))
+    return 0
+
+
 def _study_config(args: argparse.Namespace):
     from diffss.studies import StudyConfig
 
@@ -396,6 +413,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=None, help="override every stage's batch size")
     p.add_argument("--device", default="auto")
     p.set_defaults(func=cmd_train_generator)
+
+    p = sub.add_parser("pretrain-backbone", help="pretrain the small backbone on the demo world's pool (its ImageNet)")
+    p.add_argument("--preset", default="demo", help="demo: the demo world's pretraining pool")
+    p.add_argument("--output", default=None, help="safetensors file (default: the package's shipped weights)")
+    p.add_argument("--work-dir", default="data/generator/demo", help="where the pool is rendered (shared with train-generator)")
+    p.add_argument("--steps", type=int, default=2000)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--pool-per-class", type=int, default=None, help="pool images per class (default: the generator's)")
+    p.set_defaults(func=cmd_pretrain_backbone)
 
     p = sub.add_parser("demo-check", help="does the demo world need its supports? (K-shot and oracle vs 1-shot)")
     _study_options(p)

@@ -32,8 +32,9 @@ NONE = "none"
 
 @dataclass
 class StudyConfig:
-    """What every arm shares. The defaults are the demo's protocol (PFENet, small backbone, 96 px,
-    300 steps, batch 8, 1-shot, fold 0, 200 test episodes)."""
+    """What every arm shares. The defaults are the demo's protocol (PFENet, small backbone
+    pretrained on the demo world's pool and frozen, 96 px, 300 steps, batch 8, 1-shot, fold 0,
+    200 test episodes)."""
 
     root: str
     output_dir: str
@@ -42,6 +43,7 @@ class StudyConfig:
     seeds: tuple[int, ...] = (0, 1, 2, 3)
     model: str = "pfenet"
     backbone: str = "small"
+    pretrained: str | None = "demo"
     steps: int = 300
     image_size: int = 96
     batch_size: int = 8
@@ -73,6 +75,7 @@ def _train_config(cfg: StudyConfig, seed: int, arm: str, aux_shot: int, table: s
 
     name = f"{arm}-aux{aux_shot}-seed{seed}" if aux_shot else f"{NONE}-seed{seed}"
     return TrainConfig(dataset=cfg.dataset, root=cfg.root, fold=cfg.fold, model=cfg.model, backbone=cfg.backbone,
+                       pretrained=cfg.pretrained,
                        image_size=cfg.image_size, true_shot=1, aux_shot=aux_shot,
                        auxiliary_table=table if aux_shot else None, steps=cfg.steps, batch_size=cfg.batch_size,
                        lr=cfg.lr, seed=seed, device=cfg.device, output_dir=str(Path(cfg.output_dir) / "checkpoints" / name),

@@ -3,7 +3,8 @@
 Auxiliary supports: every planned support has its images, each decodes at its support's size, and
 the share of drifted images stays under ``drifted_share_limit`` (a warning: drifted images are
 usable, just less useful). Evaluations and the results table cover every test class of the fold.
-The ONNX export reproduces its PyTorch checkpoint (recomputed, not read back).
+The ONNX export reproduces its PyTorch checkpoint (recomputed, not read back). The baseline with 5
+real supports beats 1 (the benchmark needs its supports; a warning).
 """
 
 import warnings
@@ -41,7 +42,22 @@ def build_checks(settings: ExperimentConfig) -> list[dg.AssetChecksDefinition]:
             "max_abs_logit_diff": float(parity["max_abs_logit_diff"]), "argmax_agreement": float(parity["argmax_agreement"]),
             "thresholds": dg.MetadataValue.json(parity["thresholds"]), "source": parity["source"]})
 
-    return [*checks, table_covers_fold_classes, onnx_parity]
+    @dg.asset_check(asset=dg.AssetKey([BASELINE, "evaluation"]), partitions_def=FOLD_PARTITIONS,
+                    additional_deps=[dg.AssetKey([BASELINE, "checkpoint"])],
+                    description="The benchmark needs its supports: the baseline with 5 real supports beats 1 by more "
+                    "than supports_matter_margin mIoU points on the same episodes (a warning).")
+    def supports_matter(context, experiment: dg.ResourceParam[ExperimentConfig]) -> dg.AssetCheckResult:
+        fold = FOLDS[context.partition_key]
+        try:
+            measured = ex.real_shot_gain(experiment, fold, experiment.folder(fold, BASELINE, "checkpoint"),
+                                         experiment.folder(fold, BASELINE, "evaluation"))
+        except ValueError as exc:  # e.g. classes with fewer than 6 test images: no 5-shot episode exists
+            return dg.AssetCheckResult(passed=False, severity=dg.AssetCheckSeverity.WARN,
+                                       metadata={"not_measured": str(exc)})
+        return dg.AssetCheckResult(passed=measured["gain"] > measured["margin"], severity=dg.AssetCheckSeverity.WARN,
+                                   metadata=measured)
+
+    return [*checks, table_covers_fold_classes, onnx_parity, supports_matter]
 
 
 def supports_checks(condition: str) -> list[dg.AssetChecksDefinition]:

@@ -78,24 +78,36 @@ def test_stages_lower_the_loss_and_generate_loads_the_result(trained, pool, tmp_
 
 
 def test_resume_after_a_kill_ends_with_the_uninterrupted_weights(trained, pool, tmp_path):
+    """With train_base_unet (the demo preset's ControlNet stage) the base UNet trains, resumes and
+    is exported beside the ControlNet too; the base model's own UNet is left as it was."""
     _, sd, _ = trained
+    before = (sd / "unet" / "diffusion_pytorch_model.safetensors").read_bytes()
     straight = train_generator(stage(pool, tmp_path / "straight", "controlnet", base=str(sd), steps=6,
-                                     checkpoint_every=2), progress=False)
+                                     checkpoint_every=2, train_base_unet=True), progress=False)
 
     def kill_at_5(step, loss):
         if step == 5:
             raise KeyboardInterrupt  # the process dies between checkpoints (last one: step 4)
 
-    resumed_cfg = stage(pool, tmp_path / "resumed", "controlnet", base=str(sd), steps=6, checkpoint_every=2)
+    resumed_cfg = stage(pool, tmp_path / "resumed", "controlnet", base=str(sd), steps=6, checkpoint_every=2,
+                        train_base_unet=True)
     with pytest.raises(KeyboardInterrupt):
         train_generator(resumed_cfg, progress=False, callback=kill_at_5)
     assert pd.read_csv(tmp_path / "resumed" / "history.csv")["step"].max() == 4
     resumed = train_generator(resumed_cfg, progress=False)
     a = torch.load(straight / "training_state.pt", weights_only=False)
     b = torch.load(resumed / "training_state.pt", weights_only=False)
-    for name, tensor in a["models"]["controlnet"].items():
-        assert torch.equal(tensor, b["models"]["controlnet"][name]), name
+    for part in ("controlnet", "unet"):
+        for name, tensor in a["models"][part].items():
+            assert torch.equal(tensor, b["models"][part][name]), (part, name)
     assert [h["loss"] for h in a["history"]] == [h["loss"] for h in b["history"]]
+    from diffusers import UNet2DConditionModel
+
+    tuned = UNet2DConditionModel.from_pretrained(resumed / "unet").state_dict()
+    assert all(torch.equal(tuned[k], v) for k, v in b["models"]["unet"].items())
+    assert (sd / "unet" / "diffusion_pytorch_model.safetensors").read_bytes() == before
+    with pytest.raises(ValueError, match="train_base_unet"):
+        stage(pool, tmp_path / "x", "text-to-image", base=str(sd), train_base_unet=True)
     with pytest.raises(ValueError, match="other settings"):
         train_generator(stage(pool, tmp_path / "resumed", "controlnet", base=str(sd), steps=6, learning_rate=1e-4),
                         progress=False)

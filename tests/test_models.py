@@ -203,7 +203,7 @@ def test_bad_arguments():
         build_model("unet", backbone="small")
     with pytest.raises(ValueError, match="unknown backbone"):
         build_model("pfenet", backbone="vgg")
-    with pytest.raises(ValueError, match="no pretrained"):
+    with pytest.raises(ValueError, match="no ImageNet weights"):
         build_model("pfenet", backbone="small", pretrained="imagenet")
     assert set(BACKBONES) == {"resnet50", "resnet18", "resnet50_deepstem", "resnet101_deepstem", "small"}
     model = build_model("pfenet", backbone="small").eval()
@@ -524,3 +524,36 @@ def test_bam_training_base_map_leaves_out_the_episode_class():
     assert torch.allclose(chosen[1], probs[1, [1, 2]].sum(0, keepdim=True))
     with pytest.raises(ValueError, match=r"episode class\(es\) \[2\] are not base classes"):
         model.base_map(logits, torch.tensor([2, 7]))
+
+
+def test_small_backbone_pretrained_on_a_pool_loads_frozen(tmp_path):
+    """`diffss pretrain-backbone` (a few steps, a tiny pool) lowers its loss and writes a file that
+    build_model loads into a frozen small backbone; "demo" names the shipped file; bad files are named."""
+    from safetensors.torch import load_file
+
+    from diffss.cli import main as cli_main
+    from diffss.models.backbone import SMALL_DEMO_WEIGHTS
+
+    weights = tmp_path / "small.safetensors"
+    assert cli_main(["--quiet", "pretrain-backbone", "--preset", "demo", "--work-dir", str(tmp_path / "work"),
+                     "--output", str(weights), "--steps", "40", "--pool-per-class", "3"]) == 0
+    model = build_model("pfenet", backbone="small", pretrained=str(weights)).train()
+    state = load_file(str(weights))
+    assert torch.equal(model.backbone.layer4[0][0].weight, state["layer4.0.0.weight"])
+    assert not any(p.requires_grad for p in model.backbone.parameters()) and not model.backbone.training
+    shipped = build_model("pfenet", backbone="small", pretrained="demo")
+    assert torch.equal(shipped.backbone.stem[0][0].weight, load_file(str(SMALL_DEMO_WEIGHTS))["stem.0.0.weight"])
+    (tmp_path / "bad.safetensors").write_bytes(b"not a tensor file")
+    with pytest.raises(ValueError, match="bad.safetensors"):
+        build_model("pfenet", backbone="small", pretrained=str(tmp_path / "bad.safetensors"))
+
+
+def test_small_backbone_pretraining_lowers_its_loss(tmp_path):
+    from diffss.data import build_demo_dataset, load_dataset
+    from diffss.models.pretraining import pretrain_small_backbone
+
+    root = build_demo_dataset(tmp_path / "pool", seed=5, num_classes=4, per_class=4, shared_scenes=False)
+    samples = load_dataset("demo", root=root, fold=0, split="train", episodes=1).samples
+    summary = pretrain_small_backbone(samples, tmp_path / "b.safetensors", steps=60, batch_size=8, image_size=64,
+                                      progress=False)
+    assert summary["last_loss"] < 0.8 * summary["first_loss"]

@@ -27,7 +27,7 @@ from dagster._core.instance.ref import InstanceRef
 import pytest
 import yaml
 
-from diffss.experiment import FOLDS, ExperimentConfig
+from diffss.experiment import FOLDS, ExperimentConfig, tiny_generation
 from orchestration.assets import code_version
 from orchestration.definitions import build_definitions, defs
 from orchestration.demo import main as demo_main
@@ -42,7 +42,8 @@ CONDITIONS = ["seg", "scribble"]  # scribble runs the HED annotator too
 def small_settings(data_root: Path, **changes) -> ExperimentConfig:
     """The demo, smaller: fewer images, steps and episodes."""
     values = {"data_root": str(data_root), "demo_images_per_class": 4, "conditions": CONDITIONS, "xshot_shots": [0, 1, 2],
-              "train": {"steps": 4, "image_size": 64}, "evaluation": {"episodes": 8, "image_size": 64, "num_examples": 2}}
+              "train": {"steps": 4, "image_size": 64}, "evaluation": {"episodes": 8, "image_size": 64, "num_examples": 2},
+              "generation": tiny_generation()}  # plumbing: tiny random diffusion models
     return ExperimentConfig(**{**values, **changes})
 
 
@@ -234,7 +235,10 @@ def test_report_ui_pictures_tables_and_checks(demo_run, capsys):
         for key in spec.check_keys:
             history[key] = instance.event_log_storage.get_asset_check_execution_history(key, limit=5)
     ran = {key.name for key, records in history.items() if records}
-    assert {"auxiliary_images_complete", "drifted_share", "covers_fold_classes", "table_covers_fold_classes", "onnx_parity"} <= ran
+    assert {"auxiliary_images_complete", "drifted_share", "covers_fold_classes", "table_covers_fold_classes", "onnx_parity",
+            "supports_matter"} <= ran
+    matter = next(r for k, r in history.items() if k.name == "supports_matter" and r)[0].event.dagster_event.event_specific_data
+    assert {"one_shot_miou", "5_shot_miou", "gain", "margin"} <= set(matter.metadata)
     drift = next(r for k, r in history.items() if k.name == "drifted_share" and r)[0].event.dagster_event.event_specific_data
     assert drift.severity == dg.AssetCheckSeverity.WARN and drift.partition == "demo_fold0"
 

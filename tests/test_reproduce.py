@@ -17,7 +17,7 @@ from pathlib import Path
 import dagster as dg
 import pytest
 
-from diffss.experiment import ExperimentConfig
+from diffss.experiment import ExperimentConfig, tiny_generation
 from diffss.versioning import data_version, dvc_executable, file_md5, published_version
 from orchestration.definitions import build_definitions
 from orchestration.demo import materialize_fold
@@ -31,7 +31,8 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
 def small_settings(**changes) -> ExperimentConfig:
     """The demo for one condition, as small as it goes, with the data root relative to the clone."""
     values = {"data_root": "data", "demo_images_per_class": 4, "conditions": ["seg"], "xshot_shots": [0, 1],
-              "train": {"steps": 4, "image_size": 64}, "evaluation": {"episodes": 10, "image_size": 64}}
+              "train": {"steps": 4, "image_size": 64}, "evaluation": {"episodes": 10, "image_size": 64},
+              "generation": tiny_generation()}  # plumbing: tiny random diffusion models
     return ExperimentConfig(**{**values, **changes})
 
 

@@ -21,7 +21,7 @@ version of the assets that run it.
 """
 
 from diffss.experiment.config import (
-    BASELINE, CONDITIONS, DATASET_FOLDS, FOLDS, LEARNED_DEMO, RANDOM_HED, TINY, ExperimentConfig, Fold, demo_generation,
+    BASELINE, CONDITIONS, DATASET_FOLDS, FOLDS, LEARNED_DEMO, RANDOM_HED, TINY, ExperimentConfig, Fold, tiny_generation,
     learned_demo_generation, load_split, test_episodes,
 )
 from diffss.experiment.data import changed_samples, fold_test_classes, index_raw_data, raw_manifest, write_fold_splits
@@ -31,13 +31,13 @@ from diffss.experiment.supports import (
     generate_supports_shard, plan_auxiliary, prepare_diffusion_models, prepare_supports,
 )
 from diffss.experiment.training import (
-    evaluate_checkpoint, missing_classes, train_base_learner, train_checkpoint, xshot_study,
+    evaluate_checkpoint, missing_classes, real_shot_gain, train_base_learner, train_checkpoint, xshot_study,
 )
 
 __all__ = [
     "BASELINE", "CONDITIONS", "DATASET_FOLDS", "FOLDS", "LEARNED_DEMO", "RANDOM_HED", "TINY", "ExperimentConfig", "Fold",
-    "auxiliary_problems", "auxiliary_table", "changed_samples", "choose_checkpoint", "demo_generation", "diffusion_models",
+    "auxiliary_problems", "auxiliary_table", "changed_samples", "choose_checkpoint", "tiny_generation", "diffusion_models",
     "draw_conditions", "drifted_share", "evaluate_checkpoint", "export_segmenter", "fold_test_classes", "generate_supports", "generate_supports_shard",
-    "index_raw_data", "learned_demo_generation", "load_split", "test_episodes", "missing_classes", "onnx_parity", "plan_auxiliary", "prepare_diffusion_models", "prepare_supports", "raw_manifest",
+    "index_raw_data", "learned_demo_generation", "load_split", "test_episodes", "missing_classes", "onnx_parity", "plan_auxiliary", "prepare_diffusion_models", "prepare_supports", "raw_manifest", "real_shot_gain",
     "results_table", "train_base_learner", "train_checkpoint", "write_fold_splits", "xshot_study",
 ]

@@ -53,15 +53,16 @@ FOLDS: dict[str, Fold] = {f.key: f for f in (Fold(d, k) for d, ks in DATASET_FOL
 _PER_STAGE = {"dataset", "root", "fold", "aux_shot", "auxiliary_table", "condition", "max_drift", "output_dir", "base_learner"}
 
 
-def demo_generation() -> GenerationConfig:
-    """Tiny random diffusion models at 64 px and 2 steps on CPU: exercises generation, paints noise."""
+def tiny_generation() -> GenerationConfig:
+    """Tiny random diffusion models at 64 px and 2 steps on CPU: exercises generation (tests,
+    benchmarks), paints noise."""
     return GenerationConfig(base_model=TINY, controlnets={}, hed_model=RANDOM_HED, num_inference_steps=2,
                             resolution=64, supports_per_call=8, local_files_only=True, device="cpu", dtype="float32")
 
 
 def learned_demo_generation() -> GenerationConfig:
     """The learned demo generator (diffss/generation/pretrained/demo, trained on the demo world's
-    pretraining pool) with its own sampling settings, on CPU."""
+    pretraining pool) with its own sampling settings, on CPU: the demo's default."""
     from diffss.generation.demo_generator import demo_generation_config
 
     shipped = demo_generation_config()
@@ -89,13 +90,17 @@ class ExperimentConfig:
     eval_aux_shot: NonNegativeInt = 1
     xshot_shots: Annotated[list[NonNegativeInt], Field(min_length=1)] = field(default_factory=lambda: [0, 1, 2, 4])
     max_drift: Annotated[float, Field(gt=0)] | None = None
+    # The supports_matter check (baseline/evaluation): real 5-shot must beat 1-shot by more than
+    # this many mIoU points, the demo's seed-to-seed spread (README, "A demo world in which supports matter").
+    supports_matter_margin: Annotated[float, Field(ge=0)] = 2.0
     drift_threshold: Fraction = 0.5
     drifted_share_limit: Fraction = 0.25
     export_source: str = "best"
     export_name: Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]+$")] = "diffss"
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(checkpoint_every=100))
+    # the demo's segmenter: PFENet on the small backbone pretrained on the demo world (frozen, as ImageNet ResNets are)
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(checkpoint_every=100, pretrained="demo"))
     evaluation: EvalConfig = field(default_factory=lambda: EvalConfig(episodes=200, image_size=96))
-    generation: GenerationConfig = field(default_factory=demo_generation)
+    generation: GenerationConfig = field(default_factory=learned_demo_generation)
     # Each condition's generation fans out to this many shards (Dagster ops; on Kubernetes one pod
     # and one GPU each), then one fan-in step merges and summarises; 1: one step.
     generation_shards: Annotated[int, Field(ge=1)] = 1
@@ -166,7 +171,7 @@ class ExperimentConfig:
         if fold is not None and fold.dataset != "demo" and not self.dataset_root(fold.dataset).is_dir():
             raise FileNotFoundError(f"dataset_roots[{fold.dataset!r}]: {self.dataset_root(fold.dataset)} is not a folder")
         pretrained = self.train.pretrained
-        if pretrained not in (None, "", "imagenet") and not Path(pretrained).expanduser().is_file():
+        if pretrained not in (None, "", "imagenet", "demo") and not Path(pretrained).expanduser().is_file():
             raise FileNotFoundError(f"train.pretrained: weights file {pretrained} does not exist")
         gen = self.generation
         if gen.local_files_only and gen.base_model not in (TINY, LEARNED_DEMO):

@@ -10,7 +10,7 @@ from typing import Any
 
 import pandas as pd
 
-from diffss.experiment.config import ExperimentConfig, Fold, fresh, write_csv, write_json
+from diffss.experiment.config import BASELINE, ExperimentConfig, Fold, fresh, write_csv, write_json
 from diffss.train import CHECKPOINTS, TrainConfig
 
 
@@ -93,6 +93,21 @@ def evaluate_checkpoint(settings: ExperimentConfig, fold: Fold, condition: str, 
     if result.examples:
         info["predictions"] = save_png(stack_panels(result.examples), out / "predictions.png")
     return info
+
+
+def real_shot_gain(settings: ExperimentConfig, fold: Fold, checkpoint: Path, evaluation: Path,
+                   shots: int = 5) -> dict[str, Any]:
+    """Does the benchmark need its supports? The baseline checkpoint on the same test episodes with
+    ``shots`` real supports instead of 1: the mIoU gain over its 1-shot ``evaluation``."""
+    import json
+
+    from diffss.train import evaluate
+
+    one_shot = json.loads((evaluation / "summary.json").read_text())["miou"]
+    cfg = dataclasses.replace(settings.eval_config(fold, BASELINE, None), shot=shots, num_examples=0)
+    k_shot = evaluate(checkpoint, cfg, progress=False).miou
+    return {"one_shot_miou": one_shot, f"{shots}_shot_miou": k_shot, "gain": k_shot - one_shot,
+            "margin": settings.supports_matter_margin}
 
 
 def xshot_study(settings: ExperimentConfig, fold: Fold, condition: str, checkpoint: Path, auxiliary: Path,

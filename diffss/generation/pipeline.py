@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -56,9 +58,10 @@ class AuxiliaryGenerator:
                     low_cpu_mem_usage=importlib.util.find_spec("accelerate") is not None)
         nets = [ControlNetModel.from_pretrained(config.controlnets[k], **load) for k in self.kinds]
         controlnet = nets[0] if len(nets) == 1 else MultiControlNetModel(nets)
-        return StableDiffusionControlNetPipeline.from_pretrained(
-            config.base_model, controlnet=controlnet, safety_checker=None, feature_extractor=None,
-            requires_safety_checker=False, **load)
+        with _quiet_if_tiny_autoencoder(config.base_model):
+            return StableDiffusionControlNetPipeline.from_pretrained(
+                config.base_model, controlnet=controlnet, safety_checker=None, feature_extractor=None,
+                requires_safety_checker=False, **load)
 
     def _setup(self, pipe, nets, scheduler_cls):
         from diffusers.models.attention_processor import AttnProcessor2_0
@@ -138,3 +141,21 @@ class AuxiliaryGenerator:
 def to_pil(image: np.ndarray) -> Image.Image:
     """``HxWx3`` float [0,1] -> RGB PIL image (rounded, not truncated)."""
     return Image.fromarray(np.clip(np.rint(np.asarray(image) * 255.0), 0, 255).astype(np.uint8))
+
+
+@contextlib.contextmanager
+def _quiet_if_tiny_autoencoder(base_model: str):
+    """Loading an SD folder whose VAE is an ``AutoencoderTiny`` (the demo's small SD) makes diffusers
+    warn twice on every load, about the ``block_out_channels`` key AutoencoderTiny itself writes and
+    about a VAE that is not an AutoencoderKL: both harmless. Other loads keep every warning."""
+    from diffusers.utils import logging as diffusers_logging
+
+    index = Path(base_model) / "model_index.json"
+    tiny = index.is_file() and "AutoencoderTiny" in index.read_text()
+    level = diffusers_logging.get_verbosity()
+    if tiny:
+        diffusers_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        diffusers_logging.set_verbosity(level)

@@ -92,6 +92,11 @@ class GeneratorTrainConfig:
     checkpoint_every: int = 100
     local_files_only: bool = False
     sizes: dict[str, Any] = field(default_factory=dict)  # SmallSDSizes fields for new models
+    # controlnet stage: fine-tune the base UNet together with the ControlNet (written to
+    # <output_dir>/unet). Only for a base model of your own (the demo's small SD, whose
+    # text-to-image stage is short): learning where the mask is is then the UNet's job too.
+    # A ControlNet for Stable Diffusion keeps the base frozen (False), as diffusers' recipe does.
+    train_base_unet: bool = False
 
     def __post_init__(self):
         if self.stage not in STAGES:
@@ -107,6 +112,8 @@ class GeneratorTrainConfig:
                              f"got {self.empty_prompt_probability}")
         if self.learning_rate <= 0:
             raise ValueError(f"GeneratorTrainConfig.learning_rate must be > 0, got {self.learning_rate}")
+        if self.train_base_unet and self.stage != "controlnet":
+            raise ValueError(f"GeneratorTrainConfig.train_base_unet applies to the controlnet stage, not {self.stage!r}")
         if self.stage != "autoencoder" and not self.base_model:
             raise ValueError(f"GeneratorTrainConfig.base_model is required for stage {self.stage!r}")
         from diffss.conditions import parse_kinds
@@ -221,6 +228,9 @@ def _export_atomic(out_dir: Path, save: Callable[[Path], None]) -> None:
 
 
 # ---- the stages ----------------------------------------------------------------------------------
+
+BASE_UNET_DIR = "unet"  # in a controlnet stage's folder: the fine-tuned base UNet (train_base_unet)
+
 
 def _step_generator(seed: int, step: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(seed) * 1_000_003 + int(step))
@@ -364,6 +374,7 @@ class _ControlNetStage(_DiffusionStage):
         self.unet = UNet2DConditionModel.from_pretrained(base, subfolder="unet", **load).to(device)
         for frozen in (self.text_encoder, self.unet):
             frozen.eval().requires_grad_(False)
+        self.unet.requires_grad_(config.train_base_unet)
         scheduler = DDPMScheduler.from_pretrained(base, subfolder="scheduler", **load)
         vae = _load_vae(base, config.local_files_only)
         downsampling = 2 ** (len(vae.config.block_out_channels) - 1)
@@ -378,7 +389,7 @@ class _ControlNetStage(_DiffusionStage):
             self.hidden = torch.cat([self.text_encoder(self.ids[i:i + 64].to(device))[0].cpu()
                                      for i in range(0, len(self.ids), 64)])
             self.empty_hidden = self.text_encoder(self.empty_ids.to(device))[0].cpu()
-        self.trainable = {"controlnet": self.controlnet}
+        self.trainable = {"controlnet": self.controlnet, **({"unet": self.unet} if config.train_base_unet else {})}
 
     def loss(self, batch, g):
         latents, noise, t, noisy = self._noisy(batch, g)
@@ -393,6 +404,8 @@ class _ControlNetStage(_DiffusionStage):
 
     def export(self, out):
         self.controlnet.save_pretrained(out)
+        if "unet" in self.trainable:
+            self.unet.save_pretrained(out / BASE_UNET_DIR)
 
 
 _STAGE_CLASSES = {"autoencoder": _AutoencoderStage, "text-to-image": _TextToImageStage, "controlnet": _ControlNetStage}

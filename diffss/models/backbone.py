@@ -32,6 +32,8 @@ import torch.nn.functional as F
 from torch import nn
 
 BACKBONES = ("resnet50", "resnet18", "resnet50_deepstem", "resnet101_deepstem", "small")
+# The small backbone pretrained on the demo world's pretraining pool (`diffss pretrain-backbone`).
+SMALL_DEMO_WEIGHTS = Path(__file__).parent / "pretrained" / "small_demo.safetensors"
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -288,7 +290,7 @@ class SmallBackbone(Backbone):
     widen the receptive field without losing resolution, like the dilated ResNet.
     """
 
-    def __init__(self, frozen: bool = False):
+    def __init__(self, pretrained: str | os.PathLike | None = None, frozen: bool | None = None):
         super().__init__(frozen=False)
         self.name = "small"
         self.stem = nn.Sequential(_conv_bn_relu(3, 16, stride=2), _conv_bn_relu(16, 16))
@@ -297,8 +299,28 @@ class SmallBackbone(Backbone):
         self.layer3 = nn.Sequential(_conv_bn_relu(64, 96, dilation=2), _conv_bn_relu(96, 96, dilation=2))
         self.layer4 = nn.Sequential(_conv_bn_relu(96, 128, dilation=4), _conv_bn_relu(128, 128))
         self.low_channels, self.mid_channels, self.high_channels = 64, 64 + 96, 128
-        if frozen:
+        if pretrained == "imagenet":
+            raise ValueError("backbone 'small' has no ImageNet weights; pretrained: 'demo' (the demo world's) "
+                             "or a file of `diffss pretrain-backbone`")
+        if pretrained is not None:
+            self.load_weights(SMALL_DEMO_WEIGHTS if pretrained == "demo" else Path(pretrained))
+        if frozen if frozen is not None else pretrained is not None:
             self.freeze()
+
+    def load_weights(self, path: Path) -> None:
+        """A state dict written by :func:`diffss.models.pretraining.pretrain_small_backbone`."""
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        if not path.is_file():
+            raise FileNotFoundError(f"pretrained backbone weights not found: {path}")
+        try:
+            state = load_file(str(path))
+        except SafetensorError as exc:
+            raise ValueError(f"{path}: not a safetensors file ({exc})") from exc
+        missing, unexpected = self.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise ValueError(f"{path}: not a small-backbone state dict (missing {missing[:3]}, unexpected {unexpected[:3]})")
 
     def to_layer3(self, x):
         f2 = self.layer2(self.layer1(self.stem(x)))
@@ -311,14 +333,14 @@ def build_backbone(name: str, pretrained: str | os.PathLike | None = None, froze
     ``pretrained``: None (random init), ``"imagenet"`` (torchvision download, needs network;
     torchvision ResNets only) or a path to a state dict (``.pth``/``.pt``/``.tar``/``.safetensors``):
     torchvision's for ``resnet50``/``resnet18``, the official ``resnet50_v2.pth``-style file for
-    the deep-stem ResNets. ``frozen`` defaults to "pretrained weights were given".
+    the deep-stem ResNets; for ``small`` a file of :func:`diffss.models.pretraining.pretrain_small_backbone`
+    or ``"demo"``, the shipped one pretrained on the demo world's pool. ``frozen`` defaults to
+    "pretrained weights were given".
     """
     if name in ("resnet50", "resnet18"):
         return ResNetBackbone(name, pretrained=pretrained, frozen=frozen)
     if name in ("resnet50_deepstem", "resnet101_deepstem"):
         return DeepStemResNet(int(name[len("resnet"):-len("_deepstem")]), pretrained=pretrained, frozen=frozen)
     if name == "small":
-        if pretrained is not None:
-            raise ValueError("backbone 'small' has no pretrained weights; use pretrained=None")
-        return SmallBackbone(frozen=bool(frozen))
+        return SmallBackbone(pretrained=pretrained, frozen=frozen)
     raise ValueError(f"unknown backbone {name!r}; expected one of {', '.join(BACKBONES)}")
