@@ -241,14 +241,13 @@ def cmd_train_generator(args: argparse.Namespace) -> int:
 
 def cmd_pretrain_backbone(args: argparse.Namespace) -> int:
     from diffss.data import load_dataset
-    from diffss.generation.demo_generator import build_pretraining_pool
+    from diffss.generation.demo_generator import DEMO_PRESET, build_pretraining_pool
     from diffss.models.backbone import SMALL_DEMO_WEIGHTS
     from diffss.models.pretraining import pretrain_small_backbone
 
     if args.preset != "demo":
         raise ValueError(f"unknown --preset {args.preset!r}; known: demo")
-    pool = build_pretraining_pool(Path(args.work_dir) / "pool", per_class=args.pool_per_class) \
-        if args.pool_per_class else build_pretraining_pool(Path(args.work_dir) / "pool")
+    pool = build_pretraining_pool(Path(args.work_dir) / "pool", per_class=args.pool_per_class or DEMO_PRESET["pool_per_class"])
     samples = [s for split in ("train", "test") for s in load_dataset("demo", root=pool, fold=0, split=split, episodes=1).samples]
     output = Path(args.output) if args.output else SMALL_DEMO_WEIGHTS
     summary = pretrain_small_backbone(samples, output, steps=args.steps, seed=args.seed, progress=not args.quiet)

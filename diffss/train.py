@@ -32,7 +32,7 @@ from diffss.checkpoint import Checkpoint, CheckpointDir, CheckpointError
 from diffss.data import AuxiliarySupports, collate_episodes, load_dataset
 from diffss.data.episodes import AUX_PAIRING
 from diffss.metrics import FewShotMeter
-from diffss.models import MODEL_REGISTRY, FewShotSegmenter, build_model, load_model, segmentation_loss
+from diffss.models import MODEL_REGISTRY, FewShotSegmenter, build_model, load_model, poly_lr_schedule, segmentation_loss
 from diffss.protocol import FAMILIES, SCORE_AT, EvalProtocol, protocol_for, scored_prediction
 
 IGNORE_INDEX = 255
@@ -281,7 +281,7 @@ def train(config: TrainConfig, tracker: Any = None, progress: bool = True) -> Pa
     else:
         optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
         # PFENet's poly schedule (power 0.9) over the whole run.
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: (1 - min(s, config.steps - 1) / config.steps) ** 0.9)
+        scheduler = poly_lr_schedule(optimizer, config.steps)
 
     step, history = 0, []
     latest = checkpoints.latest()  # verified against its manifest; a corrupt newest one is rolled back

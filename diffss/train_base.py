@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from diffss.atomic import atomic_path, write_text_atomic
 from diffss.data.semantic import load_semantic_dataset
-from diffss.models import PSPNet
+from diffss.models import PSPNet, poly_lr_schedule
 from diffss.train import _STRICT, IGNORE_INDEX, NonNegativeInt, PositiveInt, _JsonConfig, resolve_device, seed_everything
 
 
@@ -77,7 +77,7 @@ def train_base(config: BaseTrainConfig, tracker: Any = None, progress: bool = Tr
          {"params": head, "lr": config.lr * config.head_lr_factor}],
         lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay,
     )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: (1 - min(s, config.steps - 1) / config.steps) ** 0.9)
+    scheduler = poly_lr_schedule(optimizer, config.steps)
 
     step, history = 0, []
     if state_path.exists():

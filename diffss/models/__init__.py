@@ -14,6 +14,7 @@ from .base import (
     FewShotSegmenter,
     QueryDecoder,
     SupportEncoder,
+    poly_lr_schedule,
     register_model,
     segmentation_loss,
 )
@@ -41,6 +42,7 @@ __all__ = [
     "convert_official_checkpoint",
     "load_official_checkpoint",
     "load_model",
+    "poly_lr_schedule",
     "register_model",
     "segmentation_loss",
 ]

@@ -133,7 +133,7 @@ class ResNetBackbone(Backbone):
         else:  # pragma: no cover - guarded by build_backbone
             raise ValueError(f"unknown ResNet backbone {name!r}")
         if pretrained is not None and pretrained != "imagenet":
-            _load_resnet_state_dict(net, Path(pretrained))
+            _load_state_dict_file(net, Path(pretrained))
         super().__init__(frozen=False)
         self.name = name
         self.undilated_layer3 = name != "resnet50"
@@ -173,7 +173,9 @@ def _read_weights(path: Path) -> dict[str, torch.Tensor]:
     return load_official_checkpoint(path)
 
 
-def _load_resnet_state_dict(net: nn.Module, path: Path) -> None:
+def _load_state_dict_file(net: nn.Module, path: Path, expected: str = "a torchvision ResNet state_dict") -> None:
+    """Load backbone weights from ``path`` (a classifier head ``fc.*`` is ignored); a file that does
+    not fit is a ValueError naming it and saying what was ``expected``."""
     state = {k: v for k, v in _read_weights(path).items() if not k.startswith("fc.")}
     try:
         missing, unexpected = net.load_state_dict(state, strict=False)
@@ -182,7 +184,7 @@ def _load_resnet_state_dict(net: nn.Module, path: Path) -> None:
     missing = [k for k in missing if not k.startswith("fc.")]
     if missing or unexpected:
         raise ValueError(
-            f"{path} is not a torchvision ResNet state_dict for this backbone: "
+            f"{path} is not {expected} for this backbone: "
             f"missing keys {missing[:5]}{'...' if len(missing) > 5 else ''}, "
             f"unexpected keys {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}"
         )
@@ -303,24 +305,10 @@ class SmallBackbone(Backbone):
             raise ValueError("backbone 'small' has no ImageNet weights; pretrained: 'demo' (the demo world's) "
                              "or a file of `diffss pretrain-backbone`")
         if pretrained is not None:
-            self.load_weights(SMALL_DEMO_WEIGHTS if pretrained == "demo" else Path(pretrained))
+            _load_state_dict_file(self, SMALL_DEMO_WEIGHTS if pretrained == "demo" else Path(pretrained),
+                                  "a small-backbone state dict (`diffss pretrain-backbone`)")
         if frozen if frozen is not None else pretrained is not None:
             self.freeze()
-
-    def load_weights(self, path: Path) -> None:
-        """A state dict written by :func:`diffss.models.pretraining.pretrain_small_backbone`."""
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
-        if not path.is_file():
-            raise FileNotFoundError(f"pretrained backbone weights not found: {path}")
-        try:
-            state = load_file(str(path))
-        except SafetensorError as exc:
-            raise ValueError(f"{path}: not a safetensors file ({exc})") from exc
-        missing, unexpected = self.load_state_dict(state, strict=False)
-        if missing or unexpected:
-            raise ValueError(f"{path}: not a small-backbone state dict (missing {missing[:3]}, unexpected {unexpected[:3]})")
 
     def to_layer3(self, x):
         f2 = self.layer2(self.layer1(self.stem(x)))

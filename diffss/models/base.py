@@ -127,6 +127,12 @@ def cosine_map(features: torch.Tensor, prototype: torch.Tensor, eps: float = 1e-
     return (f * p[:, :, None, None]).sum(dim=1, keepdim=True)
 
 
+def poly_lr_schedule(optimizer: torch.optim.Optimizer, steps: int, power: float = 0.9) -> torch.optim.lr_scheduler.LambdaLR:
+    """PFENet's (and PSPNet's) poly schedule over a run of ``steps`` optimizer steps:
+    ``lr * (1 - step / steps) ** power``, never reaching 0."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: (1 - min(s, steps - 1) / steps) ** power)
+
+
 def segmentation_loss(
     logits: torch.Tensor,
     target: torch.Tensor,

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .backbone import IMAGENET_MEAN, IMAGENET_STD, _load_resnet_state_dict, _torchvision_resnet
+from .backbone import IMAGENET_MEAN, IMAGENET_STD, _load_state_dict_file, _torchvision_resnet
 from .base import FewShotSegmenter, register_model, support_masks_at
 
 # bottlenecks per ResNet stage (layer1..layer4)
@@ -202,7 +202,7 @@ class HSNet(FewShotSegmenter):
         net = _torchvision_resnet(factory, "IMAGENET1K_V1" if pretrained == "imagenet" else None)
         net.fc = nn.Identity()  # unused; official checkpoints carry it (dropped by from_official)
         if pretrained is not None and pretrained != "imagenet":
-            _load_resnet_state_dict(net, Path(pretrained))
+            _load_state_dict_file(net, Path(pretrained))
         self.backbone = net
         for p in self.backbone.parameters():
             p.requires_grad_(False)

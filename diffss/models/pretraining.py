@@ -48,6 +48,7 @@ def pretrain_small_backbone(samples: list, output: str | os.PathLike, steps: int
     from tqdm.auto import tqdm
 
     from diffss.models.backbone import SmallBackbone
+    from diffss.models.base import poly_lr_schedule
 
     if not samples:
         raise ValueError("pretrain_small_backbone: no samples")
@@ -59,7 +60,7 @@ def pretrain_small_backbone(samples: list, output: str | os.PathLike, steps: int
         head = nn.Conv2d(backbone.mid_channels + backbone.high_channels, len(classes), 1)
     params = [*backbone.parameters(), *head.parameters()]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=1e-4)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: (1 - min(s, steps - 1) / steps) ** 0.9)
+    schedule = poly_lr_schedule(optimizer, steps)
     backbone.train()
     losses = []
     for _ in tqdm(range(steps), desc="pretrain backbone", unit="step", disable=not progress):
