@@ -290,6 +290,37 @@ def cmd_demo_study(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_generator_probe(args: argparse.Namespace) -> int:
+    """Strength x steps sweep of a demo generator on a fold's base-class supports (never its novel
+    classes): own / other-class contrast, appearance and pixel difference to the support."""
+    import dataclasses
+
+    from diffss.generation import AuxiliaryGenerator
+    from diffss.generation.demo_generator import base_supports, class_following, demo_generation_config
+
+    base = demo_generation_config(args.generator, device=args.device)
+    samples = base_supports(args.root, fold=args.fold, count=args.supports)
+    rows = []
+    for kind in args.conditions:
+        generator = AuxiliaryGenerator(base, kind)
+        for steps in args.steps:
+            for strength in args.strengths:
+                cfg = dataclasses.replace(base, strength=strength, num_inference_steps=steps)
+                generator.config = cfg
+                scores = class_following(cfg, samples, Path(args.output) / "conditions", kind, generator=generator)
+                rows.append({"condition": kind, "steps": steps, "strength": strength, **scores})
+                print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in rows[-1].items()}),
+                      flush=True)
+    import pandas as pd
+
+    from diffss.atomic import atomic_path
+
+    with atomic_path(Path(args.output) / "generator_probe.csv") as tmp:
+        pd.DataFrame(rows).to_csv(tmp, index=False)
+    print(f"table: {Path(args.output) / 'generator_probe.csv'}")
+    return 0
+
+
 def _study_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--root", required=True, help="demo dataset root (FSS-1000 layout)")
     p.add_argument("--output", dest="output_dir", required=True, help="checkpoints, evaluations, tables (resumable)")
@@ -438,6 +469,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--xshot", type=int, nargs="+", default=[0, 1, 2, 4])
     p.add_argument("--paper-aux-shot", type=int, default=4, help="1 real + N aux at training and test (0: skip)")
     p.set_defaults(func=cmd_demo_study)
+
+    p = sub.add_parser("generator-probe", help="strength x steps sweep of the demo generator on base-class supports")
+    p.add_argument("--root", required=True, help="demo dataset root")
+    p.add_argument("--output", required=True, help="folder for conditions and generator_probe.csv")
+    p.add_argument("--fold", type=int, default=0)
+    p.add_argument("--supports", type=int, default=30, help="base-class supports, spread over the classes")
+    p.add_argument("--conditions", nargs="+", default=["seg"])
+    p.add_argument("--strengths", type=float, nargs="+", default=[0.3, 0.5, 0.7, 0.85, 0.9, 1.0])
+    p.add_argument("--steps", type=int, nargs="+", default=[4, 8])
+    p.add_argument("--generator", default=None, help="demo generator folder (default: the shipped weights)")
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(func=cmd_generator_probe)
 
     p = sub.add_parser("demo-data", help="build the procedural demo dataset (the only command that writes one)")
     p.add_argument("--root", default="data/raw/demo", help="an empty folder, or an earlier demo build")

@@ -11,7 +11,7 @@ from typing import Any
 import pandas as pd
 
 from diffss.experiment.config import (
-    CONDITIONS, LEARNED_DEMO, RANDOM_HED, TINY, ExperimentConfig, Fold, file_lock, fresh, load_split, test_episodes,
+    CONDITIONS, LEARNED_DEMO, RANDOM_HED, SOBEL_EDGES, TINY, ExperimentConfig, Fold, file_lock, fresh, load_split, test_episodes,
     write_json,
 )
 from diffss.generation.config import GenerationConfig
@@ -81,13 +81,15 @@ def plan_auxiliary(settings: ExperimentConfig, fold: Fold, redo: list[str] = (),
 
 
 def _hed(settings: ExperimentConfig, condition: str):
-    from diffss.conditions import HedConditioner
+    from diffss.conditions import HedConditioner, SobelEdgeConditioner
 
     if condition not in ("hed", "scribble"):
         return None
     device = settings.generation.device
     if settings.generation.hed_model == RANDOM_HED:
         return HedConditioner.random(seed=0, device=device)
+    if settings.generation.hed_model == SOBEL_EDGES:
+        return SobelEdgeConditioner()
     return HedConditioner(settings.generation.hed_model, device=device)
 
 
