@@ -187,3 +187,28 @@ def test_sobel_soft_edges_mark_boundaries_and_feed_hed_and_scribble(tmp_path, de
         for s in samples:
             with Image.open(condition_path(tmp_path / "c", kind, s.class_id, s.name)) as im:
                 assert np.asarray(im.convert("L")).max() > 0  # the object's outline is there
+
+
+def test_class_token_lowers_its_loss_and_round_trips_through_load_textual_inversion(tmp_path, demo_root, tiny):
+    from diffss.generation.class_tokens import learn_token, load_token, save_token
+
+    sample = load_dataset(name="demo", root=str(demo_root), fold=0, split="train").samples[0]
+    generator = AuxiliaryGenerator(tiny, "seg")
+    vocabulary = len(generator.pipe.tokenizer)
+    embedding, losses = learn_token(generator.pipe, [sample.load_image()], [np.asarray(sample.load_mask())],
+                                    "<striped-thing>", sample.class_name, steps=40, learning_rate=5e-2, seed=0,
+                                    resolution=64)
+    assert losses["loss_after"] < losses["loss_before"], losses
+    assert len(generator.pipe.tokenizer) == vocabulary  # learning leaves the loaded pipeline as it was
+    path = save_token(tmp_path / "tok.safetensors", "<striped-thing>", embedding)
+    assert load_token(generator.pipe, path) == "<striped-thing>"  # diffusers' load_textual_inversion
+    token_id = generator.pipe.tokenizer.convert_tokens_to_ids("<striped-thing>")
+    table = generator.pipe.text_encoder.get_input_embeddings().weight
+    assert torch.equal(table[token_id].float(), embedding[0])
+
+    # In a generation run: one token per support, saved beside the images and named in the prompt.
+    cfg = GenerationConfig(**{**tiny.to_dict(), "token_steps": 2, "strength": 0.5})
+    table = generate_auxiliary([sample], "seg", tmp_path / "aux", cfg, num_aux=1, dataset_name="demo",
+                               progress=False)
+    tokens = list((tmp_path / "aux" / "demo" / "seg" / "tokens").glob("*.safetensors"))
+    assert len(tokens) == 1 and table["prompt"].iloc[0].startswith("a real shot photo of <diffss-")

@@ -74,6 +74,9 @@ class GenerationConfig:
     # Over-generate and keep the best: paint this many candidates per support and keep the
     # ``num_aux`` with the best appearance score (None: exactly ``num_aux``, no selection).
     candidates: PositiveInt | None = None
+    # Class tokens: > 0 learns one textual-inversion token per support from that support alone
+    # (this many steps) and prompts with "<token> <class name>" (0: the class name only).
+    token_steps: Annotated[int, Field(ge=0)] = 0
     # Runtime-only settings.
     device: str | None = None
     dtype: Literal["float16", "bfloat16", "float32"] | None = None
@@ -85,7 +88,7 @@ class GenerationConfig:
 
     OUTPUT_FIELDS = ("base_model", "controlnets", "prompt_template", "quality_suffix", "negative_prompt",
                      "scheduler", "num_inference_steps", "guidance_scale", "resolution",
-                     "controlnet_conditioning_scale", "seed", "strength", "candidates")
+                     "controlnet_conditioning_scale", "seed", "strength", "candidates", "token_steps")
 
     @classmethod
     def paper(cls, **overrides) -> "GenerationConfig":
@@ -109,6 +112,10 @@ class GenerationConfig:
     def images_per_call(self, num_aux: int) -> int:
         """Pipeline call size: ``batch_size``, else ``supports_per_call`` supports' images."""
         return int(self.batch_size) if self.batch_size is not None else int(self.supports_per_call) * int(num_aux)
+
+    def prompt_name(self, class_name: str, token: str | None = None) -> str:
+        """What the prompt names: the class, after the support's learned token when tokens are on."""
+        return f"{token} {class_name}" if token and self.token_steps > 0 else str(class_name)
 
     def prompt(self, class_name: str) -> str:
         # FSS-1000 class folders are snake_case ("assult_rifle").

@@ -54,6 +54,7 @@ from diffss.data.samples import check_same_size
 from diffss.generation.config import GenerationConfig, aux_seed
 from diffss.conditions.build import load_square
 from diffss.generation.appearance import SupportAppearance, select_best
+from diffss.generation.class_tokens import support_token, token_name
 from diffss.generation.drift import drift_from_alignment, edge_alignment, reference_alignment
 from diffss.generation.pipeline import AuxiliaryGenerator, to_pil
 
@@ -64,6 +65,7 @@ CONFIG_NAME = "generation_config.json"
 # Held while the table or the settings file is read-modified-written (shards share them);
 # ".<conditions folder>.lock" beside the conditions folder while conditions are built.
 LOCK_NAME = ".auxiliary.lock"
+TOKENS_DIR = "tokens"  # per-support textual-inversion tokens (GenerationConfig.token_steps > 0)
 # One row per painted candidate (``aux_index`` = candidate index): ``appearance`` scores it
 # against its support (diffss.generation.appearance), ``rank`` orders a support's candidates
 # best first (-1 while some are still missing) and ``kept`` marks the ``num_aux`` best, the
@@ -249,7 +251,8 @@ def generate_shard(samples: Sequence, condition: str | Sequence[str], out_dir: s
         return {"dataset": dataset_name, "support_name": str(sample.name), "class_id": int(sample.class_id),
                 "class_name": str(sample.class_name), "aux_index": k,
                 "seed": aux_seed(dataset_name, sample.name, sample.class_id, k, config.seed),
-                "strength": config.strength_of(k), "prompt": config.prompt(sample.class_name), "condition": label, "model_ids": model_ids,
+                "strength": config.strength_of(k),
+                "prompt": config.prompt(config.prompt_name(sample.class_name, token_name(sample.class_id, sample.name))), "condition": label, "model_ids": model_ids,
                 "path": aux_relpath(sample.class_id, sample.name, k)}
 
     mine = {key_of(s, k) for s in samples for k in range(num_candidates)}
@@ -332,8 +335,14 @@ def generate_shard(samples: Sequence, condition: str | Sequence[str], out_dir: s
                     controls[id(s)] = _load_controls(conditions_dir, kinds, s, config.resolution)
                     if strength < 1.0:  # support guidance starts from the support at the condition's size
                         starts[id(s)] = load_square(s, config.resolution)[0]
+            names = {}
+            for s, _ in chunk:
+                if id(s) not in names:
+                    token = (support_token(generator.pipe, s, root / TOKENS_DIR, config)
+                             if config.token_steps > 0 else None)
+                    names[id(s)] = config.prompt_name(s.class_name, token)
             images = generator.generate(
-                [controls[id(s)] for s, _ in chunk], [s.class_name for s, _ in chunk],
+                [controls[id(s)] for s, _ in chunk], [names[id(s)] for s, _ in chunk],
                 [aux_seed(dataset_name, s.name, s.class_id, k, config.seed) for s, k in chunk], pad_to=per_call,
                 init_images=[starts[id(s)] for s, _ in chunk] if strength < 1.0 else None, strength=strength)
             for (sample, k), image in zip(chunk, images):
