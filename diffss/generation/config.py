@@ -53,7 +53,7 @@ class GenerationConfig:
 
     ``batch_size``: images per pipeline call, drawn across supports (None: ``supports_per_call``
     supports' ``num_aux`` images). Every call is padded to this size, so an image's pixels do
-    not depend on which other images share its call (see README, "Batching and exactness").
+    not depend on which other images share its call (see docs/generation.md, "Batching and exactness").
     """
 
     base_model: str = DEFAULT_BASE_MODEL
@@ -92,7 +92,7 @@ class GenerationConfig:
 
     @classmethod
     def paper(cls, **overrides) -> "GenerationConfig":
-        """ControlNet4FSS's generator settings (the paper's code; see README for what differs
+        """ControlNet4FSS's generator settings (the paper's code; docs/generation.md says what differs
         and why); ``overrides`` set any field (e.g. local model folders, device)."""
         return cls(**{**PAPER_SETTINGS, "controlnets": dict(PAPER_CONTROLNETS), **overrides})
 

@@ -7,7 +7,7 @@ stages of :mod:`diffss.generation.training` on it (autoencoder, text-to-image wi
 encoder, one ControlNet for seg, hed and scribble) and writes the weights, in float16, to a folder
 with ``sd/``, ``controlnet/`` and ``generation_config.json``: what :func:`demo_generation_config`
 returns a :class:`GenerationConfig` for. The weights made this way ship in the package
-(:data:`PRETRAINED_DIR`); README says with which command and seed.
+(:data:`PRETRAINED_DIR`); docs/demo.md says with which command and seed.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ POOL_SEED = 1_000_003  # the FSS demo data uses data_seed 0 (and small ones in t
 PRETRAINED_DIR = Path(__file__).parent / "pretrained" / "demo"
 CONDITIONS = ("seg", "hed", "scribble")
 
-#: Settings of the shipped weights. Chosen on base classes only (see README "The demo's generator").
+#: Settings of the shipped weights. Chosen on base classes only (see docs/demo.md).
 DEMO_PRESET = {
     "pool_per_class": 150,
     "resolution": 64,

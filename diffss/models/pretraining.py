@@ -5,11 +5,11 @@ fold's few base classes, the small CPU backbone learns slowly and unstably (one 
 four fell to all-background in 300 steps on the demo). :func:`pretrain_small_backbone` trains it
 on a pretraining pool (for the demo: the demo world rendered from a seed no FSS image uses, see
 ``diffss.generation.demo_generator``; like ImageNet, it has seen the classes, never the benchmark
-images) with one output channel per class: each image's own class channel is taught its mask
-(binary cross-entropy), the other channels are not told anything, so the other objects in the
-picture are never called background of a class they might belong to. Only the backbone is kept;
-:func:`diffss.models.backbone.build_backbone` loads it (``pretrained="demo"`` for the shipped
-file) and freezes it, as a pretrained ResNet is.
+images) with what ImageNet gives: one class label per image, never a mask. A linear classifier on
+the average-pooled mid- and high-level features learns the label (cross-entropy), so no class's
+mask, a fold's novel classes included, is seen before the few-shot test. Only the backbone is
+kept; :func:`diffss.models.backbone.build_backbone` loads it (``pretrained="demo"`` for the
+shipped file) and freezes it, as a pretrained ResNet is.
 """
 
 from __future__ import annotations
@@ -25,25 +25,22 @@ from torch import nn
 from diffss.atomic import atomic_path
 
 
-def _pool_tensors(samples: list, size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[str]]:
-    """Images [N,3,S,S] uint8, masks [N,S,S] uint8 (1 = the sample's class), class index [N]."""
+def _pool_tensors(samples: list, size: int) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """Images [N,3,S,S] uint8 and their class index [N] (image-level labels: no mask is read)."""
     from PIL import Image
 
     classes = sorted({s.class_name for s in samples})
     index = {name: k for k, name in enumerate(classes)}
-    images, masks = [], []
-    for s in samples:
-        images.append(np.asarray(s.load_image().convert("RGB").resize((size, size), Image.BILINEAR)))
-        mask = (np.asarray(s.load_mask()) == 1).astype(np.uint8)
-        masks.append(np.asarray(Image.fromarray(mask).resize((size, size), Image.NEAREST)))
-    return (torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous(), torch.from_numpy(np.stack(masks)),
+    images = [np.asarray(s.load_image().convert("RGB").resize((size, size), Image.BILINEAR)) for s in samples]
+    return (torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous(),
             torch.tensor([index[s.class_name] for s in samples]), classes)
 
 
 def pretrain_small_backbone(samples: list, output: str | os.PathLike, steps: int = 1500, batch_size: int = 16,
                             lr: float = 2e-3, image_size: int = 96, seed: int = 0, progress: bool = True) -> dict:
-    """Train a :class:`~diffss.models.backbone.SmallBackbone` on ``samples`` (image, mask, class)
-    and write its state dict to ``output`` (safetensors, atomic). Returns the loss history summary."""
+    """Train a :class:`~diffss.models.backbone.SmallBackbone` to classify ``samples`` (image, class
+    name; masks are not read) and write its state dict to ``output`` (safetensors, atomic).
+    Returns the loss history summary and the training accuracy of the last tenth of the steps."""
     from safetensors.torch import save_file
     from tqdm.auto import tqdm
 
@@ -52,29 +49,27 @@ def pretrain_small_backbone(samples: list, output: str | os.PathLike, steps: int
 
     if not samples:
         raise ValueError("pretrain_small_backbone: no samples")
-    images, masks, labels, classes = _pool_tensors(samples, image_size)
+    images, labels, classes = _pool_tensors(samples, image_size)
     g = torch.Generator().manual_seed(seed)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         backbone = SmallBackbone()
-        head = nn.Conv2d(backbone.mid_channels + backbone.high_channels, len(classes), 1)
+        head = nn.Linear(backbone.mid_channels + backbone.high_channels, len(classes))
     params = [*backbone.parameters(), *head.parameters()]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=1e-4)
     schedule = poly_lr_schedule(optimizer, steps)
     backbone.train()
-    losses = []
+    losses, correct = [], []
     for _ in tqdm(range(steps), desc="pretrain backbone", unit="step", disable=not progress):
         pick = torch.randint(len(labels), (batch_size,), generator=g)
         x = images[pick].float().div(255.0)
         flip = torch.rand(batch_size, generator=g) < 0.5  # the world has no left or right
         x = torch.where(flip[:, None, None, None], x.flip(-1), x)
-        y = torch.where(flip[:, None, None], masks[pick].flip(-1), masks[pick]).float()
         features = backbone.extract(x)
-        high = F.interpolate(features.high, size=features.mid.shape[-2:], mode="bilinear", align_corners=False)
-        logits = F.interpolate(head(torch.cat([features.mid, high], 1)), size=y.shape[-2:], mode="bilinear",
-                               align_corners=False)
-        own = logits[torch.arange(batch_size), labels[pick]]  # each image teaches its own class's channel
-        loss = F.binary_cross_entropy_with_logits(own, y)
+        pooled = torch.cat([features.mid.mean((2, 3)), features.high.mean((2, 3))], 1)
+        logits = head(pooled)
+        loss = F.cross_entropy(logits, labels[pick])
+        correct.append(float((logits.argmax(1) == labels[pick]).float().mean()))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -83,7 +78,8 @@ def pretrain_small_backbone(samples: list, output: str | os.PathLike, steps: int
     state = {k: v.detach().contiguous() for k, v in backbone.state_dict().items()}
     with atomic_path(Path(output)) as tmp:
         save_file(state, str(tmp), metadata={"classes": ",".join(classes), "steps": str(steps), "seed": str(seed),
-                                             "image_size": str(image_size)})
+                                             "image_size": str(image_size), "supervision": "image-level labels"})
     window = max(1, steps // 10)
     return {"first_loss": float(np.mean(losses[:window])), "last_loss": float(np.mean(losses[-window:])),
-            "steps": steps, "classes": len(classes), "images": len(labels)}
+            "train_accuracy": float(np.mean(correct[-window:])), "steps": steps, "classes": len(classes),
+            "images": len(labels)}
