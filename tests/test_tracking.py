@@ -97,7 +97,7 @@ def test_offline_run_records_metrics_table_images_artifacts(tmp_path):
     assert len(list((run_dir / "files").rglob("examples*.png"))) == 3
 
 
-def test_bad_inputs_are_named(tmp_path):
+def test_bad_inputs_are_named(tmp_path, monkeypatch):
     with RunTracker.start(project="p", dir=tmp_path / "root", mode="offline") as tracker:
         assert tracker.run_dir.parent == tmp_path / "root" / "wandb"  # dir= beats WANDB_DIR
         with pytest.raises(FileNotFoundError, match="missing.onnx"):
@@ -106,14 +106,9 @@ def test_bad_inputs_are_named(tmp_path):
             tracker.log_artifact(tmp_path, "bad name", "model")
         with pytest.raises(TypeError, match="DataFrame"):
             tracker.log_table("t", {"a": [1]})
+    monkeypatch.setenv("WANDB_MODE", "sometimes")  # undone after the test, whatever happens
     with pytest.raises(ValueError, match="WANDB_MODE='sometimes'"):
-        import os
-
-        os.environ["WANDB_MODE"] = "sometimes"
-        try:
-            resolve_mode()
-        finally:
-            del os.environ["WANDB_MODE"]
+        resolve_mode()
 
 
 def test_mode_resolution(monkeypatch):
