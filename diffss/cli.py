@@ -68,7 +68,7 @@ def _config_from_args(cls: type, args: argparse.Namespace):
 
 def _dataset_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dataset", default="demo", help="pascal5i | coco20i | fss1000 | folder | demo")
-    parser.add_argument("--root", default=None, help="dataset root (see README for each layout)")
+    parser.add_argument("--root", default=None, help="dataset root (docs/data.md gives each layout)")
     parser.add_argument("--fold", type=int, default=0)
     parser.add_argument("--split", default="test", help="train | test (| val for fss1000)")
     parser.add_argument("--image-size", type=int, default=None, help="resize episodes to this size")
@@ -406,18 +406,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--controlnet", action="append", metavar="KIND=MODEL",
                    help="ControlNet of a condition kind: hub id or folder (e.g. one `diffss train-controlnet` wrote)")
     p.add_argument("--preset", choices=["paper"], default=None,
-                   help="paper: ControlNet4FSS's generator settings (DDIM, ControlNet 1.0; see README)")
+                   help="paper: ControlNet4FSS's generator settings (DDIM, ControlNet 1.0; docs/generation.md lists what differs)")
     _add_dataclass_options(p, GenerationConfig)
     p.set_defaults(func=cmd_generate)
 
-    p = sub.add_parser("tiny-models", help="write tiny random SD + ControlNet models (tests, demo, offline trials)")
+    p = sub.add_parser("tiny-models", help="write tiny random SD + ControlNet models (tests, benchmarks, offline trials; they paint noise)")
     p.add_argument("--output", default="data/models/tiny-sd")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_tiny_models)
 
     p = sub.add_parser("train-controlnet", help="train a ControlNet on a frozen base model (images + masks + class names)")
     p.add_argument("--dataset", default="folder", help="pascal5i | coco20i | fss1000 | folder | demo")
-    p.add_argument("--root", default=None, help="dataset root (see README for each layout)")
+    p.add_argument("--root", default=None, help="dataset root (docs/data.md gives each layout)")
     p.add_argument("--fold", type=int, default=None)
     p.add_argument("--split", default=None, help="train (default: the fold's base classes) | test | all")
     p.add_argument("--condition", default="seg", help="seg | hed | scribble, or several joined by + (one ControlNet for all)")

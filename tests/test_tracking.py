@@ -97,7 +97,7 @@ def test_offline_run_records_metrics_table_images_artifacts(tmp_path):
     assert len(list((run_dir / "files").rglob("examples*.png"))) == 3
 
 
-def test_bad_inputs_are_named(tmp_path):
+def test_bad_inputs_are_named(tmp_path, monkeypatch):
     with RunTracker.start(project="p", dir=tmp_path / "root", mode="offline") as tracker:
         assert tracker.run_dir.parent == tmp_path / "root" / "wandb"  # dir= beats WANDB_DIR
         with pytest.raises(FileNotFoundError, match="missing.onnx"):
@@ -106,14 +106,9 @@ def test_bad_inputs_are_named(tmp_path):
             tracker.log_artifact(tmp_path, "bad name", "model")
         with pytest.raises(TypeError, match="DataFrame"):
             tracker.log_table("t", {"a": [1]})
+    monkeypatch.setenv("WANDB_MODE", "sometimes")  # undone after the test, whatever happens
     with pytest.raises(ValueError, match="WANDB_MODE='sometimes'"):
-        import os
-
-        os.environ["WANDB_MODE"] = "sometimes"
-        try:
-            resolve_mode()
-        finally:
-            del os.environ["WANDB_MODE"]
+        resolve_mode()
 
 
 def test_mode_resolution(monkeypatch):
@@ -158,3 +153,42 @@ def test_reading_a_folder_that_is_not_a_run_names_it(tmp_path):
     (tmp_path / "run-x.wandb").write_bytes(b"not a log")
     with pytest.raises(ValueError, match=str(tmp_path)):
         read_offline_run(tmp_path)
+
+
+OFFLINE_RUN = """
+import sys
+from diffss.tracking import RunTracker
+with RunTracker.start(project="p", name="no-network", dir=sys.argv[1], mode="offline") as tracker:
+    tracker.log({"loss": 1.0}, step=0)
+    tracker.update_summary({"miou": 1.0})
+print(tracker.run_dir)
+"""
+
+
+def test_offline_run_connects_to_local_sockets_only(tmp_path):
+    """What docs/tracking.md says: an offline run (and wandb's service process it starts) opens no
+    network connection; strace records every connect() of the process tree."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    strace = shutil.which("strace")
+    if strace is None:
+        pytest.skip("strace is not installed")
+    probe = subprocess.run([strace, "-qq", "-e", "trace=none", "true"], capture_output=True, text=True)
+    if probe.returncode != 0:
+        pytest.skip(f"strace cannot trace here (ptrace not permitted?): {probe.stderr.strip()[:200]}")
+    log = tmp_path / "connect.strace"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}  # the library's own defaults
+    env["WANDB_DIR"] = str(tmp_path / "wandb-root")
+    env["WANDB_CONFIG_DIR"] = str(tmp_path / "wandb-config")
+    run = subprocess.run([strace, "-f", "-qq", "-e", "trace=connect", "-o", str(log), sys.executable, "-c",
+                          OFFLINE_RUN, str(tmp_path / "runs")], capture_output=True, text=True, env=env,
+                         cwd=Path(__file__).resolve().parents[1], timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert read_offline_run(Path(run.stdout.strip().splitlines()[-1])).summary["miou"] == 1.0
+    calls = [line for line in log.read_text().splitlines() if "connect(" in line]
+    assert calls, "strace recorded no connect() at all: wandb's service socket should be one"
+    local = ("sa_family=AF_UNIX", 'inet_addr("127.', 'inet_pton(AF_INET6, "::1"')  # loopback is local too
+    assert [line for line in calls if not any(marker in line for marker in local)] == []

@@ -91,7 +91,7 @@ class ExperimentConfig:
     xshot_shots: Annotated[list[NonNegativeInt], Field(min_length=1)] = field(default_factory=lambda: [0, 1, 2, 4])
     max_drift: Annotated[float, Field(gt=0)] | None = None
     # The supports_matter check (baseline/evaluation): real 5-shot must beat 1-shot by more than
-    # this many mIoU points, the demo's seed-to-seed spread (README, "A demo world in which supports matter").
+    # this many mIoU points, the demo's seed-to-seed spread (docs/demo.md, "A demo world in which supports matter").
     supports_matter_margin: Annotated[float, Field(ge=0)] = 2.0
     drift_threshold: Fraction = 0.5
     drifted_share_limit: Fraction = 0.25

@@ -12,7 +12,7 @@ Every backbone maps a batch of [0,1] RGB images to the feature maps PFENet and B
 Backbones: torchvision's ResNet-50/18 (7x7 stem), the "deep stem" ResNet-50/101 of PSPNet,
 PFENet and BAM (``resnet50_deepstem``: three 3x3 convs to 128 channels, every block of layer3
 dilated 2 and of layer4 dilated 4, output stride 8, keys ``layer0..layer4`` as the official
-modules), and a small CNN that trains from scratch on CPU.
+modules), and a small CNN for CPU (random, or pretrained on the demo world: ``pretrained="demo"``).
 
 ImageNet mean/std normalisation happens inside, so callers (and ONNX graphs) take [0,1] images.
 A backbone loaded with pretrained weights is frozen (eval mode, no gradients) as in PFENet;
@@ -285,7 +285,9 @@ def _conv_bn_relu(cin: int, cout: int, stride: int = 1, dilation: int = 1) -> nn
 
 
 class SmallBackbone(Backbone):
-    """A tiny CNN (output stride 8) that trains from scratch on CPU for demos and tests.
+    """A tiny CNN (output stride 8) for CPU demos and tests: random weights that train with the
+    segmenter, or (``pretrained="demo"``) the weights shipped in the package, pretrained on the demo
+    world's pool by ``diffss pretrain-backbone`` and frozen, as the demo uses it.
 
     Mirrors the ResNet layout: two stride-2 stages, then three stride-8 stages standing in for
     layer2/layer3 (mid = their concatenation) and layer4 (high); the last two are dilated to
