@@ -298,7 +298,7 @@ def cmd_generator_probe(args: argparse.Namespace) -> int:
     from diffss.generation import AuxiliaryGenerator
     from diffss.generation.demo_generator import base_supports, class_following, demo_generation_config
 
-    base = demo_generation_config(args.generator, device=args.device)
+    base = demo_generation_config(args.generator, device=args.device, **({"start": args.start} if args.start else {}))
     samples = base_supports(args.root, fold=args.fold, count=args.supports)
     rows = []
     for kind in args.conditions:
@@ -308,7 +308,7 @@ def cmd_generator_probe(args: argparse.Namespace) -> int:
                 cfg = dataclasses.replace(base, strength=strength, num_inference_steps=steps)
                 generator.config = cfg
                 scores = class_following(cfg, samples, Path(args.output) / "conditions", kind, generator=generator)
-                rows.append({"condition": kind, "steps": steps, "strength": strength, **scores})
+                rows.append({"condition": kind, "start": cfg.start, "steps": steps, "strength": strength, **scores})
                 print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in rows[-1].items()}),
                       flush=True)
     import pandas as pd
@@ -478,6 +478,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--conditions", nargs="+", default=["seg"])
     p.add_argument("--strengths", type=float, nargs="+", default=[0.3, 0.5, 0.7, 0.85, 0.9, 1.0])
     p.add_argument("--steps", type=int, nargs="+", default=[4, 8])
+    p.add_argument("--start", choices=["support", "new_scene"], default=None, help="default: the generator's")
     p.add_argument("--generator", default=None, help="demo generator folder (default: the shipped weights)")
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=cmd_generator_probe)

@@ -212,3 +212,24 @@ def test_class_token_lowers_its_loss_and_round_trips_through_load_textual_invers
                                progress=False)
     tokens = list((tmp_path / "aux" / "demo" / "seg" / "tokens").glob("*.safetensors"))
     assert len(tokens) == 1 and table["prompt"].iloc[0].startswith("a real shot photo of <diffss-")
+
+
+def test_new_scene_start_keeps_the_object_and_draws_a_new_scene_per_seed():
+    from diffss.generation.starts import start_image
+
+    rng = np.random.default_rng(0)
+    support = Image.fromarray((rng.random((64, 64, 3)) * 255).astype(np.uint8))
+    mask = np.zeros((64, 64), np.uint8)
+    mask[16:48, 20:44] = 1
+    assert start_image(support, mask, "support", 3) is support
+    a, b = (np.asarray(start_image(support, mask, "new_scene", s), np.float32) for s in (3, 4))
+    original = np.asarray(support, np.float32)
+    assert np.array_equal(a, np.asarray(start_image(support, mask, "new_scene", 3), np.float32))  # seeded
+    outer = np.ones((64, 64), bool)
+    outer[12:52, 16:48] = False  # well away from the object and its kept rim
+    # Inside the object only the light changes (a gain within 1 +- 0.2 per pixel); outside is new.
+    ratio = a[mask == 1] / np.maximum(original[mask == 1], 1)
+    assert np.median(np.abs(ratio - 1)) < 0.2
+    assert np.abs(a[outer] - original[outer]).mean() > 40 and np.abs(a[outer] - b[outer]).mean() > 5
+    with pytest.raises(ValueError, match="start"):
+        start_image(support, mask, "elsewhere", 0)

@@ -74,6 +74,9 @@ class GenerationConfig:
     # Over-generate and keep the best: paint this many candidates per support and keep the
     # ``num_aux`` with the best appearance score (None: exactly ``num_aux``, no selection).
     candidates: PositiveInt | None = None
+    # What a guided candidate starts from: the support as is, or its object (mask) in a new
+    # scene (background and light drawn from the candidate's seed; diffss.generation.starts).
+    start: Literal["support", "new_scene"] = "support"
     # Class tokens: > 0 learns one textual-inversion token per support from that support alone
     # (this many steps) and prompts with "<token> <class name>" (0: the class name only).
     token_steps: Annotated[int, Field(ge=0)] = 0
@@ -88,7 +91,7 @@ class GenerationConfig:
 
     OUTPUT_FIELDS = ("base_model", "controlnets", "prompt_template", "quality_suffix", "negative_prompt",
                      "scheduler", "num_inference_steps", "guidance_scale", "resolution",
-                     "controlnet_conditioning_scale", "seed", "strength", "candidates", "token_steps")
+                     "controlnet_conditioning_scale", "seed", "strength", "candidates", "start", "token_steps")
 
     @classmethod
     def paper(cls, **overrides) -> "GenerationConfig":

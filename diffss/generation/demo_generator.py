@@ -174,6 +174,7 @@ def class_following(config: GenerationConfig, samples, conditions_dir: str | os.
     from diffss.generation.appearance import appearance_score
     from diffss.generation.oracle import demo_class_index
     from diffss.generation.pipeline import AuxiliaryGenerator
+    from diffss.generation.starts import start_image
 
     build_conditions(samples, [kind], conditions_dir, resolution=config.resolution, hed=config.hed_model,
                      progress=False, dataset_name="demo")
@@ -184,9 +185,10 @@ def class_following(config: GenerationConfig, samples, conditions_dir: str | os.
         start, mask, _ = load_square(s, config.resolution)
         starts.append(start)
         masks.append(mask == 1)
+    begins = [start_image(start, mask.astype(np.uint8), config.start, i) for i, (start, mask) in enumerate(zip(starts, masks))]
     generator = generator or AuxiliaryGenerator(config, kind)
     images = generator.generate(controls, [s.class_name for s in samples], list(range(len(samples))),
-                                init_images=starts, strength=config.strength_of(0))
+                                init_images=begins, strength=config.strength_of(0))
     scores: dict[str, list[float]] = {"own": [], "wrong": [], "appearance": [], "difference": []}
     for sample, image, start, mask in zip(samples, images, starts, masks):
         pixels = (image * 255).round().astype(np.uint8)

@@ -57,6 +57,7 @@ from diffss.generation.appearance import SupportAppearance, select_best
 from diffss.generation.class_tokens import support_token, token_name
 from diffss.generation.drift import drift_from_alignment, edge_alignment, reference_alignment
 from diffss.generation.pipeline import AuxiliaryGenerator, to_pil
+from diffss.generation.starts import start_image
 
 log = logging.getLogger(__name__)
 
@@ -329,12 +330,12 @@ def generate_shard(samples: Sequence, condition: str | Sequence[str], out_dir: s
         chunks = [part for chunk in chunks for part in _split_by(chunk, lambda item: config.strength_of(item[1]))]
         for chunk in chunks:
             strength = config.strength_of(chunk[0][1])
-            controls, starts = {}, {}
+            controls, squares = {}, {}
             for s, _ in chunk:
                 if id(s) not in controls:
                     controls[id(s)] = _load_controls(conditions_dir, kinds, s, config.resolution)
                     if strength < 1.0:  # support guidance starts from the support at the condition's size
-                        starts[id(s)] = load_square(s, config.resolution)[0]
+                        squares[id(s)] = load_square(s, config.resolution)[:2]
             names = {}
             for s, _ in chunk:
                 if id(s) not in names:
@@ -344,7 +345,9 @@ def generate_shard(samples: Sequence, condition: str | Sequence[str], out_dir: s
             images = generator.generate(
                 [controls[id(s)] for s, _ in chunk], [names[id(s)] for s, _ in chunk],
                 [aux_seed(dataset_name, s.name, s.class_id, k, config.seed) for s, k in chunk], pad_to=per_call,
-                init_images=[starts[id(s)] for s, _ in chunk] if strength < 1.0 else None, strength=strength)
+                init_images=[start_image(*squares[id(s)], config.start,
+                                         aux_seed(dataset_name, s.name, s.class_id, k, config.seed))
+                             for s, k in chunk] if strength < 1.0 else None, strength=strength)
             for (sample, k), image in zip(chunk, images):
                 row = base_row(sample, k)
                 aux = to_pil(image)
