@@ -248,3 +248,35 @@ def test_two_node_cluster_equals_single_process_despite_a_killed_worker(tmp_path
     assert {f: (root / f).stat().st_mtime_ns for f in before} == before
     assert lost.read_bytes() == (ref / files[5]).read_bytes()
     pd.testing.assert_frame_equal(pd.read_parquet(root / "auxiliary.parquet"), whole)
+
+
+def test_dagster_paints_auxiliary_supports_on_ray_through_pipes(tmp_path):
+    """generation_ray: the paint step of seg/auxiliary_supports launches the Ray driver as a Dagster
+    Pipes subprocess (a local cluster of 2 workers); its progress lines reach the run's event log,
+    its figures the asset's metadata, and the fan-in finds every image made."""
+    import dagster as dg
+
+    from diffss.experiment import FOLDS, ExperimentConfig, tiny_generation
+    from orchestration.definitions import build_definitions
+
+    settings = ExperimentConfig(data_root=str(tmp_path / "data"), demo_images_per_class=2, conditions=["seg"],
+                                xshot_shots=[0, 1], generation=tiny_generation(), generation_ray="local",
+                                generation_ray_workers=2)
+    with pytest.raises(ValueError, match="generation_shards"):
+        ExperimentConfig(**{**settings.to_dict(), "generation_shards": 2})
+    defs = build_definitions(settings, executor="in_process")
+    instance = dg.DagsterInstance.ephemeral()
+    key = dg.AssetKey(["seg", "auxiliary_supports"])
+    result = dg.materialize([*defs.assets], selection=dg.AssetSelection.assets(key).upstream(), instance=instance,
+                            partition_key="demo_fold0", resources=defs.resources, raise_on_error=False)
+    assert result.success, [e.event_specific_data for e in result.all_events if e.is_failure]
+    meta = instance.get_latest_materialization_event(key).asset_materialization.metadata
+    assert meta["ray_generated"].value == meta["images"].value > 0 and meta["ray_workers"].value == 2
+    assert meta["generated"].value == 0  # the step's fan-in found every image made on Ray
+    assert meta["ray_images_per_second"].value > 0
+    logs = [e.message for e in instance.all_logs(result.run_id) if e.message]
+    progress = [m for m in logs if re.search(r"\d+/\d+ images, [\d.]+ images/s", m)]
+    assert progress and all(re.search(r"(\d+)/\1 images", m) for m in progress[-1:]), logs[-20:]
+    fold = FOLDS["demo_fold0"]
+    out = settings.folder(fold, "seg", "auxiliary_supports")
+    assert not [p for p in out.rglob("*") if ".tmp" in p.name]

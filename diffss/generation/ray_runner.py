@@ -62,7 +62,8 @@ def _import_ray():
 class RayGenerationResult:
     """What a run on Ray did. ``paths``: every planned image (relative to ``folder``);
     ``generated``: images painted by this run; ``replaced_workers``: worker processes that
-    died and were replaced (their units were redone)."""
+    died and were replaced (their units were redone); ``seconds``: the whole call (cluster start
+    and model loads included), ``paint_seconds``: from all workers ready to the last unit done."""
 
     folder: Path
     table_path: Path
@@ -76,6 +77,7 @@ class RayGenerationResult:
     replaced_workers: int
     worker_pids: list[int]
     nodes: int
+    paint_seconds: float = 0.0
 
     @property
     def images_per_second(self) -> float:
@@ -84,7 +86,8 @@ class RayGenerationResult:
     def metadata(self) -> dict:
         return {"folder": str(self.folder), "table": str(self.table_path), "images": len(self.paths),
                 "generated": self.generated, "kept": self.kept, "seconds": round(self.seconds, 3),
-                "images_per_second": round(self.images_per_second, 3), "workers": self.workers,
+                "images_per_second": round(self.images_per_second, 3),
+                "paint_seconds": round(self.paint_seconds, 3), "workers": self.workers,
                 "units": self.units, "replaced_workers": self.replaced_workers, "nodes": self.nodes,
                 "table_rows": int(len(self.table))}
 
@@ -141,6 +144,9 @@ def connect(address: str | None, **init_kwargs):
     """``ray.init``: None or "local" starts a local cluster, "auto" joins the one this machine is
     part of, anything else is an address (``host:6379`` or ``ray://host:10001``). Reuses an
     existing connection."""
+    # No usage reports to anyscale.com from a local cluster this starts (runs stay offline) unless
+    # the user opted in.
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     ray = _import_ray()
     if not ray.is_initialized():
         where = None if address in (None, "", "local") else address
@@ -149,46 +155,71 @@ def connect(address: str | None, **init_kwargs):
 
 
 def generate_on_ray(samples: Sequence, condition: str | Sequence[str], out_dir: str | os.PathLike,
-                    config: GenerationConfig | None = None, num_aux: int = 5, dataset_name: str = "dataset",
-                    conditions_dir: str | os.PathLike | None = None, hed=None, class_to_ade=None,
-                    address: str | None = None, workers: int | None = None, cpus_per_worker: float = 1,
-                    gpus_per_worker: float | None = None, calls_per_unit: int = 4, overwrite: bool = False,
-                    progress: bool = True,
-                    on_progress: Callable[[int, int, float], None] | None = None) -> RayGenerationResult:
-    """:func:`~diffss.generation.run.generate_auxiliary` across a Ray cluster (see the module doc).
+                    config: GenerationConfig | None = None, num_aux: int = 5, **kwargs) -> RayGenerationResult:
+    """:func:`~diffss.generation.run.generate_auxiliary` across a Ray cluster (see the module doc);
+    the options are :func:`generate_jobs_on_ray`'s."""
+    return generate_jobs_on_ray([(samples, num_aux)], condition, out_dir, config, **kwargs)
+
+
+def generate_jobs_on_ray(jobs: Sequence[tuple[Sequence, int]], condition: str | Sequence[str],
+                         out_dir: str | os.PathLike, config: GenerationConfig | None = None,
+                         dataset_name: str = "dataset", conditions_dir: str | os.PathLike | None = None, hed=None,
+                         class_to_ade=None, address: str | None = None, workers: int | None = None,
+                         cpus_per_worker: float = 1, gpus_per_worker: float | None = None, calls_per_unit: int = 4,
+                         overwrite: bool = False, progress: bool = True,
+                         on_progress: Callable[[int, int, float], None] | None = None) -> RayGenerationResult:
+    """Several ``(samples, num_aux)`` jobs of one condition and folder (an experiment's splits) on
+    one pool of workers, which loads its generators once. Jobs sharing a support run one after the
+    other (a support's folder has one writer at a time); others are painted together.
 
     ``address``: see :func:`connect`. ``workers``: actors in the pool (default: one per GPU of the
-    cluster, else one per ``cpus_per_worker`` CPUs; never more than units). ``gpus_per_worker``:
-    default 1 when the cluster has GPUs and ``config.device`` is not "cpu", else 0.
-    ``cpus_per_worker`` is also each worker's torch thread count on CPU. ``on_progress(done,
-    total, images_per_second)`` is called after every finished unit (the log gets the same line).
+    cluster, else one per ``cpus_per_worker`` CPUs; never more than units to do).
+    ``gpus_per_worker``: default 1 when the cluster has GPUs and ``config.device`` is not "cpu",
+    else 0. ``cpus_per_worker`` is also each worker's torch thread count on CPU.
+    ``on_progress(done, total, images_per_second)`` is called after every finished unit (the log
+    gets the same line).
     """
     started = time.perf_counter()
     config = config or GenerationConfig()
     kinds = parse_kinds(condition)
     label = "+".join(kinds)
-    if num_aux < 1:
-        raise ValueError(f"num_aux must be >= 1, got {num_aux}")
     if workers is not None and workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
-    everyone = unique_samples(samples)
+    jobs = [(unique_samples(samples), int(num_aux)) for samples, num_aux in jobs]
+    if any(num_aux < 1 for _, num_aux in jobs):
+        raise ValueError(f"num_aux must be >= 1, got {[n for _, n in jobs]}")
     root = Path(out_dir) / dataset_name / label
-    units = plan_units(len(everyone), num_aux, config.images_per_call(num_aux), calls_per_unit)
-    total = len(everyone) * num_aux
     old = None if overwrite else _read_table(root / TABLE_NAME)
     rows = set() if old is None else {(str(r.support_name), int(r.class_id), int(r.aux_index))
                                       for r in old.itertuples()}
-    todo = [u for u in range(units)
-            if overwrite or not _unit_done(root, shard_samples(everyone, (u, units)), num_aux, rows)]
-    kwargs = dict(out_dir=str(out_dir), num_aux=num_aux, dataset_name=dataset_name,
+    # phases: jobs whose supports overlap an earlier job of the phase wait for the next phase
+    phases: list[list[int]] = []
+    seen: list[set] = []
+    for j, (samples, _) in enumerate(jobs):
+        keys = {(str(s.name), int(s.class_id)) for s in samples}
+        if not phases or any(keys & other for other in seen):
+            phases.append([])
+            seen = []
+        phases[-1].append(j)
+        seen.append(keys)
+    units = [plan_units(len(samples), num_aux, config.images_per_call(num_aux), calls_per_unit)
+             for samples, num_aux in jobs]
+    todo = [[(j, u) for j in phase for u in range(units[j])
+             if overwrite or not _unit_done(root, shard_samples(jobs[j][0], (u, units[j])), jobs[j][1], rows)]
+            for phase in phases]
+    total = sum(len(samples) * num_aux for samples, num_aux in jobs)
+    unit_images = {(j, u): len(shard_samples(jobs[j][0], (u, units[j]))) * jobs[j][1]
+                   for phase in todo for j, u in phase}
+    common = dict(out_dir=str(out_dir), dataset_name=dataset_name,
                   conditions_dir=None if conditions_dir is None else str(conditions_dir), hed=hed,
                   class_to_ade=class_to_ade, overwrite=overwrite)
     pids: set[int] = set()
     nodes: set[str] = set()
     generated = 0
     pool = 0
+    paint_seconds = 0.0
     first_pids: set[int] = set()
-    if todo:
+    if unit_images:
         ray = connect(address)
         resources = ray.cluster_resources()
         if gpus_per_worker is None:
@@ -196,7 +227,7 @@ def generate_on_ray(samples: Sequence, condition: str | Sequence[str], out_dir: 
         if workers is None:
             workers = (int(resources.get("GPU", 0) // gpus_per_worker) if gpus_per_worker
                        else int(resources.get("CPU", 1) // max(cpus_per_worker, 1e-9)))
-        pool = max(1, min(workers, len(todo)))
+        pool = max(1, min(workers, max(len(phase) for phase in todo)))
         worker_config = config
         if gpus_per_worker and (config.device or "cuda").startswith("cuda"):
             # Ray gives each worker its GPU(s) through CUDA_VISIBLE_DEVICES: the default device.
@@ -205,23 +236,11 @@ def generate_on_ray(samples: Sequence, condition: str | Sequence[str], out_dir: 
                              max_task_retries=MAX_RESTARTS)(_Painter)
         threads = None if gpus_per_worker else max(1, int(cpus_per_worker))
         actors = [painter.remote(worker_config.to_dict(), kinds, threads) for _ in range(pool)]
-        samples_ref = ray.put(everyone)
+        samples_refs = [ray.put(samples) for samples, _ in jobs]
         # The first processes; a unit reported from any other pid ran on a replacement.
         first_pids = set(ray.get([actor.pid.remote() for actor in actors]))
-        queue = list(todo)
-        running: dict = {}
-
-        def submit(actor):
-            unit = queue.pop(0)
-            running[actor.paint.remote(samples_ref, unit, units, kwargs)] = actor
-
-        # Two units in flight per actor: the next one is queued at the actor while it paints.
-        for _ in range(2):
-            for actor in actors:
-                if queue:
-                    submit(actor)
-        done_images = total - sum(len(shard_samples(everyone, (u, units))) for u in todo) * num_aux
-        paint_started = time.perf_counter()
+        paint_started = time.perf_counter()  # every worker is up with its generator loaded
+        done_images = total - sum(unit_images.values())
         bar = None
         if progress:
             from tqdm.auto import tqdm
@@ -229,25 +248,38 @@ def generate_on_ray(samples: Sequence, condition: str | Sequence[str], out_dir: 
             bar = tqdm(total=total, initial=done_images, desc=f"generate {dataset_name}/{label} on Ray ({pool} workers)",
                        unit="img")
         try:
-            while running:
-                ready, _ = ray.wait(list(running), num_returns=1)
-                actor = running.pop(ready[0])
-                info = ray.get(ready[0])  # a unit's Python error ends the run with that error
-                pids.add(info["pid"])
-                nodes.add(info["node"])
-                generated += info["generated"]
-                unit_images = info["generated"] + info["kept"]
-                done_images += unit_images
-                rate = generated / max(time.perf_counter() - paint_started, 1e-9)
-                log.info("generate %s/%s on Ray: %d/%d images, %.3f images/s (%d workers)", dataset_name, label,
-                         done_images, total, rate, pool)
-                if bar is not None:
-                    bar.update(unit_images)
-                    bar.set_postfix(img_s=f"{rate:.2f}")
-                if on_progress is not None:
-                    on_progress(done_images, total, rate)
-                if queue:
-                    submit(actor)
+            for phase in todo:
+                queue = list(phase)
+                running: dict = {}
+
+                def submit(actor):
+                    j, u = queue.pop(0)
+                    running[actor.paint.remote(samples_refs[j], u, units[j], {**common, "num_aux": jobs[j][1]})] = actor
+
+                # Two units in flight per actor: the next one waits at the actor while it paints.
+                for _ in range(2):
+                    for actor in actors:
+                        if queue:
+                            submit(actor)
+                while running:
+                    ready, _ = ray.wait(list(running), num_returns=1)
+                    actor = running.pop(ready[0])
+                    info = ray.get(ready[0])  # a unit's Python error ends the run with that error
+                    pids.add(info["pid"])
+                    nodes.add(info["node"])
+                    generated += info["generated"]
+                    done_images += info["generated"] + info["kept"]
+                    rate = generated / max(time.perf_counter() - paint_started, 1e-9)
+                    log.info("generate %s/%s on Ray: %d/%d images, %.3f images/s (%d workers)", dataset_name, label,
+                             done_images, total, rate, pool)
+                    if bar is not None:
+                        bar.update(info["generated"] + info["kept"])
+                        bar.set_postfix(img_s=f"{rate:.2f}")
+                    if on_progress is not None:
+                        on_progress(done_images, total, rate)
+                    if queue:
+                        submit(actor)
+            paint_seconds = time.perf_counter() - paint_started
         finally:
             if bar is not None:
                 bar.close()
@@ -257,14 +289,14 @@ def generate_on_ray(samples: Sequence, condition: str | Sequence[str], out_dir: 
     if table is None:
         raise RuntimeError(f"{root / TABLE_NAME}: missing after the run")
     planned = {(str(s.name), int(s.class_id), k): aux_relpath(s.class_id, s.name, k)
-               for s in everyone for k in range(num_aux)}
+               for samples, num_aux in jobs for s in samples for k in range(num_aux)}
     have = {(str(r.support_name), int(r.class_id), int(r.aux_index)) for r in table.itertuples()}
     lost = sorted(k for k, p in planned.items() if k not in have or not (root / p).is_file())
     if lost:
         raise RuntimeError(f"{root}: {len(lost)} planned images or table rows are missing after the run "
                            f"(first: {lost[:3]}); rerun to paint them")
     return RayGenerationResult(folder=root, table_path=root / TABLE_NAME, paths=sorted(planned.values()),
-                               generated=generated, kept=total - generated, seconds=time.perf_counter() - started,
-                               table=table, workers=pool, units=units,
+                               generated=generated, kept=len(planned) - generated,
+                               seconds=time.perf_counter() - started, table=table, workers=pool, units=sum(units),
                                replaced_workers=len(pids - first_pids), worker_pids=sorted(pids),
-                               nodes=len(nodes))
+                               nodes=len(nodes), paint_seconds=paint_seconds)
