@@ -78,6 +78,8 @@ class RayGenerationResult:
     worker_pids: list[int]
     nodes: int
     paint_seconds: float = 0.0
+    # CPU time the workers' units used (all threads); over paint_seconds: the cores the pool got
+    cpu_seconds: float = 0.0
 
     @property
     def images_per_second(self) -> float:
@@ -108,10 +110,11 @@ class _Painter:
     def paint(self, samples: list, unit: int, units: int, kwargs: dict) -> dict:
         from diffss.generation.run import generate_shard
 
+        cpu = time.process_time()
         result = generate_shard(samples, self.generator.kinds, shard=(unit, units), generator=self.generator,
                                 config=self.generator.config, progress=False, **kwargs)
         return {"unit": unit, "generated": result.generated, "kept": result.kept, "pid": os.getpid(),
-                "seconds": result.seconds, "node": _node_id()}
+                "seconds": result.seconds, "cpu_seconds": time.process_time() - cpu, "node": _node_id()}
 
     def pid(self) -> int:
         return os.getpid()
@@ -218,6 +221,7 @@ def generate_jobs_on_ray(jobs: Sequence[tuple[Sequence, int]], condition: str | 
     generated = 0
     pool = 0
     paint_seconds = 0.0
+    cpu_seconds = 0.0
     first_pids: set[int] = set()
     if unit_images:
         ray = connect(address)
@@ -268,6 +272,7 @@ def generate_jobs_on_ray(jobs: Sequence[tuple[Sequence, int]], condition: str | 
                     pids.add(info["pid"])
                     nodes.add(info["node"])
                     generated += info["generated"]
+                    cpu_seconds += info["cpu_seconds"]
                     done_images += info["generated"] + info["kept"]
                     rate = generated / max(time.perf_counter() - paint_started, 1e-9)
                     log.info("generate %s/%s on Ray: %d/%d images, %.3f images/s (%d workers)", dataset_name, label,
@@ -299,4 +304,5 @@ def generate_jobs_on_ray(jobs: Sequence[tuple[Sequence, int]], condition: str | 
                                generated=generated, kept=len(planned) - generated,
                                seconds=time.perf_counter() - started, table=table, workers=pool, units=sum(units),
                                replaced_workers=len(pids - first_pids), worker_pids=sorted(pids),
-                               nodes=len(nodes), paint_seconds=paint_seconds)
+                               nodes=len(nodes), paint_seconds=paint_seconds,
+                               cpu_seconds=cpu_seconds)
