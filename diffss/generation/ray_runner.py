@@ -107,12 +107,12 @@ class _Painter:
             torch.set_num_threads(int(threads))
         self.generator = AuxiliaryGenerator(GenerationConfig.from_dict(config), kinds)
 
-    def paint(self, samples: list, unit: int, units: int, kwargs: dict) -> dict:
+    def paint(self, samples: list, unit: int, units: int, num_aux: int, kwargs: dict) -> dict:
         from diffss.generation.run import generate_shard
 
         cpu = time.process_time()
         result = generate_shard(samples, self.generator.kinds, shard=(unit, units), generator=self.generator,
-                                config=self.generator.config, progress=False, **kwargs)
+                                config=self.generator.config, num_aux=num_aux, progress=False, **kwargs)
         return {"unit": unit, "generated": result.generated, "kept": result.kept, "pid": os.getpid(),
                 "seconds": result.seconds, "cpu_seconds": time.process_time() - cpu, "node": _node_id()}
 
@@ -241,6 +241,7 @@ def generate_jobs_on_ray(jobs: Sequence[tuple[Sequence, int]], condition: str | 
         threads = None if gpus_per_worker else max(1, int(cpus_per_worker))
         actors = [painter.remote(worker_config.to_dict(), kinds, threads) for _ in range(pool)]
         samples_refs = [ray.put(samples) for samples, _ in jobs]
+        common_ref = ray.put(common)  # stored once: may hold a HED network
         # The first processes; a unit reported from any other pid ran on a replacement.
         first_pids = set(ray.get([actor.pid.remote() for actor in actors]))
         paint_started = time.perf_counter()  # every worker is up with its generator loaded
@@ -258,7 +259,7 @@ def generate_jobs_on_ray(jobs: Sequence[tuple[Sequence, int]], condition: str | 
 
                 def submit(actor):
                     j, u = queue.pop(0)
-                    running[actor.paint.remote(samples_refs[j], u, units[j], {**common, "num_aux": jobs[j][1]})] = actor
+                    running[actor.paint.remote(samples_refs[j], u, units[j], jobs[j][1], common_ref)] = actor
 
                 # Two units in flight per actor: the next one waits at the actor while it paints.
                 for _ in range(2):
