@@ -10,7 +10,9 @@ model load, planning, final table check included): what a user sees for this sma
 ``ray_generation_images_per_second_2_workers``: the 2-worker painting rate;
 ``ray_generation_cores_used_2_workers``: the workers' CPU seconds over that run's painting seconds,
 i.e. how many cores the two workers actually got (2.0 on an idle 2-core machine; the scaling
-cannot exceed what the other processes leave).
+cannot exceed what the other processes leave), and ``..._1_worker`` the same for one;
+``ray_generation_cpu_seconds_2_over_1``: the CPU work of the 2-worker run over the 1-worker run's
+(1.0: splitting the work across workers adds no work of its own).
 
 Skipped (empty result) when ray is not installed. The numbers are only as good as the CPU is
 free: on a shared machine other processes' load lands on one run or the other.
@@ -69,7 +71,7 @@ def run() -> dict[str, float]:
         finally:
             ray.shutdown()
     paint = {w: min(r.paint_seconds for r in rs) for w, rs in runs.items()}
-    best2 = min(runs[2], key=lambda r: r.paint_seconds)
+    best = {w: min(rs, key=lambda r: r.paint_seconds) for w, rs in runs.items()}
     whole = {w: min(r.seconds for r in rs) for w, rs in runs.items()}
     images = len(samples) * NUM_AUX
     print(f"  {images} images: paint 1 worker {paint[1]:.2f} s, 2 workers {paint[2]:.2f} s; "
@@ -77,7 +79,9 @@ def run() -> dict[str, float]:
     return {"ray_generation_scaling": paint[1] / paint[2],
             "ray_generation_scaling_end_to_end": whole[1] / whole[2],
             "ray_generation_images_per_second_2_workers": images / paint[2],
-            "ray_generation_cores_used_2_workers": best2.cpu_seconds / best2.paint_seconds}
+            "ray_generation_cores_used_1_worker": best[1].cpu_seconds / best[1].paint_seconds,
+            "ray_generation_cores_used_2_workers": best[2].cpu_seconds / best[2].paint_seconds,
+            "ray_generation_cpu_seconds_2_over_1": best[2].cpu_seconds / best[1].cpu_seconds}
 
 
 if __name__ == "__main__":

@@ -249,6 +249,13 @@ def test_two_node_cluster_equals_single_process_despite_a_killed_worker(tmp_path
     assert lost.read_bytes() == (ref / files[5]).read_bytes()
     pd.testing.assert_frame_equal(pd.read_parquet(root / "auxiliary.parquet"), whole)
 
+    # Other settings on a finished folder are refused, as a single-process run refuses them.
+    from diffss.generation.ray_runner import generate_on_ray
+
+    other = GenerationConfig(**{**config.to_dict(), "guidance_scale": 3.0})
+    with pytest.raises(ValueError, match="generation_config.json.*guidance_scale"):
+        generate_on_ray(samples, "seg", out, other, num_aux=2, dataset_name=name, progress=False)
+
 
 def test_dagster_paints_auxiliary_supports_on_ray_through_pipes(tmp_path):
     """generation_ray: the paint step of seg/auxiliary_supports launches the Ray driver as a Dagster

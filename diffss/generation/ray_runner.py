@@ -41,7 +41,7 @@ import pandas as pd
 
 from diffss.conditions import parse_kinds, unique_samples
 from diffss.generation.config import GenerationConfig
-from diffss.generation.run import TABLE_NAME, _read_table, aux_relpath, shard_samples
+from diffss.generation.run import TABLE_NAME, _check_config, _read_table, aux_relpath, shard_samples
 
 log = logging.getLogger(__name__)
 
@@ -127,9 +127,9 @@ def _node_id() -> str:
 
 
 def plan_units(n_supports: int, num_aux: int, per_call: int, calls_per_unit: int) -> int:
-    """Units for ``n_supports`` supports: about ``calls_per_unit`` pipeline calls each (a unit ends
-    on a padded call and a table merge; more calls per unit waste less, fewer report progress
-    more often and lose less work to a kill). Independent of the number of workers."""
+    """Units for ``n_supports`` supports: about ``calls_per_unit`` pipeline calls each. Each unit
+    ends on a padded call and a table merge, so more calls per unit waste less; fewer give finer
+    progress and less work redone after a kill. Independent of the number of workers."""
     if n_supports < 1:
         return 0
     images = n_supports * num_aux
@@ -192,6 +192,8 @@ def generate_jobs_on_ray(jobs: Sequence[tuple[Sequence, int]], condition: str | 
     if any(num_aux < 1 for _, num_aux in jobs):
         raise ValueError(f"num_aux must be >= 1, got {[n for _, n in jobs]}")
     root = Path(out_dir) / dataset_name / label
+    # As a single-process run would: refuse a folder of other settings before skipping any unit.
+    _check_config(root, config, overwrite)
     old = None if overwrite else _read_table(root / TABLE_NAME)
     rows = set() if old is None else {(str(r.support_name), int(r.class_id), int(r.aux_index))
                                       for r in old.itertuples()}
