@@ -23,10 +23,11 @@ export DAGSTER_HOME ?= $(CURDIR)/.dagster_home
 install: $(STAMP) $(DVC_STAMP)
 
 # The k8s extra (dagster-k8s) is what the tests validate deploy/dagster/ with; the docs extra
-# (mkdocs) is what they build the documentation site with.
+# (mkdocs) is what they build the documentation site with; the ray extra runs the two-node Ray
+# generation tests.
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[test,k8s,docs]"
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[test,k8s,docs,ray]"
 	@touch $(STAMP)
 
 $(DVC_STAMP): constraints-dvc.txt $(STAMP)

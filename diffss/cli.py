@@ -185,6 +185,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         values["controlnets"] = {**values.get("controlnets", {}), kind: model}
     config = GenerationConfig.from_dict(values)
     samples, dataset = dataset_samples(_dataset_kwargs(args))
+    if args.ray is not None:
+        return _generate_on_ray(args, samples, dataset, config)
     result = generate_shard(
         samples,
         args.condition,
@@ -199,6 +201,22 @@ def cmd_generate(args: argparse.Namespace) -> int:
     where = "" if result.shard is None else f" (shard {result.shard[0]}/{result.shard[1]})"
     print(f"{len(result.paths)} auxiliary images{where} under {result.folder}: {result.generated} generated, "
           f"{result.kept} kept; table {result.table_path} has {len(result.table)} rows")
+    return 0
+
+
+def _generate_on_ray(args: argparse.Namespace, samples, dataset: str, config) -> int:
+    from diffss.generation.ray_runner import generate_on_ray
+
+    if args.shard is not None:
+        raise ValueError("give --shard or --ray, not both (Ray splits the work itself)")
+    result = generate_on_ray(samples, args.condition, args.output, config, num_aux=args.num_aux, dataset_name=dataset,
+                             conditions_dir=_dataset_dir(args.conditions_dir, "data/conditions", args),
+                             address=args.ray or None, workers=args.ray_workers,
+                             cpus_per_worker=args.ray_cpus_per_worker, calls_per_unit=args.ray_calls_per_unit,
+                             progress=not args.quiet)
+    print(f"{len(result.paths)} auxiliary images under {result.folder} on Ray ({result.workers} workers, "
+          f"{result.units} units, {result.nodes} nodes, {result.replaced_workers} replaced): {result.generated} generated, {result.kept} kept, "
+          f"{result.images_per_second:.3f} images/s; table {result.table_path} has {len(result.table)} rows")
     return 0
 
 
@@ -407,6 +425,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ControlNet of a condition kind: hub id or folder (e.g. one `diffss train-controlnet` wrote)")
     p.add_argument("--preset", choices=["paper"], default=None,
                    help="paper: ControlNet4FSS's generator settings (DDIM, ControlNet 1.0; docs/generation.md lists what differs)")
+    p.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
+                   help="paint on a Ray cluster (pip install 'diffss[ray]'): no ADDRESS starts a local one, 'auto' "
+                   "joins this machine's cluster, else host:port or ray://host:10001; --output must be shared by all nodes")
+    p.add_argument("--ray-workers", type=int, default=None,
+                   help="Ray workers (default: one per GPU of the cluster, else one per --ray-cpus-per-worker CPUs)")
+    p.add_argument("--ray-cpus-per-worker", type=float, default=1, help="CPUs (and torch threads on CPU) per Ray worker")
+    p.add_argument("--ray-calls-per-unit", type=int, default=4,
+                   help="pipeline calls per unit of work (a unit is what a lost worker redoes and what progress counts)")
     _add_dataclass_options(p, GenerationConfig)
     p.set_defaults(func=cmd_generate)
 

@@ -263,8 +263,14 @@ def condition_assets(s: ExperimentConfig, condition: str, plan: dict, code: list
         if shard is not None:
             return ex.generate_supports_shard(experiment, fold, condition, models, conditions_dir, out, shard,
                                               config.redo_supports, config.only_redo), out, started
-        return ex.generate_supports(experiment, fold, condition, models, conditions_dir, out, config.redo_supports,
-                                    config.only_redo), out, started
+        ray = {}
+        if experiment.generation_ray is not None:  # the painting runs on Ray; this step does the fan-in
+            from orchestration.ray_paint import paint_on_ray
+
+            ray = paint_on_ray(context, experiment, fold, condition, models, conditions_dir, out, config.redo_supports,
+                               config.only_redo)
+        return {**ex.generate_supports(experiment, fold, condition, models, conditions_dir, out, config.redo_supports,
+                                       config.only_redo), **ray}, out, started
 
     if s.generation_shards == 1:
         @dg.asset(key=key, partitions_def=FOLD_PARTITIONS, group_name=condition, kinds={"pytorch", "parquet"},

@@ -104,6 +104,12 @@ class ExperimentConfig:
     # Each condition's generation fans out to this many shards (Dagster ops; on Kubernetes one pod
     # and one GPU each), then one fan-in step merges and summarises; 1: one step.
     generation_shards: Annotated[int, Field(ge=1)] = 1
+    # Paint on a Ray cluster instead (pip install 'diffss[ray]'; docs/ray.md): "local" starts one in
+    # the step, "auto" joins the step's node's cluster, else host:port or ray://host:10001. The step
+    # launches the Ray driver as a Dagster Pipes subprocess. None: paint in the step (or its shards).
+    generation_ray: str | None = None
+    # Ray workers (default: one per GPU of the cluster, else one per CPU)
+    generation_ray_workers: Annotated[int, Field(ge=1)] | None = None
     # BAM's first stage (used when train.model is "bam"): the base learner, one per fold.
     base_train: BaseTrainConfig = field(default_factory=BaseTrainConfig)
 
@@ -121,6 +127,8 @@ class ExperimentConfig:
         if self.uses_base_learner and self.base_train.backbone != self.train.backbone:
             raise ValueError(f"base_train.backbone: {self.base_train.backbone!r} differs from train.backbone "
                              f"{self.train.backbone!r} (BAM's meta learner shares the base learner's backbone)")
+        if self.generation_ray is not None and self.generation_shards > 1:
+            raise ValueError("generation_ray: paints on Ray, which splits the work itself; leave generation_shards at 1")
         if self.export_source not in ("best", BASELINE, *self.conditions):
             raise ValueError(f"export_source: {self.export_source!r} is not best, {BASELINE} or one of {self.conditions}")
         return self

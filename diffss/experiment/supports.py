@@ -168,6 +168,25 @@ def generate_supports_shard(settings: ExperimentConfig, fold: Fold, condition: s
     return {"shard": "all" if shard is None else f"{shard[0]}/{shard[1]}", "generated": missing}
 
 
+def generate_supports_on_ray(settings: ExperimentConfig, fold: Fold, condition: str, models: GenerationConfig,
+                             conditions_dir: Path, out: Path, redo: list[str] = (), only_redo: bool = False,
+                             on_progress=None) -> dict[str, Any]:
+    """:func:`generate_supports_shard` of all planned supports on the Ray cluster
+    ``settings.generation_ray`` (see :mod:`diffss.generation.ray_runner`): same images, same table."""
+    from diffss.generation.ray_runner import generate_jobs_on_ray
+
+    prepare_supports(settings, fold, condition, models, out, redo, only_redo)
+    jobs = [(samples, count) for samples, count in plan_auxiliary(settings, fold, redo, only_redo).values() if samples]
+    result = generate_jobs_on_ray(jobs, condition, out, config=models, dataset_name=fold.dataset,
+                                  conditions_dir=conditions_dir, hed=_hed(settings, condition),
+                                  address=settings.generation_ray, workers=settings.generation_ray_workers,
+                                  progress=False, on_progress=on_progress)
+    return {"ray_generated": result.generated, "ray_workers": result.workers, "ray_nodes": result.nodes,
+            "ray_replaced_workers": result.replaced_workers,
+            "ray_images_per_second": round(result.generated / result.paint_seconds, 3) if result.paint_seconds else 0.0,
+            "ray_seconds": round(result.seconds, 3)}
+
+
 def generate_supports(settings: ExperimentConfig, fold: Fold, condition: str, models: GenerationConfig,
                       conditions_dir: Path, out: Path, redo: list[str] = (), only_redo: bool = False) -> dict[str, Any]:
     """Auxiliary supports of every planned support (missing or ``redo`` ones are painted, valid ones
