@@ -268,7 +268,8 @@ def cmd_pretrain_backbone(args: argparse.Namespace) -> int:
     pool = build_pretraining_pool(Path(args.work_dir) / "pool", per_class=args.pool_per_class or DEMO_PRESET["pool_per_class"])
     samples = [s for split in ("train", "test") for s in load_dataset("demo", root=pool, fold=0, split=split, episodes=1).samples]
     output = Path(args.output) if args.output else SMALL_DEMO_WEIGHTS
-    summary = pretrain_small_backbone(samples, output, steps=args.steps, seed=args.seed, progress=not args.quiet)
+    summary = pretrain_small_backbone(samples, output, steps=args.steps, seed=args.seed, progress=not args.quiet,
+                                      supervision=args.supervision)
     print(json.dumps({**summary, "output": str(output)}, indent=2))
     return 0
 
@@ -477,6 +478,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=2000)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--pool-per-class", type=int, default=None, help="pool images per class (default: the generator's)")
+    p.add_argument("--supervision", choices=["image", "mask"], default="image",
+                   help="image: class labels only, as ImageNet (default); mask: how the shipped file was made")
     p.set_defaults(func=cmd_pretrain_backbone)
 
     p = sub.add_parser("demo-check", help="does the demo world need its supports? (K-shot and oracle vs 1-shot)")

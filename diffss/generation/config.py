@@ -91,7 +91,7 @@ class GenerationConfig:
 
     OUTPUT_FIELDS = ("base_model", "controlnets", "prompt_template", "quality_suffix", "negative_prompt",
                      "scheduler", "num_inference_steps", "guidance_scale", "resolution",
-                     "controlnet_conditioning_scale", "seed", "strength", "candidates", "start", "token_steps")
+                     "controlnet_conditioning_scale", "seed", "strength", "candidates", "start", "token_steps", "hed_model")
 
     @classmethod
     def paper(cls, **overrides) -> "GenerationConfig":
