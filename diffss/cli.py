@@ -310,10 +310,14 @@ def cmd_demo_study(args: argparse.Namespace) -> int:
 
 
 def cmd_generator_probe(args: argparse.Namespace) -> int:
-    """Strength x steps sweep of a demo generator on a fold's base-class supports (never its novel
+    """Strength x steps x guidance sweep of a demo generator on a fold's base-class supports (never its novel
     classes): own / other-class contrast, appearance and pixel difference to the support."""
     import dataclasses
+    import itertools
 
+    import pandas as pd
+
+    from diffss.atomic import atomic_path
     from diffss.generation import AuxiliaryGenerator
     from diffss.generation.demo_generator import base_supports, class_following, demo_generation_config
 
@@ -322,18 +326,14 @@ def cmd_generator_probe(args: argparse.Namespace) -> int:
     rows = []
     for kind in args.conditions:
         generator = AuxiliaryGenerator(base, kind)
-        for steps in args.steps:
-            for strength in args.strengths:
-                cfg = dataclasses.replace(base, strength=strength, num_inference_steps=steps)
-                generator.config = cfg
-                scores = class_following(cfg, samples, Path(args.output) / "conditions", kind, generator=generator)
-                rows.append({"condition": kind, "start": cfg.start, "steps": steps, "strength": strength, **scores})
-                print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in rows[-1].items()}),
-                      flush=True)
-    import pandas as pd
-
-    from diffss.atomic import atomic_path
-
+        for steps, guidance, strength in itertools.product(args.steps, args.guidance or [base.guidance_scale],
+                                                           args.strengths):
+            cfg = dataclasses.replace(base, strength=strength, num_inference_steps=steps, guidance_scale=guidance)
+            generator.config = cfg
+            scores = class_following(cfg, samples, Path(args.output) / "conditions", kind, generator=generator)
+            rows.append({"condition": kind, "start": cfg.start, "steps": steps, "guidance": guidance,
+                         "strength": strength, **scores})
+            print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in rows[-1].items()}), flush=True)
     with atomic_path(Path(args.output) / "generator_probe.csv") as tmp:
         pd.DataFrame(rows).to_csv(tmp, index=False)
     print(f"table: {Path(args.output) / 'generator_probe.csv'}")
@@ -507,6 +507,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--conditions", nargs="+", default=["seg"])
     p.add_argument("--strengths", type=float, nargs="+", default=[0.3, 0.5, 0.7, 0.85, 0.9, 1.0])
     p.add_argument("--steps", type=int, nargs="+", default=[4, 8])
+    p.add_argument("--guidance", type=float, nargs="+", default=None, help="default: the generator's")
     p.add_argument("--start", choices=["support", "new_scene"], default=None, help="default: the generator's")
     p.add_argument("--generator", default=None, help="demo generator folder (default: the shipped weights)")
     p.add_argument("--device", default="cpu")

@@ -233,3 +233,14 @@ def test_new_scene_start_keeps_the_object_and_draws_a_new_scene_per_seed():
     assert np.abs(a[outer] - original[outer]).mean() > 40 and np.abs(a[outer] - b[outer]).mean() > 5
     with pytest.raises(ValueError, match="start"):
         start_image(support, mask, "elsewhere", 0)
+
+
+def test_generator_probe_command_writes_its_sweep(tmp_path, demo_root):
+    from diffss.cli import main as cli_main
+
+    assert cli_main(["generator-probe", "--root", str(demo_root), "--output", str(tmp_path), "--supports", "6",
+                     "--strengths", "0.5", "1.0", "--steps", "4"]) == 0
+    table = pd.read_csv(tmp_path / "generator_probe.csv")
+    assert list(table["strength"]) == [0.5, 1.0] and set(table["steps"]) == {4}
+    guided, paper = table.iloc[0], table.iloc[1]
+    assert guided["margin"] > paper["margin"] and guided["difference"] < paper["difference"]
