@@ -316,6 +316,55 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- real data: `datasets prepare | check`, `reproduce` (docs/real-data.md) ------------------------
+
+def cmd_datasets_prepare(args: argparse.Namespace) -> int:
+    from diffss.data.prepare import prepare_pascal5i
+
+    if args.dataset != "pascal5i":
+        print(f"{args.dataset}: nothing to prepare; the loader reads the official download as it is "
+              f"(see docs/real-data.md); check it with `diffss datasets check {args.dataset} --root ...`")
+        return 0
+    if not args.voc:
+        raise ValueError("prepare pascal5i needs --voc <VOCdevkit/VOC2012> (and --sbd <benchmark_RELEASE/dataset>)")
+    report = prepare_pascal5i(args.voc, args.sbd, args.output, overwrite=args.overwrite, progress=not args.quiet)
+    print("\n".join(report.lines()))
+    return 1 if report.bad else 0
+
+
+def cmd_datasets_check(args: argparse.Namespace) -> int:
+    from diffss.data.check import check_dataset
+
+    options = {"class_split": args.class_split} if args.class_split else {}
+    report = check_dataset(args.dataset, args.root, mode=args.mode, per_class=args.per_class, folds=args.folds,
+                           progress=not args.quiet, **options)
+    print("\n".join(report.lines(limit=args.limit or None)))
+    return 0 if report.passed(strict=args.strict) else 1
+
+
+def _add_real_data_commands(sub) -> None:
+    datasets = sub.add_parser("datasets", help="build and check the benchmark layouts from the official downloads")
+    dsub = datasets.add_subparsers(dest="datasets_command", required=True)
+    p = dsub.add_parser("prepare", help="pascal5i: SegmentationClassAug from VOC2012 + SBD (resumable)")
+    p.add_argument("dataset", choices=["pascal5i", "coco20i", "fss1000"])
+    p.add_argument("--voc", help="VOCdevkit/VOC2012 (JPEGImages/, SegmentationClass/)")
+    p.add_argument("--sbd", help="SBD's benchmark_RELEASE/dataset (cls/*.mat)")
+    p.add_argument("--output", help="default <voc>/SegmentationClassAug, where the loader reads")
+    p.add_argument("--overwrite", action="store_true", help="rewrite masks that exist (default: keep them, resume)")
+    p.set_defaults(func=cmd_datasets_prepare)
+    p = dsub.add_parser("check", help="layout, pairing, mask values, class presence, published counts (read-only)")
+    p.add_argument("dataset", choices=["pascal5i", "coco20i", "fss1000", "folder", "demo"])
+    p.add_argument("--root", required=True)
+    p.add_argument("--mode", choices=["sample", "full"], default="sample",
+                   help="sample: pixels of --per-class samples of each class; full: every sample")
+    p.add_argument("--per-class", type=int, default=5)
+    p.add_argument("--folds", type=int, nargs="+", default=None, help="default: every fold")
+    p.add_argument("--class-split", default=None, help="coco20i: interleaved (default) | consecutive")
+    p.add_argument("--limit", type=int, default=20, help="lines per kind of problem (0: all)")
+    p.add_argument("--strict", action="store_true", help="warnings (counts unlike the published ones) fail too")
+    p.set_defaults(func=cmd_datasets_check)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from diffss.generation import GenerationConfig
     from diffss.train import EvalConfig, TrainConfig
@@ -451,6 +500,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", default="data/exports/model_repository")
     p.add_argument("--name", default="diffss")
     p.set_defaults(func=cmd_export)
+    _add_real_data_commands(sub)
     return parser
 
 
