@@ -274,7 +274,7 @@ def run_cell(cfg: ReproduceConfig, fold: int, shot: int, aux: bool, progress: bo
     return {**cell, "episodes": episodes}
 
 
-def _spread(frames: list[pd.DataFrame], cfg: ReproduceConfig, seed: int) -> dict[str, float]:
+def _spread(frames: list[pd.DataFrame], replicates: int, seed: int) -> dict[str, float]:
     """Scores of one fold (one frame) or of the fold mean (several), with seed std and bootstrap interval."""
     per_seed = []
     for seed_value in sorted(frames[0]["seed"].unique()):
@@ -282,8 +282,8 @@ def _spread(frames: list[pd.DataFrame], cfg: ReproduceConfig, seed: int) -> dict
         per_seed.append(np.mean(per_fold, axis=0))
     per_seed = np.asarray(per_seed)
     rng = np.random.default_rng(seed)
-    replicates = np.mean([bootstrap(f, cfg.bootstrap, rng) for f in frames], axis=0)
-    low, high = np.percentile(replicates, [2.5, 97.5], axis=0)
+    resampled = np.mean([bootstrap(f, replicates, rng) for f in frames], axis=0)
+    low, high = np.percentile(resampled, [2.5, 97.5], axis=0)
     std = per_seed.std(axis=0, ddof=1) if len(per_seed) > 1 else np.full(2, np.nan)
     mean = per_seed.mean(axis=0)
     return {"miou": mean[0], "miou_seed_std": std[0], "miou_ci_low": low[0], "miou_ci_high": high[0],
@@ -312,15 +312,16 @@ def reproduce(cfg: ReproduceConfig, progress: bool = True,
                 if log is not None:
                     log(f"fold {fold} {shot}-shot {'with' if aux else 'without'} aux: "
                         + (cell.get("skipped") or f"mIoU {scores(cell['episodes'])[0]:.2f}"))
-                cells.append(cell)
-    results = results_frame(cells, cfg)
+                cells.append({**cell, "condition": cfg.condition if aux else None})
+    results = results_frame(cells, cfg.dataset, cfg.bootstrap)
     out = Path(cfg.output_dir)
     with atomic_path(out / "results.csv") as tmp:
         results.to_csv(tmp, index=False)
     table = paper_table(results)
     with atomic_path(out / "table.csv") as tmp:
         table.to_csv(tmp, index=False)
-    markdown = table_markdown(table, results, cells, cfg)
+    overrides = {k: v for k, v in (("episodes", cfg.episodes), ("seeds", cfg.seeds), ("image_size", cfg.image_size)) if v}
+    markdown = table_markdown(table, results, cells, cfg.dataset, overrides)
     write_text_atomic(out / "table.md", markdown)
     return {"results": results, "table": table, "markdown": markdown, "cells": cells}
 
@@ -331,27 +332,28 @@ def setting_label(shot: int, aux: bool, aux_shot: int, condition: str | None) ->
     return f"{shot}-shot + {aux_shot} aux{f' ({condition})' if condition else ''}"
 
 
-def results_frame(cells: list[dict[str, Any]], cfg: ReproduceConfig, seed: int = 0) -> pd.DataFrame:
+def results_frame(cells: list[dict[str, Any]], dataset: str, replicates: int = 1000, seed: int = 0) -> pd.DataFrame:
     """One row per (setting, fold) and per setting's ``mean`` over its folds, with spreads and the
-    published mean beside the mean row."""
+    published mean beside the mean row. A cell: fold, shot, aux, aux_shot, condition, episodes
+    (the frame :func:`evaluate_episodes` returns, or None when skipped), model, backbone, class_check."""
     rows = []
-    groups: dict[tuple[int, bool], list[dict]] = {}
+    groups: dict[tuple, list[dict]] = {}
     for cell in cells:
-        groups.setdefault((cell["shot"], cell["aux"]), []).append(cell)
-    for (shot, aux), group in groups.items():
+        groups.setdefault((cell["shot"], cell["aux"], cell.get("condition")), []).append(cell)
+    for (shot, aux, condition), group in groups.items():
         scored = [c for c in group if c.get("episodes") is not None]
-        label = setting_label(shot, aux, group[0]["aux_shot"], cfg.condition)
+        label = setting_label(shot, aux, group[0]["aux_shot"], condition)
         base = {"setting": label, "shot": shot, "aux": aux}
         for c in group:
             if c.get("episodes") is None:
                 rows.append({**base, "fold": str(c["fold"]), "note": c.get("skipped", ""), "class_check": c["class_check"]})
             else:
-                rows.append({**base, "fold": str(c["fold"]), **_spread([c["episodes"]], cfg, seed),
+                rows.append({**base, "fold": str(c["fold"]), **_spread([c["episodes"]], replicates, seed),
                              "class_check": c["class_check"], "model": c["model"], "backbone": c["backbone"]})
         if scored:
-            mean = {**base, "fold": "mean", **_spread([c["episodes"] for c in scored], cfg, seed),
+            mean = {**base, "fold": "mean", **_spread([c["episodes"] for c in scored], replicates, seed),
                     "folds": " ".join(str(c["fold"]) for c in scored)}
-            found = published(scored[0]["model"], scored[0]["backbone"], cfg.dataset, shot, aux)
+            found = published(scored[0]["model"], scored[0]["backbone"], dataset, shot, aux)
             if found is not None:
                 mean.update({"published_miou": found[0], "difference_miou": mean["miou"] - found[0], "source": found[1]})
             rows.append(mean)
@@ -385,9 +387,11 @@ def paper_table(results: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def table_markdown(table: pd.DataFrame, results: pd.DataFrame, cells: list[dict], cfg: ReproduceConfig) -> str:
+def table_markdown(table: pd.DataFrame, results: pd.DataFrame, cells: list[dict], dataset: str,
+                   overrides: dict[str, Any] | None = None) -> str:
+    """The table in Markdown with its notes: protocol, overrides, each cell's checkpoint and class check, sources."""
     head = ["setting", "Fold-0", "Fold-1", "Fold-2", "Fold-3", "Mean mIoU", "Mean FB-IoU", "published mIoU", "difference"]
-    lines = [f"# {cfg.dataset}: mIoU / FB-IoU in % (value ±std over the protocol's seeds [95% interval over episodes])",
+    lines = [f"# {dataset}: mIoU / FB-IoU in % (value ±std over the protocol's seeds [95% interval over episodes])",
              "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for _, r in table.iterrows():
         lines.append("| " + " | ".join(str(r[c]) for c in ["setting", "fold0", "fold1", "fold2", "fold3", "mean_miou",
@@ -399,7 +403,6 @@ def table_markdown(table: pd.DataFrame, results: pd.DataFrame, cells: list[dict]
         lines.append(f"- protocol {d['family']}: {d['resize']} to {d['size'] or 'the dataset size'} px, scored at the "
                      f"{d['score_at']} size, {d['episodes'] or 'the dataset default number of'} episodes x seeds "
                      f"{d['seeds']}")
-    overrides = {k: v for k, v in (("episodes", cfg.episodes), ("seeds", cfg.seeds), ("image_size", cfg.image_size)) if v}
     if overrides:
         lines.append(f"- **not the published protocol**: overridden {overrides}")
     for c in cells:

@@ -307,3 +307,19 @@ def test_check_demo_passes(tmp_path):
     Image.fromarray(np.zeros((8, 8), np.uint8)).save(mask)
     bad = check_dataset("demo", root, mode="full", progress=False)
     assert any(p.path == mask for p in bad.errors)
+
+
+def test_dagster_asset_check_runs_datasets_check(tmp_path):
+    import dagster as dg
+
+    from diffss.experiment import ExperimentConfig, tiny_generation
+    from orchestration.definitions import build_definitions
+
+    settings = ExperimentConfig(data_root=str(tmp_path / "data"), demo_images_per_class=2, conditions=["seg"],
+                                generation=tiny_generation())
+    defs = build_definitions(settings, executor="in_process")
+    result = dg.materialize([*defs.assets, *defs.asset_checks], selection=[dg.AssetKey("raw_dataset")],
+                            partition_key="demo_fold0", instance=dg.DagsterInstance.ephemeral(), resources=defs.resources)
+    checks = {e.check_name: e for e in result.get_asset_check_evaluations()}
+    assert checks["dataset_is_usable"].passed
+    assert checks["dataset_is_usable"].metadata["errors"].value == 0

@@ -150,3 +150,21 @@ def test_published_numbers_are_sourced():
     assert published("bam", "resnet50_deepstem", "pascal5i", 1, aux=True) is None  # DifFSS: not verified
     assert published("pfenet", "resnet50_deepstem", "pascal5i", 1, aux=False) is None
     assert "chunbolang/BAM" in published("bam", "resnet50_deepstem", "coco20i", 5, aux=False)[1]
+
+
+def test_pipeline_evaluation_table_shows_the_same_table(demo_world):
+    """The Dagster stages: each evaluation keeps its episodes, evaluation_table writes reproduce's layout."""
+    from diffss.experiment import ExperimentConfig, Fold, evaluate_checkpoint
+    from diffss.experiment.results import paper_layout
+
+    base = demo_world["base"]
+    settings = ExperimentConfig(data_root=str(base), dataset_roots={"demo": str(demo_world["root"])},
+                                conditions=["seg"], evaluation={"episodes": 8, "image_size": SIZE, "seeds": (0, 1)})
+    fold = Fold("demo", 0)
+    info = evaluate_checkpoint(settings, fold, "baseline", demo_world["checkpoints"][0], None, base / "eval0")
+    assert (base / "eval0" / "episodes.csv").is_file() and len(pd.read_csv(base / "eval0" / "episodes.csv")) == 16
+    paper = paper_layout(settings, fold, {"baseline": base / "eval0"}, base / "table0")
+    row = paper["paper_table"].set_index("setting").loc["1-shot"]
+    assert row["fold0"].startswith(f"{info['miou']:.2f} ±") and row["fold1"] == "—"
+    markdown = paper["paper_table_md"].read_text()
+    assert "test classes disjoint from the training classes" in markdown and "| 1-shot |" in markdown
