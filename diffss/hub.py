@@ -40,7 +40,7 @@ Stable Diffusion + ControlNet). Load it with
 
 ```python
 from diffss.hub import HubSegmenter
-model = HubSegmenter.from_pretrained("{{ repo_id }}").segmenter
+model = HubSegmenter.from_pretrained("{{ repo_id }}").segmenter  # or a local copy of this folder
 ```
 
 | | |
@@ -51,7 +51,7 @@ model = HubSegmenter.from_pretrained("{{ repo_id }}").segmenter
 | fold | {{ fold if fold is not none else "unknown" }} (its test classes were never trained on) |
 | shots | {{ shots }} |
 | evaluation protocol | {{ protocol }} |
-| data version (DVC) | {{ data_version or "unknown" }} |
+| data version (DVC hash of the data it was trained and scored on) | {{ data_version or "unknown" }} |
 
 ## Evaluation
 
@@ -71,7 +71,8 @@ def _protocol_text(model: str, dataset: str | None) -> str:
     if not dataset:
         return "unknown dataset"
     p = protocol_for(model, dataset)
-    return (f"{p.family}: {p.resize} to {p.size or 'the dataset size'} px, scored at the {p.score_at} size, "
+    size = f"{p.size} px" if p.size else "the dataset's own size"
+    return (f"{p.family}: {p.resize} to {size}, scored at the {p.score_at} size, "
             f"{p.episodes or 'the dataset default number of'} episodes x seeds {list(p.seeds)}")
 
 
@@ -115,7 +116,16 @@ class HubSegmenter(ModelHubMixin, library_name="diffss", tags=["few-shot-segment
         if self.evaluation:
             write_text_atomic(save_directory / EVALUATION, self.evaluation)
         # Written here (the mixin keeps an existing README.md): a folder saved again gets a fresh card.
-        write_text_atomic(save_directory / "README.md", str(self.generate_model_card(repo_id=save_directory.name)))
+        repo_id = getattr(self, "_pushing_to", None) or "ORG/NAME"
+        write_text_atomic(save_directory / "README.md", str(self.generate_model_card(repo_id=repo_id)))
+
+    def push_to_hub(self, repo_id: str, **kwargs) -> str:
+        """The mixin's upload (one commit of a freshly saved folder); the card names ``repo_id``."""
+        self._pushing_to = repo_id
+        try:
+            return super().push_to_hub(repo_id, **kwargs)
+        finally:
+            self._pushing_to = None
 
     @classmethod
     def _from_pretrained(cls, *, model_id: str, revision: str | None, cache_dir, force_download: bool,
