@@ -405,9 +405,12 @@ def table_markdown(table: pd.DataFrame, results: pd.DataFrame, cells: list[dict]
                      f"{d['seeds']}")
     if overrides:
         lines.append(f"- **not the published protocol**: overridden {overrides}")
+    notes: dict[tuple[str, str], list[str]] = {}  # (checkpoint, note) -> the cells it holds for
     for c in cells:
-        lines.append(f"- fold {c['fold']} {c['shot']}-shot{' + aux' if c['aux'] else ''}: {c['checkpoint']}; "
-                     f"{c.get('skipped') or c['class_check']}")
+        notes.setdefault((str(c["checkpoint"]), c.get("skipped") or c["class_check"]), []).append(
+            f"{c['shot']}-shot{' + aux' if c['aux'] else ''}")
+    for (checkpoint, note), where in notes.items():
+        lines.append(f"- {checkpoint} ({', '.join(where)}): {note}")
     sources = sorted({s for s in results.get("source", pd.Series(dtype=str)).dropna()})
     for s in sources:
         lines.append(f"- published: {s}")
