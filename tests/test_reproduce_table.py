@@ -4,7 +4,6 @@ intervals; refusal to score a checkpoint on its training classes (reproduce and 
 
 from __future__ import annotations
 
-import json
 
 import numpy as np
 import pandas as pd
