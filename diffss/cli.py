@@ -340,6 +340,8 @@ def cmd_datasets_prepare(args: argparse.Namespace) -> int:
 def cmd_datasets_check(args: argparse.Namespace) -> int:
     from diffss.data.check import check_dataset
 
+    if args.class_split and args.dataset != "coco20i":
+        raise ValueError("--class-split is a coco20i option")
     options = {"class_split": args.class_split} if args.class_split else {}
     report = check_dataset(args.dataset, args.root, mode=args.mode, per_class=args.per_class, folds=args.folds,
                            progress=not args.quiet, **options)
