@@ -129,12 +129,17 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from diffss.train import EvalConfig, evaluate
 
     config = _config_from_args(EvalConfig, args)
+    from diffss.class_overlap import check_trained_classes
+
+    overlap = check_trained_classes(args.checkpoint, config.dataset, config.root, config.fold,
+                                    allow=args.allow_trained_classes)
     result = evaluate(args.checkpoint, config, progress=not args.quiet)
     protocol = result.protocol
     print(f"protocol {protocol['family']}: {protocol['resize']} to {protocol['size'] or 'the dataset size'} px, "
           f"scored at the {protocol['score_at']} size, seeds {list(protocol['seeds'])}")
     print(result.per_class.to_string(index=False))
     print(f"mIoU {result.miou:.2f}  FB-IoU {result.fbiou:.2f}")
+    print(f"classes: {overlap.note()}")
     if args.output:
         from diffss.atomic import atomic_path
 
@@ -334,6 +339,135 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- real data: `datasets prepare | check`, `reproduce` (docs/real-data.md) ------------------------
+
+def cmd_datasets_prepare(args: argparse.Namespace) -> int:
+    from diffss.data.prepare import prepare_pascal5i
+
+    if args.dataset != "pascal5i":
+        print(f"{args.dataset}: nothing to prepare; the loader reads the official download as it is "
+              f"(see docs/real-data.md); check it with `diffss datasets check {args.dataset} --root ...`")
+        return 0
+    if not args.voc:
+        raise ValueError("prepare pascal5i needs --voc <VOCdevkit/VOC2012> (and --sbd <benchmark_RELEASE/dataset>)")
+    report = prepare_pascal5i(args.voc, args.sbd, args.output, overwrite=args.overwrite, progress=not args.quiet)
+    print("\n".join(report.lines()))
+    return 1 if report.bad else 0
+
+
+def cmd_datasets_check(args: argparse.Namespace) -> int:
+    from diffss.data.check import check_dataset
+
+    if args.class_split and args.dataset != "coco20i":
+        raise ValueError("--class-split is a coco20i option")
+    options = {"class_split": args.class_split} if args.class_split else {}
+    report = check_dataset(args.dataset, args.root, mode=args.mode, per_class=args.per_class, folds=args.folds,
+                           progress=not args.quiet, **options)
+    print("\n".join(report.lines(limit=args.limit or None)))
+    return 0 if report.passed(strict=args.strict) else 1
+
+
+def _add_real_data_commands(sub) -> None:
+    datasets = sub.add_parser("datasets", help="build and check the benchmark layouts from the official downloads")
+    dsub = datasets.add_subparsers(dest="datasets_command", required=True)
+    p = dsub.add_parser("prepare", help="pascal5i: SegmentationClassAug from VOC2012 + SBD (resumable)")
+    p.add_argument("dataset", choices=["pascal5i", "coco20i", "fss1000"])
+    p.add_argument("--voc", help="VOCdevkit/VOC2012 (JPEGImages/, SegmentationClass/)")
+    p.add_argument("--sbd", help="SBD's benchmark_RELEASE/dataset (cls/*.mat)")
+    p.add_argument("--output", help="default <voc>/SegmentationClassAug, where the loader reads")
+    p.add_argument("--overwrite", action="store_true", help="rewrite masks that exist (default: keep them, resume)")
+    p.set_defaults(func=cmd_datasets_prepare)
+    p = dsub.add_parser("check", help="layout, pairing, mask values, class presence, published counts (read-only)")
+    p.add_argument("dataset", choices=["pascal5i", "coco20i", "fss1000", "folder", "demo"])
+    p.add_argument("--root", required=True)
+    p.add_argument("--mode", choices=["sample", "full"], default="sample",
+                   help="sample: pixels of --per-class samples of each class; full: every sample")
+    p.add_argument("--per-class", type=int, default=5)
+    p.add_argument("--folds", type=int, nargs="+", default=None, help="default: every fold")
+    p.add_argument("--class-split", default=None, help="coco20i: interleaved (default) | consecutive")
+    p.add_argument("--limit", type=int, default=20, help="lines per kind of problem (0: all)")
+    p.add_argument("--strict", action="store_true", help="warnings (counts unlike the published ones) fail too")
+    p.set_defaults(func=cmd_datasets_check)
+
+
+def _fold_map(items: list[str] | None, flag: str, with_shot: bool = False) -> dict:
+    """``FOLD=VALUE`` (or, ``with_shot``, ``FOLD:SHOT=VALUE``) options -> {fold: value} / {(fold, shot): value}."""
+    out: dict = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        fold, colon, shot = key.partition(":")
+        if not sep or not value or not fold.isdigit() or (colon and not (with_shot and shot.isdigit())):
+            form = "FOLD=PATH or FOLD:SHOT=PATH" if with_shot else "FOLD=PATH"
+            raise ValueError(f"{flag} expects {form}, got {item!r}")
+        out[(int(fold), int(shot)) if colon else int(fold)] = value
+    return out
+
+
+def cmd_reproduce(args: argparse.Namespace) -> int:
+    from diffss.reproduce import ReproduceConfig, reproduce
+
+    given = _fold_map(args.checkpoint, "--checkpoint", with_shot=True)
+    checkpoints = {k: v for k, v in given.items() if isinstance(k, int)}
+    per_shot = {k: v for k, v in given.items() if isinstance(k, tuple)}
+    for fold, shot in per_shot:
+        checkpoints.setdefault(fold, per_shot[(fold, shot)])
+    cfg = ReproduceConfig(dataset=args.dataset, root=args.root, checkpoints=checkpoints, output_dir=args.output,
+                          shots=tuple(args.shots), shot_checkpoints=per_shot,
+                          aux_checkpoints=_fold_map(args.aux_checkpoint, "--aux-checkpoint"),
+                          auxiliary=_fold_map(args.auxiliary, "--auxiliary"), condition=args.condition,
+                          aux_shot=args.aux_shot, episodes=args.episodes,
+                          seeds=tuple(args.seeds) if args.seeds else None, image_size=args.image_size,
+                          batch_size=args.batch_size, device=args.device,
+                          allow_trained_classes=args.allow_trained_classes, bootstrap=args.bootstrap)
+    out = reproduce(cfg, progress=not args.quiet, log=None if args.quiet else print)
+    print(out["markdown"])
+    print(f"tables: {Path(args.output) / 'table.md'}, table.csv, results.csv (per fold and setting, with spreads)")
+    return 0
+
+
+def cmd_publish_model(args: argparse.Namespace) -> int:
+    from diffss.hub import HubSegmenter
+
+    model = HubSegmenter.from_checkpoint(args.checkpoint, evaluation=args.evaluation, data_version=args.data_version)
+    model.save_pretrained(args.output)
+    print(f"segmenter folder with model card: {args.output} (HubSegmenter.from_pretrained({str(args.output)!r}))")
+    if args.push_to:
+        print(f"pushed: {model.push_to_hub(args.push_to, private=args.private)}")
+    return 0
+
+
+def _add_reproduce_commands(sub) -> None:
+    p = sub.add_parser("reproduce", help="the paper's table (folds, mean; mIoU, FB-IoU) with spreads and published numbers")
+    p.add_argument("--dataset", required=True, help="pascal5i | coco20i | fss1000 | demo | folder")
+    p.add_argument("--root", default=None)
+    p.add_argument("--checkpoint", action="append", required=True, metavar="FOLD[:SHOT]=DIR",
+                   help="a fold's checkpoint folder or hub id (FOLD:SHOT=...: for that shot only); repeat per fold")
+    p.add_argument("--aux-checkpoint", action="append", metavar="FOLD=DIR", help="for the rows with auxiliary supports")
+    p.add_argument("--auxiliary", action="append", metavar="FOLD=TABLE", help="a fold's auxiliary generation table")
+    p.add_argument("--condition", default=None, help="the auxiliary table's condition (seg | hed | scribble)")
+    p.add_argument("--aux-shot", type=int, default=None, help="auxiliary images per episode (default: as trained, else 1)")
+    p.add_argument("--shots", type=int, nargs="+", default=[1, 5])
+    p.add_argument("--output", required=True, help="cells (resumable), results.csv, table.csv, table.md")
+    p.add_argument("--episodes", type=int, default=None, help="override the protocol (the table says so)")
+    p.add_argument("--seeds", type=int, nargs="+", default=None, help="override the protocol (the table says so)")
+    p.add_argument("--image-size", type=int, default=None, help="override the protocol (the table says so)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--bootstrap", type=int, default=1000, help="resamples for the 95%% interval over episodes")
+    p.add_argument("--allow-trained-classes", action="store_true",
+                   help="score a checkpoint on classes it trained on (the table says so)")
+    p.set_defaults(func=cmd_reproduce)
+
+    p = sub.add_parser("publish-model", help="a checkpoint as a hub-ready folder with its model card (optionally pushed)")
+    p.add_argument("checkpoint")
+    p.add_argument("--output", required=True)
+    p.add_argument("--evaluation", default=None, help="Markdown evaluation table (e.g. reproduce's table.md)")
+    p.add_argument("--data-version", default=None, help="DVC hash of the data (default: data.dvc here, if any)")
+    p.add_argument("--push-to", default=None, metavar="ORG/NAME", help="push to the Hugging Face Hub (network, token)")
+    p.add_argument("--private", action="store_true")
+    p.set_defaults(func=cmd_publish_model)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from diffss.generation import GenerationConfig
     from diffss.train import EvalConfig, TrainConfig
@@ -369,6 +503,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", help="checkpoint directory written by `diffss train`")
     p.add_argument("--config", help="EvalConfig as JSON; options override it")
     p.add_argument("--output", help="write the per-class table here (CSV)")
+    p.add_argument("--allow-trained-classes", action="store_true",
+                   help="score the checkpoint on classes it trained on (refused by default; the output says so)")
     _add_dataclass_options(p, EvalConfig)
     p.set_defaults(func=cmd_evaluate)
 
@@ -477,6 +613,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", default="data/exports/model_repository")
     p.add_argument("--name", default="diffss")
     p.set_defaults(func=cmd_export)
+    _add_real_data_commands(sub)
+    _add_reproduce_commands(sub)
     return parser
 
 

@@ -192,10 +192,11 @@ def build_assets(settings: ExperimentConfig) -> list[dg.AssetsDefinition]:
 
     @dg.asset(partitions_def=FOLD_PARTITIONS, group_name="results", kinds={"pandas"},
               deps=[fold_splits, *evaluations.values(), *xshots.values()],
-              code_version=code_version(["diffss.experiment.config", "diffss.experiment.results", "diffss.figures"],
+              code_version=code_version(["diffss.experiment.config", "diffss.experiment.results", "diffss.figures",
+                                         "diffss.reproduce"],
                                         {"conditions": s.conditions, "train_aux_shot": s.train_aux_shot}),
               description="The fold's results: mIoU / FB-IoU without and with auxiliary supports per condition, "
-              "per-class IoU, the X-shot curves.")
+              "per-class IoU, the X-shot curves, and `diffss reproduce`'s table (paper_table: spreads, published numbers).")
     def evaluation_table(context, experiment: dg.ResourceParam[ExperimentConfig]) -> dg.MaterializeResult:
         started, fold, out = time.monotonic(), fold_of(context), folder(context, "evaluation_table")
         info = ex.results_table(experiment, fold, {c: experiment.folder(fold, c, "evaluation") for c in evaluations},
@@ -358,7 +359,7 @@ def training_assets(s: ExperimentConfig, condition: str, code: list[str], inputs
         return materialized(out, info, started)
 
     @dg.asset(key=[condition, "evaluation"], partitions_def=FOLD_PARTITIONS, group_name=condition, kinds={"pytorch"},
-              deps=[checkpoint, *upstream], **GPU, code_version=code_version([*code, "diffss.metrics"], evaluation),
+              deps=[checkpoint, *upstream], **GPU, code_version=code_version([*code, "diffss.metrics", "diffss.reproduce"], evaluation),
               description="mIoU / FB-IoU on the fold's fixed test episodes" + (
                   f", with `eval_aux_shot` {condition} auxiliary supports per episode." if aux else ", real supports only."))
     def evaluation_asset(context, experiment: dg.ResourceParam[ExperimentConfig], tracker: TrackerResource) -> dg.MaterializeResult:

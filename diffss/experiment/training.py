@@ -79,16 +79,18 @@ def evaluate_checkpoint(settings: ExperimentConfig, fold: Fold, condition: str, 
     """mIoU / FB-IoU on the fold's fixed test episodes (``eval_aux_shot`` auxiliary supports per
     episode for a condition): ``summary.json``, ``per_class.csv`` and prediction panels."""
     from diffss.figures import save_png, stack_panels
-    from diffss.train import evaluate
+    from diffss.reproduce import evaluate_episodes
 
     cfg = settings.eval_config(fold, condition, auxiliary)
-    result = evaluate(checkpoint, cfg, tracker=tracker, progress=False)
+    # diffss.train.evaluate's result, plus each episode's counts: the paper table's interval over episodes
+    result, episodes = evaluate_episodes(checkpoint, cfg, tracker=tracker, progress=False)
     out = fresh(out)
     write_csv(result.per_class, out / "per_class.csv")
+    write_csv(episodes, out / "episodes.csv")
     write_json(out / "summary.json", {
         "miou": result.miou, "fbiou": result.fbiou, "per_seed": result.per_seed, "label": condition,
         "checkpoint": checkpoint.relative_to(settings.data_root).as_posix(), "aux_shot": cfg.aux_shot,
-        "protocol": result.protocol})
+        "shot": cfg.shot, "protocol": result.protocol})
     info = {"miou": result.miou, "fbiou": result.fbiou, "per_class_iou": result.per_class}
     if result.examples:
         info["predictions"] = save_png(stack_panels(result.examples), out / "predictions.png")
