@@ -44,7 +44,7 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from deploy import images, openapi
-from deploy.contract import DEFAULT_IMAGE_SIZE, GRAPH_ROLES, IMAGE_SIZE_KEY, MAX_INPUT_SIDE_KEY
+from serving_contract import DEFAULT_IMAGE_SIZE, GRAPH_ROLES, IMAGE_SIZE_KEY, MAX_INPUT_SIDE_KEY
 from deploy.errors import ApiError, bad_request, not_found
 from deploy.runtime import OnnxModel, background_threads
 from deploy.set_features import compact_features, parse_set_valued

@@ -4,7 +4,7 @@ and fuzzers (``openapi_extra`` of each route)."""
 
 from __future__ import annotations
 
-from deploy.contract import BY_V2
+from serving_contract import BY_V2
 
 _FILE = {"type": "string", "format": "binary"}
 _FILES = {"type": "array", "items": _FILE}

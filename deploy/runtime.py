@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from deploy.contract import BY_ORT, FAMILY_KEY, MODEL_FILE, ROLE_KEY, latest_version
+from serving_contract import BY_ORT, FAMILY_KEY, MODEL_FILE, ROLE_KEY, latest_version
 
 log = logging.getLogger("diffss.serve")
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from deploy.contract import BY_NUMPY, BY_V2, SHOTS, SPATIAL_AXES
+from serving_contract import BY_NUMPY, BY_V2, SHOTS, SPATIAL_AXES
 from deploy.errors import ApiError, bad_request
 from deploy.runtime import OnnxModel
 
@@ -32,7 +32,7 @@ class InferLimits:
     """Bounds on what one request may ask a graph to run on (None: unbounded).
 
     ``max_shots`` caps the ``shots`` axis; ``max_input_side`` caps the spatial axes
-    (:data:`deploy.contract.SPATIAL_AXES`), because the model's memory grows with them.
+    (:data:`serving_contract.SPATIAL_AXES`), because the model's memory grows with them.
     """
 
     max_shots: int | None = None

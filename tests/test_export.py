@@ -254,7 +254,7 @@ def test_set_valued_support_features_compact_exactly(exported):
     """The decoder metadata names the model's set-valued inputs, and compacting them (as the
     server does on registration) leaves the decoder's logits unchanged, for any mix of
     foreground fractions, including an all-foreground shot (nothing to drop) and empty ones."""
-    from deploy.contract import SET_VALUED_KEY
+    from serving_contract import SET_VALUED_KEY
     from deploy.set_features import compact_set_valued
 
     name, model, _, result = exported
@@ -328,11 +328,11 @@ def test_bad_set_valued_declarations_are_named():
 
 
 def test_contract_datatypes_match_onnx_numpy_and_onnxruntime(tmp_path):
-    """deploy.contract's one datatype table (used by the exporter's Triton configs and by the
+    """serving_contract's one datatype table (used by the exporter's Triton configs and by the
     server) spells every type as ONNX, numpy and onnxruntime themselves do."""
     from onnx import TensorProto, helper
 
-    from deploy.contract import DATATYPES
+    from serving_contract import DATATYPES
 
     for datatype in DATATYPES:
         assert TensorProto.DataType.Name(datatype.onnx).lower() == datatype.onnx_name

@@ -515,21 +515,40 @@ def test_cli_refuses_a_missing_repository(tmp_path):
 
 
 def test_deploy_does_not_import_torch(tmp_path):
-    """deploy/ alone, as deploy/Dockerfile ships it, imports without torch and without diffss
-    (the contract it shares with diffss.export lives in deploy/contract.py)."""
+    """deploy/ and serving_contract/ alone, as deploy/Dockerfile ships them, import without torch
+    and without diffss; serving_contract imports neither deploy (the exporter imports it, and the
+    library must not import the server)."""
     import shutil
 
-    shutil.copytree(ROOT / "deploy", tmp_path / "deploy", ignore=shutil.ignore_patterns("__pycache__", "dagster"))
-    code = (
-        f"import sys; sys.path.insert(0, {str(tmp_path)!r}); "
-        "import deploy.server, deploy.app, deploy.runtime, deploy.v2, deploy.images, deploy.support_cache, deploy.contract; "
-        "deploy.server.build_parser(); "
+    for package in ("deploy", "serving_contract"):
+        shutil.copytree(ROOT / package, tmp_path / package, ignore=shutil.ignore_patterns("__pycache__", "dagster"))
+    prelude = f"import sys; sys.path.insert(0, {str(tmp_path)!r}); "
+    no_library = (
         "assert 'torch' not in sys.modules, 'torch imported'; "
         "assert not [m for m in sys.modules if m.split('.')[0] == 'diffss'], 'diffss imported'; "
-        f"assert deploy.__file__.startswith({str(tmp_path)!r}), deploy.__file__"
+    )
+    server = (
+        prelude + "import deploy.server, deploy.app, deploy.runtime, deploy.v2, deploy.images, deploy.support_cache, "
+        "deploy.batching, deploy.routes, deploy.schemas; deploy.server.build_parser(); " + no_library
+        + f"assert deploy.__file__.startswith({str(tmp_path)!r}), deploy.__file__"
+    )
+    contract = (
+        prelude + "import serving_contract; " + no_library
+        + "assert not [m for m in sys.modules if m.split('.')[0] == 'deploy'], 'deploy imported'; "
+        + f"assert serving_contract.__file__.startswith({str(tmp_path)!r})"
     )
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    subprocess.run([sys.executable, "-c", code], cwd=tmp_path, check=True, timeout=60, env=env)
+    for code in (server, contract):
+        subprocess.run([sys.executable, "-c", code], cwd=tmp_path, check=True, timeout=60, env=env)
+
+
+def test_library_does_not_import_the_server():
+    """diffss.export writes repositories to serving_contract, never through deploy."""
+    code = (
+        "import sys, diffss.export, diffss.export.parity, diffss.export.quantize; "
+        "assert not [m for m in sys.modules if m.split('.')[0] == 'deploy'], sorted(m for m in sys.modules if m.startswith('deploy'))"
+    )
+    subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, timeout=120)
 
 
 # -- bounded work: size limits, decoding pool, health under load (issue 12, section 5) -------

@@ -12,7 +12,7 @@ Public entry points:
   usable as a Dagster asset check); :func:`load_parity` reads a recorded one.
 """
 
-from deploy.contract import GRAPH_ROLES, model_dir_name
+from serving_contract import GRAPH_ROLES, model_dir_name
 from diffss.export.graphs import export_graphs
 from diffss.export.parity import (
     MAX_ABS_LOGIT_DIFF,

@@ -9,7 +9,7 @@ from typing import Sequence
 
 from torch import nn
 
-from deploy.contract import (
+from serving_contract import (
     CONFIG_FILE,
     DEFAULT_IMAGE_SIZE,
     FAMILY_KEY,

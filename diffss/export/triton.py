@@ -1,7 +1,7 @@
 """Triton model-repository layout: ``<repo>/<model>/config.pbtxt`` and ``<repo>/<model>/<version>/model.onnx``.
 
 KServe's Triton runtime and ``diffss-serve`` read the same folder (names and types from
-:mod:`deploy.contract`). ``max_batch_size: 0`` because the batch axis is an explicit, dynamic
+:mod:`serving_contract`). ``max_batch_size: 0`` because the batch axis is an explicit, dynamic
 dimension of every tensor (the graphs also carry a dynamic shots axis that Triton's own
 batcher must not touch).
 """
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import onnx
 
-from deploy.contract import BY_ONNX, MODEL_FILE, latest_version
+from serving_contract import BY_ONNX, MODEL_FILE, latest_version
 
 
 def _tensor_entries(values) -> str:
