@@ -813,15 +813,32 @@ def test_json_outputs_are_strict_json():
 
 
 def test_openapi_schema(server):
-    """/openapi.json (FastAPI's default) describes every route, request bodies included."""
+    """/openapi.json is FastAPI's generated document: every route, the bodies the routes read
+    themselves (v2 infer, the multipart forms) and the responses, as pydantic models."""
     status, _, raw = request(server, "GET", "/openapi.json")
     assert status == 200
-    paths = json.loads(raw)["paths"]
-    assert {"/v2/health/live", "/v2/models/{model_name}/infer", "/diffss/segment", "/diffss/supports"} <= set(paths)
-    infer_body = paths["/v2/models/{model_name}/infer"]["post"]["requestBody"]["content"]
-    assert infer_body["application/json"]["schema"]["required"] == ["inputs"]
-    segment_form = paths["/diffss/segment"]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]
+    document = json.loads(raw)
+    paths, components = document["paths"], document["components"]["schemas"]
+
+    def resolve(schema):
+        return components[schema["$ref"].rsplit("/", 1)[1]] if "$ref" in schema else schema
+
+    assert {"/v2/health/live", "/v2/models/{model_name}/infer", "/diffss/segment", "/diffss/supports",
+            "/v2/models/{model_name}/stats", "/diffss/profile"} <= set(paths)
+    infer = paths["/v2/models/{model_name}/infer"]["post"]
+    infer_json = resolve(infer["requestBody"]["content"]["application/json"]["schema"])
+    assert infer_json["required"] == ["inputs"]
+    assert "application/octet-stream" in infer["requestBody"]["content"]
+    tensor = resolve(infer_json["properties"]["inputs"]["items"])
+    assert "FP32" in tensor["properties"]["datatype"]["enum"]
+    segment_form = resolve(paths["/diffss/segment"]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"])
     assert {"query", "support_image", "support_mask", "model"} == set(segment_form["properties"])
+    assert segment_form["properties"]["query"]["format"] == "binary"
+    registered = paths["/diffss/supports"]["post"]["responses"]["201"]["content"]["application/json"]["schema"]
+    assert set(resolve(registered)["properties"]) == {"support_id", "model", "shots"}
+    live = resolve(paths["/v2/health/live"]["get"]["responses"]["200"]["content"]["application/json"]["schema"])
+    assert live["properties"]["live"]["type"] == "boolean"
+    assert resolve(paths["/diffss/segment"]["post"]["responses"]["413"]["content"]["application/json"]["schema"])["required"] == ["error"]
 
 
 def test_bam_is_served_and_refuses_another_shot_count(tmp_path):
