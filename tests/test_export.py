@@ -61,12 +61,14 @@ def test_triton_layout(exported):
         assert (model_dir / "1" / "model.onnx").is_file()
         config = (model_dir / "config.pbtxt").read_text()
         assert f'name: "diffss_{role}"' in config
-        assert 'backend: "onnxruntime"' in config and "max_batch_size: 0" in config
+        # dynamic batching as diffss-serve does it: Triton's dims then leave the batch axis out
+        assert 'backend: "onnxruntime"' in config and "max_batch_size: 8" in config
+        assert "max_queue_delay_microseconds: 5000" in config and "max_queue_size: 64" in config
         assert result["models"][role]["onnx"] == str(model_dir / "1" / "model.onnx")
         for tensor in result["models"][role]["inputs"] + result["models"][role]["outputs"]:
             assert f'name: "{tensor}"' in config
     decoder_config = (repo / "diffss_query_decoder" / "config.pbtxt").read_text()
-    assert "dims: [ -1, 3, -1, -1 ]" in decoder_config and "TYPE_FP32" in decoder_config
+    assert "dims: [ 3, -1, -1 ]" in decoder_config and "TYPE_FP32" in decoder_config
     assert "TYPE_INT64" in (repo / "diffss_segmenter" / "config.pbtxt").read_text()
 
 

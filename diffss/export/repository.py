@@ -12,6 +12,8 @@ from torch import nn
 from serving_contract import (
     CONFIG_FILE,
     DEFAULT_IMAGE_SIZE,
+    DEFAULT_MAX_BATCH_SIZE,
+    DEFAULT_MAX_QUEUE_DELAY_MS,
     FAMILY_KEY,
     GRAPH_ROLES,
     IMAGE_SIZE_KEY,
@@ -48,6 +50,8 @@ def export_model_repository(
     max_input_side: int | None = None,
     version: int = 1,
     parity_cases: Sequence[Sequence[int]] | None = None,
+    max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
+    max_queue_delay_ms: float = DEFAULT_MAX_QUEUE_DELAY_MS,
 ) -> dict:
     """Export the three graphs into ``repo_dir`` in Triton's layout and record parity.
 
@@ -58,6 +62,8 @@ def export_model_repository(
     config's ``image_size``, else 473). ``max_input_side`` (default: ``image_size``) is the
     largest height/width a server lets the graphs run at: the model's memory grows with the
     image side (PFENet's prior with its fourth power), so servers refuse larger tensors.
+    ``max_batch_size`` / ``max_queue_delay_ms`` go into each ``config.pbtxt``'s dynamic batching
+    (1: none), the defaults ``diffss-serve`` uses.
     Returns ``{"repo_dir", "name", "opset", "image_size", "max_input_side",
     "models": {role: {"name", "onnx", "config"}}, "parity", "parity_path"}``; ``parity["passed"]``
     says whether the thresholds were met (the export is kept either way so it can be inspected).
@@ -90,7 +96,7 @@ def export_model_repository(
     for role, graph in graphs.items():
         model_name = model_dir_name(name, role)
         config_path = model_dirs[role] / CONFIG_FILE
-        write_text_atomic(config_path, render_config_pbtxt(model_name, graph.path))
+        write_text_atomic(config_path, render_config_pbtxt(model_name, graph.path, max_batch_size, max_queue_delay_ms))
         models[role] = {
             "name": model_name,
             "onnx": str(graph.path),
