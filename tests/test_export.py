@@ -354,3 +354,28 @@ def test_parity_threshold_scales_with_the_logits():
     assert _compare(large, large + 2e-4)["max_scaled_logit_diff"] == pytest.approx(5e-6, rel=1e-2)
     small = large / 80
     assert _compare(small, small + 2e-4)["max_scaled_logit_diff"] == pytest.approx(2e-4, rel=1e-2)
+
+
+def test_triton_config_batches_only_batch_first_graphs(tmp_path):
+    """Triton's dims leave the batch axis out when max_batch_size > 0: only a graph whose every
+    tensor has the named batch axis first is configured for dynamic batching."""
+    from onnx import TensorProto, helper
+
+    from diffss.export import render_config_pbtxt
+
+    def identity(first_axis: str) -> str:
+        x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [first_axis, 3])
+        y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [first_axis, 3])
+        graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "g", [x], [y])
+        path = tmp_path / f"{first_axis}.onnx"
+        onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), str(path))
+        return str(path)
+
+    batched = render_config_pbtxt("m", identity("batch"), max_batch_size=4, max_queue_delay_ms=2.5, max_queue_size=9)
+    assert "max_batch_size: 4" in batched and "dims: [ 3 ]" in batched
+    assert "max_queue_delay_microseconds: 2500" in batched and "max_queue_size: 9" in batched
+    other = render_config_pbtxt("m", identity("rows"))
+    assert "max_batch_size: 0" in other and "dims: [ -1, 3 ]" in other and "dynamic_batching" not in other
+    assert "dynamic_batching" not in render_config_pbtxt("m", identity("batch"), max_batch_size=1)
+    with pytest.raises(ValueError, match="max_batch_size"):
+        render_config_pbtxt("m", identity("batch"), max_batch_size=0)
