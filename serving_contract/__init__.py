@@ -69,8 +69,9 @@ DEFAULT_IMAGE_SIZE = 473
 # -- dynamic batching (Triton's names): requests for one graph that arrive within
 # max_queue_delay of each other run as one batch of at most max_batch_size rows; at most
 # max_queue_size requests wait. diffss-serve's defaults, and what the exporter writes into each
-# config.pbtxt's dynamic_batching block so Triton batches the same way.
-DEFAULT_MAX_BATCH_SIZE = 8
+# config.pbtxt's dynamic_batching block so Triton batches the same way. A batch's memory grows
+# with its rows (PFENet at 473 px: about 150 MiB per row), hence 4.
+DEFAULT_MAX_BATCH_SIZE = 4
 DEFAULT_MAX_QUEUE_DELAY_MS = 5.0
 DEFAULT_MAX_QUEUE_SIZE = 64
 

@@ -229,6 +229,6 @@ def test_served_requests_are_batched_and_profiled(repo):
 
 def test_exported_triton_config_batches_like_the_server(repo):
     config = (repo / "proto_segmenter" / "config.pbtxt").read_text()
-    assert "max_batch_size: 8" in config and "max_queue_delay_microseconds: 5000" in config
+    assert "max_batch_size: 4" in config and "max_queue_delay_microseconds: 5000" in config
     assert "dims: [ 3, -1, -1 ]" in config  # query without its batch axis
     assert "dims: [ -1, 3, -1, -1 ]" in config  # support_images: shots first after batch

@@ -62,7 +62,7 @@ def test_triton_layout(exported):
         config = (model_dir / "config.pbtxt").read_text()
         assert f'name: "diffss_{role}"' in config
         # dynamic batching as diffss-serve does it: Triton's dims then leave the batch axis out
-        assert 'backend: "onnxruntime"' in config and "max_batch_size: 8" in config
+        assert 'backend: "onnxruntime"' in config and "max_batch_size: 4" in config
         assert "max_queue_delay_microseconds: 5000" in config and "max_queue_size: 64" in config
         assert result["models"][role]["onnx"] == str(model_dir / "1" / "model.onnx")
         for tensor in result["models"][role]["inputs"] + result["models"][role]["outputs"]:
