@@ -185,7 +185,6 @@ def test_served_requests_are_batched_and_profiled(repo):
     """Through the application: concurrent v2 requests share batches (Triton's batch_stats
     say so), each answer equals the local graph's, and /diffss/profile accounts for the phases."""
     import httpx
-    import tritonclient.http as triton_http  # noqa: F401 - the wire format the server speaks
 
     from deploy.app import create_app
     from deploy.runtime import load_repository
