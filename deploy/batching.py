@@ -140,7 +140,8 @@ class DynamicBatcher:
                 "retry later",
                 headers={"Retry-After": str(self.retry_after_s())},
             )
-        rows = next(iter(feeds.values())).shape[0] if feeds else 1
+        first_input = next(iter(feeds.values()), None)
+        rows = first_input.shape[0] if first_input is not None and first_input.ndim else 1
         key = (tuple((name, a.dtype.str, a.shape[1:]) for name, a in sorted(feeds.items())), tuple(outputs))
         pending = _Pending(feeds, tuple(outputs), int(rows), key, now, asyncio.get_running_loop().create_future())
         self._queue.append(pending)
