@@ -333,8 +333,26 @@ def cmd_demo_data(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     from diffss.export import export_model_repository
+    from diffss.export.quantize import AccuracyGuardError, quantize_data
 
-    info = export_model_repository(args.checkpoint, args.output, name=args.name)
+    data = None
+    if args.quantize:
+        # calibration and guard episodes: the checkpoint's own training data unless named
+        trained = Path(args.checkpoint) / "train_config.json"
+        saved = json.loads(trained.read_text()) if trained.is_file() else {}
+        dataset, root = args.dataset or saved.get("dataset"), args.root or saved.get("root")
+        if not dataset:
+            raise ValueError(f"--quantize needs episodes: {trained} is missing, so name --dataset (and --root)")
+        fold = args.fold if args.fold is not None else saved.get("fold", 0)
+        size = args.image_size or saved.get("image_size")
+        data = quantize_data(dataset, root, fold, size, shots=saved.get("true_shot", 1),
+                             calibration_episodes=args.calibration_episodes, guard_episodes=args.guard_episodes)
+    try:
+        info = export_model_repository(args.checkpoint, args.output, name=args.name, image_size=args.image_size,
+                                       quantize=args.quantize, quantize_data=data, max_miou_drop=args.max_miou_drop)
+    except AccuracyGuardError as exc:
+        print(f"diffss export: {exc}", file=sys.stderr)
+        return 3
     print(json.dumps(info, indent=2, default=str))
     return 0
 
@@ -612,6 +630,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint")
     p.add_argument("--output", default="data/exports/model_repository")
     p.add_argument("--name", default="diffss")
+    p.add_argument("--image-size", type=int, default=None, help="working size (default: the model config's, else 473)")
+    p.add_argument("--quantize", choices=("int8",), default=None,
+                   help="serve int8 graphs (onnxruntime static quantisation), refused if mIoU drops too much")
+    p.add_argument("--max-miou-drop", type=float, default=0.5, help="int8 accuracy guard, mIoU points (default %(default)s)")
+    p.add_argument("--dataset", default=None, help="episodes for calibration/guard (default: the checkpoint's train_config.json)")
+    p.add_argument("--root", default=None)
+    p.add_argument("--fold", type=int, default=None)
+    p.add_argument("--calibration-episodes", type=int, default=32, help="training episodes for activation ranges")
+    p.add_argument("--guard-episodes", type=int, default=100, help="test episodes both models are scored on")
     p.set_defaults(func=cmd_export)
     _add_real_data_commands(sub)
     _add_reproduce_commands(sub)
