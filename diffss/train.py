@@ -31,7 +31,7 @@ from diffss.metrics import FewShotMeter
 from diffss.models import MODEL_REGISTRY, FewShotSegmenter, build_model, load_model, poly_lr_schedule, segmentation_loss
 from diffss.protocol import FAMILIES, SCORE_AT, EvalProtocol, protocol_for, scored_prediction
 from diffss.training.config import JsonConfig
-from diffss.training.distributed import World
+from diffss.training.distributed import World, global_batch, make_global_batch
 from diffss.training.loop import CHECKPOINTS, STATE_NAME, TrainingRun, epoch_batches, run_steps  # noqa: F401 - CHECKPOINTS re-exported
 
 IGNORE_INDEX = 255
@@ -268,16 +268,19 @@ def train(config: TrainConfig, tracker: Any = None, progress: bool = True) -> Pa
         world.close()
         return out
 
+    if world.distributed:
+        make_global_batch(model)  # dropout masks and BatchNorm statistics of the whole batch
     loss_of = world.wrap(_EpisodeLoss(model, config.aux_loss_weight), device)
     batches = epoch_batches(dataset, config.batch_size, config.seed, step, config.num_workers, world)
 
     def train_step(step: int) -> tuple[float, float]:
-        batch, share = next(batches)
+        batch, part = next(batches)
         # Dropout/noise in the model follows (seed, step), so a resumed run matches.
         torch.manual_seed(config.seed * 1_000_003 + step)
-        loss = loss_of(batch, device)
+        with global_batch(part):
+            loss = loss_of(batch, device)
         if world.distributed:  # this rank's pixel-mean, weighted to its part of the batch's mean
-            loss = loss * _rank_weight(batch["query_mask"], share, world)
+            loss = loss * _rank_weight(batch["query_mask"], part.share, world)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

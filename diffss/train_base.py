@@ -24,7 +24,7 @@ from diffss.data.semantic import load_semantic_dataset
 from diffss.models import PSPNet, poly_lr_schedule
 from diffss.train import _STRICT, IGNORE_INDEX, NonNegativeInt, PositiveInt, _rank_weight, seed_everything
 from diffss.training.config import JsonConfig
-from diffss.training.distributed import World
+from diffss.training.distributed import World, global_batch, make_global_batch
 from diffss.training.loop import STATE_NAME, TrainingRun, epoch_batches, run_steps
 
 
@@ -97,17 +97,21 @@ def train_base(config: BaseTrainConfig, tracker: Any = None, progress: bool = Tr
         world.close()
         return run.out
 
-    net = world.wrap(model, device)
+    net = model
+    if world.distributed:
+        make_global_batch(model)  # dropout masks and BatchNorm statistics of the whole batch
+    net = world.wrap(net, device)
     batches = epoch_batches(dataset, config.batch_size, config.seed, step, config.num_workers, world)
 
     def train_step(step: int) -> tuple[float, float]:
-        batch, share = next(batches)
+        batch, part = next(batches)
         torch.manual_seed(config.seed * 1_000_003 + step)
-        logits = net(batch["image"].to(device))
+        with global_batch(part):
+            logits = net(batch["image"].to(device))
         labels = batch["label"].to(device)
         loss = F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX)
         if world.distributed:
-            loss = loss * _rank_weight(labels, share, world)
+            loss = loss * _rank_weight(labels, part.share, world)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

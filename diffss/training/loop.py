@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from diffss.atomic import atomic_path, remove_stale_temporaries, write_text_atomic
 from diffss.training.checkpoint import Checkpoint, CheckpointDir, CheckpointError
 from diffss.training.config import JsonConfig, check_same_run
-from diffss.training.distributed import World
+from diffss.training.distributed import BatchPart, World
 
 log = logging.getLogger(__name__)
 
@@ -173,13 +173,13 @@ def epoch_order(n: int, batch_size: int, generator_seed: int) -> list[list[int]]
 
 
 def epoch_batches(dataset, batch_size: int, seed: int, start_step: int, num_workers: int = 0,
-                  world: World | None = None, collate_fn: Callable | None = None) -> Iterator[tuple[Any, float]]:
+                  world: World | None = None, collate_fn: Callable | None = None) -> Iterator[tuple[Any, BatchPart]]:
     """Batches from step ``start_step`` on, for ever: epoch ``e`` shuffles with a generator seeded
     by (seed, e) and calls ``dataset.set_epoch(e)``, so a resumed run continues on the batches an
     uninterrupted one would have seen. Under ``torchrun`` each global batch of ``batch_size`` is
     split into one contiguous part per rank (a distributed sampler over episodes: each rank sees
-    different ones, an epoch covers the set once). Yields (this rank's batch, its share of the
-    global batch: len(part) / len(global batch))."""
+    different ones, an epoch covers the set once). Yields (this rank's batch, its
+    :class:`~diffss.training.distributed.BatchPart`)."""
     world = world or World.single()
     batches_per_epoch = math.ceil(len(dataset) / batch_size)
     step = start_step
@@ -188,9 +188,10 @@ def epoch_batches(dataset, batch_size: int, seed: int, start_step: int, num_work
         dataset.set_epoch(epoch)
         order = epoch_order(len(dataset), batch_size, seed * 100_003 + epoch)[offset:]
         parts = [world.part(batch) for batch in order]
-        loader = torch.utils.data.DataLoader(dataset, batch_sampler=[p for p, _ in parts], num_workers=num_workers,
+        loader = torch.utils.data.DataLoader(dataset, batch_sampler=[list(p.indices) for p in parts],
+                                             num_workers=num_workers,
                                              collate_fn=collate_fn,
                                              generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
-        for batch, (_, share) in zip(loader, parts):
-            yield batch, share
+        for batch, part in zip(loader, parts):
+            yield batch, part
             step += 1
