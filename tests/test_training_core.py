@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -87,17 +88,16 @@ def test_every_training_config_round_trips_json_and_names_its_changes(config, tm
 
 def test_a_base_learner_folder_of_the_old_layout_resumes_and_is_converted(demo_root, tmp_path):
     """Before the core, train-base kept one trainer_state.pt (weights + optimizer) beside the model."""
-    straight = train_base(_base_config(demo_root, tmp_path / "straight"), progress=False)
-    old = tmp_path / "old"
-    train_base(_base_config(demo_root, old, steps=2), progress=False)
-    step2 = CheckpointDir(old / "checkpoints").latest()
-    state = step2.load("trainer_state.pt", weights_only=False)
-    legacy = {"model": _psp(step2.path), "optimizer": state["optimizer"], "scheduler": state["scheduler"],
-              "step": 2, "history": state["history"]}
-    import shutil
-
-    shutil.rmtree(old / "checkpoints")
-    torch.save(legacy, old / "trainer_state.pt")  # what the old train-base wrote
+    straight = train_base(_base_config(demo_root, tmp_path / "straight"), progress=False)  # checkpoints at 2, 4
+    step2 = CheckpointDir(straight / "checkpoints").latest().path.with_name("step-00000002")
+    state = torch.load(step2 / "trainer_state.pt", weights_only=False)
+    old = tmp_path / "old"  # what the old train-base left when stopped after step 2
+    old.mkdir()
+    shutil.copyfile(straight / "base_train_config.json", old / "base_train_config.json")
+    for name in ("config.json", "model.safetensors"):
+        shutil.copyfile(step2 / name, old / name)
+    torch.save({"model": _psp(step2), "optimizer": state["optimizer"], "scheduler": state["scheduler"],
+                "step": 2, "history": state["history"]}, old / "trainer_state.pt")
 
     train_base(_base_config(demo_root, old), progress=False)
     _equal(_psp(straight), _psp(old))
@@ -114,14 +114,13 @@ def test_a_generator_folder_of_the_old_layout_resumes_and_is_converted(small_poo
                                     resolution=32, steps=steps, batch_size=2, checkpoint_every=2, seed=1,
                                     device="cpu", sizes={"resolution": 32})
 
-    straight = train_generator(config(tmp_path / "straight", 4), progress=False)
-    old = tmp_path / "old"
-    train_generator(config(old, 2), progress=False)
-    state = CheckpointDir(old / "checkpoints").latest().load("trainer_state.pt", weights_only=False)
-    import shutil
-
-    shutil.rmtree(old / "checkpoints")
-    torch.save(state, old / "training_state.pt")  # the old single file held exactly these keys
+    straight = train_generator(config(tmp_path / "straight", 4), progress=False)  # checkpoints at 2, 4
+    step2 = straight / "checkpoints" / "step-00000002"
+    old = tmp_path / "old"  # what the old generator training left when stopped after step 2
+    shutil.copytree(step2, old)
+    (old / "trainer_state.pt").rename(old / "training_state.pt")  # the old single file held exactly these keys
+    (old / "manifest.json").unlink()
+    shutil.copyfile(straight / "train_config.json", old / "train_config.json")
     train_generator(config(old, 4), progress=False)
     from diffusers import AutoencoderTiny
 

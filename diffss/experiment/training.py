@@ -25,8 +25,7 @@ def train_checkpoint(settings: ExperimentConfig, fold: Fold, condition: str, aux
     partial = out.with_name(out.name + ".partial")
     cfg = settings.train_config(fold, condition, auxiliary, partial)
     saved = partial / "train_config.json"
-    if partial.exists() and not (resume and saved.is_file()
-                                 and {**TrainConfig.from_json(saved).to_dict(), "steps": 0} == {**cfg.to_dict(), "steps": 0}):
+    if partial.exists() and not (resume and saved.is_file() and cfg.same_run_as(TrainConfig.from_json(saved))):
         shutil.rmtree(partial)
     train(cfg, tracker=tracker, progress=False)
     write_json(partial / "train_config.json", dataclasses.replace(cfg, output_dir=str(out)).to_dict())
@@ -52,8 +51,7 @@ def train_base_learner(settings: ExperimentConfig, fold: Fold, out: Path, tracke
     partial = out.with_name(out.name + ".partial")
     cfg = settings.base_train_config(fold, partial)
     saved = partial / "base_train_config.json"
-    if partial.exists() and not (resume and saved.is_file()
-                                 and {**BaseTrainConfig.from_json(saved).to_dict(), "steps": 0} == {**cfg.to_dict(), "steps": 0}):
+    if partial.exists() and not (resume and saved.is_file() and cfg.same_run_as(BaseTrainConfig.from_json(saved))):
         shutil.rmtree(partial)
     train_base(cfg, tracker=tracker, progress=False)
     history = pd.read_csv(partial / "history.csv")

@@ -4,7 +4,8 @@ Every training config (segmenter, base learner, generator) is a dataclass (pydan
 deriving from :class:`JsonConfig`: ``from_dict(cfg.to_dict()) == cfg`` and the JSON file a run
 writes is ``to_dict()``. ``RUNTIME_FIELDS`` name the fields that change where or how fast a run
 goes, not its result; ``RESUMABLE_FIELDS`` the ones a rerun into the same folder may change
-(``steps``: a finished run continues to the larger count).
+(``steps``: a finished run continues to the larger count). Two configs describe the same run when
+they differ in those fields only (:meth:`JsonConfig.same_run_as`).
 """
 
 from __future__ import annotations
@@ -57,11 +58,12 @@ class JsonConfig:
         return {k: v for k, v in self.to_dict().items() if k not in self.RUNTIME_FIELDS}
 
     def differences(self, other: "JsonConfig | dict[str, Any]") -> list[str]:
-        """Fields (other than ``RESUMABLE_FIELDS``) whose values differ from ``other``'s."""
+        """Result-deciding fields whose values differ from ``other``'s: neither ``RUNTIME_FIELDS``
+        (a run may resume on another device, from a moved folder) nor ``RESUMABLE_FIELDS``."""
         mine = self.to_dict()
         theirs = other.to_dict() if isinstance(other, JsonConfig) else json.loads(json.dumps(other))
         return sorted(k for k in set(mine) | set(theirs)
-                      if k not in self.RESUMABLE_FIELDS and mine.get(k) != theirs.get(k))
+                      if k not in self.RESUMABLE_FIELDS and k not in self.RUNTIME_FIELDS and mine.get(k) != theirs.get(k))
 
     def same_run_as(self, other: "JsonConfig | dict[str, Any]") -> bool:
         return not self.differences(other)
