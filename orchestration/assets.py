@@ -107,9 +107,12 @@ class SupportsRun(dg.Config):
 
 class TrainingRun(dg.Config):
     """``resume``: continue an interrupted training of the same settings (the weekly retrain turns
-    it off to train from scratch)."""
+    it off to train from scratch). ``processes``: train data-parallel in that many processes
+    (``torchrun --nproc-per-node``; on a multi-GPU pod, one per GPU); the same weights within
+    float rounding (docs/training.md)."""
 
     resume: bool = True
+    processes: int = 1
 
 
 def build_assets(settings: ExperimentConfig) -> list[dg.AssetsDefinition]:
@@ -171,7 +174,8 @@ def build_assets(settings: ExperimentConfig) -> list[dg.AssetsDefinition]:
             started, out = time.monotonic(), folder(context, "base_learner")
             with tracker.start(name=f"{fold.key}-base", job_type="train-base", group=fold.key,
                                config=experiment.base_train_config(fold, out)) as run:
-                info = ex.train_base_learner(experiment, fold, out, run, resume=config.resume)
+                info = ex.train_base_learner(experiment, fold, out, run, resume=config.resume,
+                                             processes=config.processes)
                 run.log_artifact(out, name=f"base-learner-{fold.key}", type="model", metadata={"partition": fold.key})
             return materialized(out, info, started)
 
@@ -346,7 +350,8 @@ def training_assets(s: ExperimentConfig, condition: str, code: list[str], inputs
         name = f"{fold.key}-{condition}"
         with tracker.start(name=name, job_type="train", config=experiment.train_config(fold, condition, table(experiment, fold), out),
                            group=fold.key) as run:
-            info = ex.train_checkpoint(experiment, fold, condition, table(experiment, fold), out, run, resume=config.resume)
+            info = ex.train_checkpoint(experiment, fold, condition, table(experiment, fold), out, run, resume=config.resume,
+                                       processes=config.processes)
             run.log_artifact(out, name=f"checkpoint-{name}", type="model", metadata={"partition": fold.key})
             info["wandb_run"] = run.run_id or "disabled"
         return materialized(out, info, started)

@@ -108,3 +108,28 @@ def test_base_learner_training_runs_under_torchrun(demo_root, tmp_path):
     PSPNet.from_pretrained(tmp_path / "base")
     assert CheckpointDir(tmp_path / "base" / "checkpoints").steps() == [3]
     assert len(pd.read_csv(tmp_path / "base" / "history.csv")) == 3
+
+
+def test_the_training_asset_setting_launches_torchrun_and_logs_the_loss_once(demo_root, tmp_path):
+    """`processes: 2` in the Dagster training run config: run_data_parallel starts torchrun and the
+    tracker (W&B) of the calling process gets each step's loss exactly once."""
+    from diffss.experiment.training import run_data_parallel
+    from diffss.train import TrainConfig
+
+    class Recorder:
+        def __init__(self):
+            self.steps = []
+
+        def log(self, values, step=None):
+            assert set(values) == {"train/loss", "train/lr"}
+            self.steps.append(step)
+
+    cfg = TrainConfig(dataset="demo", root=str(demo_root), image_size=64, steps=2, batch_size=4, checkpoint_every=2,
+                      device="cpu", output_dir=str(tmp_path / "run"))
+    recorder = Recorder()
+    run_data_parallel("train", cfg, 2, recorder, "train")
+    assert recorder.steps == [1, 2]
+    load_model(tmp_path / "run")
+    bad = TrainConfig(**{**cfg.to_dict(), "root": str(tmp_path / "nowhere"), "output_dir": str(tmp_path / "bad")})
+    with pytest.raises(RuntimeError, match="torchrun --nproc-per-node 2 diffss train failed"):
+        run_data_parallel("train", bad, 2, recorder, "train")
