@@ -101,7 +101,7 @@ def test_a_base_learner_folder_of_the_old_layout_resumes_and_is_converted(demo_r
 
     train_base(_base_config(demo_root, old), progress=False)
     _equal(_psp(straight), _psp(old))
-    assert not (old / "trainer_state.pt").exists() and CheckpointDir(old / "checkpoints").steps() == [2, 4]
+    assert not (old / "trainer_state.pt").exists() and CheckpointDir(old / "checkpoints").steps() == [4]
     assert pd.read_csv(old / "history.csv")["loss"].tolist() == pd.read_csv(straight / "history.csv")["loss"].tolist()
 
 
@@ -143,7 +143,7 @@ def test_an_unfinished_segmenter_run_of_the_old_layout_is_refused_with_what_to_d
 
 def test_train_base_checks_its_images_before_writing_anything(tmp_path):
     root = build_demo_dataset(tmp_path / "demo", seed=0)
-    victim = sorted((root / "images").rglob("*.jpg"))[5]
+    victim = sorted(root.rglob("*.jpg"))[5]
     victim.write_bytes(victim.read_bytes()[:200])  # a truncated JPEG
     out = tmp_path / "base"
     with pytest.raises(ValueError, match=victim.name):
@@ -162,7 +162,7 @@ def test_train_generator_never_overwrites_the_shipped_weights_by_default(tmp_pat
     assert rc == 2 and "--replace-shipped" in capsys.readouterr().err
     parser_help = subprocess.run([sys.executable, "-m", "diffss.cli", "train-generator", "--help"], cwd=ROOT,
                                  capture_output=True, text=True, timeout=120).stdout
-    assert "default: <work-dir>/weights" in parser_help
+    assert "default: <work-dir>/weights" in " ".join(parser_help.split())
 
 
 # ---- SIGKILL at random moments ------------------------------------------------------------

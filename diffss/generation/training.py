@@ -249,9 +249,12 @@ def _load_vae(base: str, local_files_only: bool):
     return cls.from_pretrained(folder, subfolder=sub, local_files_only=local_files_only)
 
 
-def _encode(vae, x: torch.Tensor) -> torch.Tensor:
+def _encode(vae, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     out = vae.encode(x)
-    latents = out.latents if hasattr(out, "latents") else out.latent_dist.sample()
+    # A KL autoencoder's latents are a sample: drawn from the run's own generator, not the global
+    # one (whose state at this point differs between processes), so two runs of one config, or a
+    # run and its resumption in a new process, train on the same latents.
+    latents = out.latents if hasattr(out, "latents") else out.latent_dist.sample(generator=generator)
     return latents * vae.config.scaling_factor
 
 
@@ -263,9 +266,10 @@ class _DiffusionStage(_Stage):
         self.config, self.data, self.device = config, data, device
         self.vae, self.tokenizer, self.scheduler = vae.to(device).eval().requires_grad_(False), tokenizer, scheduler
         latents = []
+        g = torch.Generator(device).manual_seed(config.seed)
         with torch.no_grad():
             for start in range(0, len(data), 64):
-                latents.append(_encode(self.vae, _pixels(data.images[start:start + 64]).to(device)).float().cpu())
+                latents.append(_encode(self.vae, _pixels(data.images[start:start + 64]).to(device), g).float().cpu())
         self.latents = torch.cat(latents)
         self.ids = self._tokenize(data.prompts)
         self.empty_ids = self._tokenize([""])
