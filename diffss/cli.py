@@ -262,10 +262,10 @@ def cmd_pretrain_backbone(args: argparse.Namespace) -> int:
 
     if args.preset != "demo":
         raise ValueError(f"unknown --preset {args.preset!r}; known: demo")
-    pool = build_pretraining_pool(Path(args.work_dir) / "pool", per_class=args.pool_per_class or DEMO_PRESET["pool_per_class"])
-    samples = [s for split in ("train", "test") for s in load_dataset("demo", root=pool, fold=0, split=split, episodes=1).samples]
     output = _outside_package(args.output or Path(args.work_dir) / SMALL_DEMO_WEIGHTS.name, args.replace_shipped,
                               SMALL_DEMO_WEIGHTS)
+    pool = build_pretraining_pool(Path(args.work_dir) / "pool", per_class=args.pool_per_class or DEMO_PRESET["pool_per_class"])
+    samples = [s for split in ("train", "test") for s in load_dataset("demo", root=pool, fold=0, split=split, episodes=1).samples]
     summary = pretrain_small_backbone(samples, output, steps=args.steps, seed=args.seed, progress=not args.quiet)
     print(json.dumps({**summary, "output": str(output)}, indent=2))
     return 0

@@ -160,9 +160,11 @@ def test_train_generator_never_overwrites_the_shipped_weights_by_default(tmp_pat
     rc = cli_main(["--quiet", "pretrain-backbone", "--work-dir", str(tmp_path / "w"), "--output",
                    str(PRETRAINED_DIR.parent / "y.safetensors")])
     assert rc == 2 and "--replace-shipped" in capsys.readouterr().err
-    parser_help = subprocess.run([sys.executable, "-m", "diffss.cli", "train-generator", "--help"], cwd=ROOT,
-                                 capture_output=True, text=True, timeout=120).stdout
-    assert "default: <work-dir>/weights" in " ".join(parser_help.split())
+    from diffss.cli import _outside_package, build_parser
+
+    assert build_parser().parse_args(["train-generator"]).output is None  # -> <work-dir>/weights, outside
+    assert _outside_package(tmp_path / "w" / "weights", False, PRETRAINED_DIR) == tmp_path / "w" / "weights"
+    assert _outside_package(None or tmp_path, True, PRETRAINED_DIR) == PRETRAINED_DIR  # --replace-shipped
 
 
 # ---- SIGKILL at random moments ------------------------------------------------------------
