@@ -122,7 +122,7 @@ def build_assets(settings: ExperimentConfig) -> list[dg.AssetsDefinition]:
     # plots are its product, so only its code version includes the plotting code.
     data_code = ["diffss.data", "diffss.experiment.config", "diffss.experiment.data"]
     support_code = ["diffss.conditions", "diffss.data", "diffss.experiment.config", "diffss.experiment.supports"]
-    train_code = ["diffss.train", "diffss.models", "diffss.data", "diffss.experiment.config", "diffss.experiment.training"]
+    train_code = ["diffss.train", "diffss.training", "diffss.models", "diffss.data", "diffss.experiment.config", "diffss.experiment.training"]
     plan = {"train_aux_shot": s.train_aux_shot, "true_shot": s.train.true_shot, "eval_aux_shot": s.eval_aux_shot,
             "xshot_shots": s.xshot_shots, "shot": s.evaluation.shot, "episodes": s.evaluation.episodes,
             "seeds": s.evaluation.seeds, "image_size": s.evaluation.image_size, "model": s.train.model}
@@ -163,7 +163,7 @@ def build_assets(settings: ExperimentConfig) -> list[dg.AssetsDefinition]:
     if s.uses_base_learner:
         @dg.asset(partitions_def=FOLD_PARTITIONS, group_name="training", deps=[raw_dataset], **GPU,
                   kinds={"pytorch", "safetensors"}, code_version=code_version(
-                      ["diffss.train_base", "diffss.train", "diffss.models", "diffss.data", "diffss.experiment.config",
+                      ["diffss.train_base", "diffss.train", "diffss.training", "diffss.models", "diffss.data", "diffss.experiment.config",
                        "diffss.experiment.training"],
                       {**s.base_train.output_settings(), "pretrained": weights_identity(s.base_train.pretrained)}),
                   description="BAM's base learner: a PSPNet trained by semantic segmentation of the fold's base "

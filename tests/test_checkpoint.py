@@ -1,4 +1,4 @@
-"""Atomic checkpoints (diffss.checkpoint) and training resume after a kill at the worst moment."""
+"""Atomic checkpoints (diffss.training.checkpoint) and training resume after a kill at the worst moment."""
 
 from __future__ import annotations
 
