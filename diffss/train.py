@@ -184,7 +184,6 @@ def _episode_loss(model: FewShotSegmenter, batch: dict[str, Any], device: torch.
     return segmentation_loss(logits, batch["query_mask"].to(device), aux_logits, aux_weight=aux_weight, ignore_index=IGNORE_INDEX)
 
 
-MODEL_FILES = ("model.safetensors", "config.json")  # config last: its presence means the pair is whole
 
 
 class _EpisodeLoss(torch.nn.Module):
