@@ -266,7 +266,9 @@ def cmd_pretrain_backbone(args: argparse.Namespace) -> int:
                               SMALL_DEMO_WEIGHTS)
     pool = build_pretraining_pool(Path(args.work_dir) / "pool", per_class=args.pool_per_class or DEMO_PRESET["pool_per_class"])
     samples = [s for split in ("train", "test") for s in load_dataset("demo", root=pool, fold=0, split=split, episodes=1).samples]
-    summary = pretrain_small_backbone(samples, output, steps=args.steps, seed=args.seed, progress=not args.quiet)
+    summary = pretrain_small_backbone(samples, output, steps=args.steps, seed=args.seed, progress=not args.quiet,
+                                      run_dir=Path(args.work_dir) / "pretrain-backbone",
+                                      checkpoint_every=args.checkpoint_every)
     print(json.dumps({**summary, "output": str(output)}, indent=2))
     return 0
 
@@ -440,6 +442,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=2000)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--pool-per-class", type=int, default=None, help="pool images per class (default: the generator's)")
+    p.add_argument("--checkpoint-every", type=int, default=100, help="steps between checkpoints (resumable run "
+                   "in <work-dir>/pretrain-backbone)")
     p.set_defaults(func=cmd_pretrain_backbone)
 
     p = sub.add_parser("demo-check", help="does the demo world need its supports? (K-shot and oracle vs 1-shot)")

@@ -249,3 +249,18 @@ def test_generator_training_killed_at_random_moments_ends_as_an_uninterrupted_ru
     _equal(ControlNetModel.from_pretrained(tmp_path / "straight").state_dict(),
            ControlNetModel.from_pretrained(tmp_path / "killed").state_dict())
     _assert_clean(tmp_path / "killed")
+
+
+def test_pretrain_backbone_killed_at_random_moments_ends_as_an_uninterrupted_run(tmp_path):
+    from safetensors.torch import load_file
+
+    def args(work: Path) -> list[str]:
+        return ["pretrain-backbone", "--work-dir", str(work), "--output", str(work / "small.safetensors"),
+                "--steps", "30", "--checkpoint-every", "5", "--pool-per-class", "3"]
+
+    span = _straight(args(tmp_path / "straight"))
+    killed = _run_until_done(args(tmp_path / "killed"), kills=4, seed=3, span=span)
+    assert killed >= 1
+    _equal(load_file(str(tmp_path / "straight" / "small.safetensors")),
+           load_file(str(tmp_path / "killed" / "small.safetensors")))
+    _assert_clean(tmp_path / "killed" / "pretrain-backbone")  # the pool's rendering is not training's
