@@ -8,8 +8,9 @@
   published model, history, resume, legacy layouts) and :func:`run_steps` (the step loop), plus
   :func:`epoch_batches`, the resumable (and, under ``torchrun``, distributed) batch order.
 - :mod:`diffss.training.distributed`: DistributedDataParallel under ``torchrun``.
+- :mod:`diffss.training.recipes`: the official PFENet / BAM / HSNet recipes as named presets.
 
 The core imports only torch and :mod:`diffss.atomic`, so any stage's trainer may build on it
 (segmenters: :mod:`diffss.train`, BAM's base learner: :mod:`diffss.train_base`, the generator:
-:mod:`diffss.generation.training`).
+:mod:`diffss.generation.training`, the small backbone: :mod:`diffss.models.pretraining`).
 """
