@@ -250,12 +250,27 @@ def cmd_train_controlnet(args: argparse.Namespace) -> int:
     return 0
 
 
+def _outside_package(output: str | Path, replace_shipped: bool, shipped: Path) -> Path:
+    """``output`` unless it lies inside the installed package (its shipped weights): a training
+    command writes there only with --replace-shipped, which then writes ``shipped`` itself."""
+    if replace_shipped:
+        return shipped
+    output = Path(output)
+    package = Path(__file__).resolve().parent
+    if output.resolve() == package or package in output.resolve().parents:
+        raise ValueError(f"--output {output} lies inside the installed package ({package}); it would overwrite the "
+                         f"weights shipped with diffss. Choose another folder, or pass --replace-shipped to "
+                         f"refresh the shipped weights on purpose")
+    return output
+
+
 def cmd_train_generator(args: argparse.Namespace) -> int:
     from diffss.generation.demo_generator import PRETRAINED_DIR, train_demo_generator
 
     if args.preset != "demo":
         raise ValueError(f"unknown --preset {args.preset!r}; known: demo")
-    config = train_demo_generator(output_dir=args.output or PRETRAINED_DIR, work_dir=args.work_dir, seed=args.seed,
+    output = _outside_package(args.output or Path(args.work_dir) / "weights", args.replace_shipped, PRETRAINED_DIR)
+    config = train_demo_generator(output_dir=output, work_dir=args.work_dir, seed=args.seed,
                                   steps_scale=args.steps_scale, pool_per_class=args.pool_per_class,
                                   batch_size=args.batch_size, device=args.device, progress=not args.quiet)
     print(f"demo generator: {Path(config.base_model).parent} (generation_config.json there)")
@@ -270,10 +285,13 @@ def cmd_pretrain_backbone(args: argparse.Namespace) -> int:
 
     if args.preset != "demo":
         raise ValueError(f"unknown --preset {args.preset!r}; known: demo")
+    output = _outside_package(args.output or Path(args.work_dir) / SMALL_DEMO_WEIGHTS.name, args.replace_shipped,
+                              SMALL_DEMO_WEIGHTS)
     pool = build_pretraining_pool(Path(args.work_dir) / "pool", per_class=args.pool_per_class or DEMO_PRESET["pool_per_class"])
     samples = [s for split in ("train", "test") for s in load_dataset("demo", root=pool, fold=0, split=split, episodes=1).samples]
-    output = Path(args.output) if args.output else SMALL_DEMO_WEIGHTS
-    summary = pretrain_small_backbone(samples, output, steps=args.steps, seed=args.seed, progress=not args.quiet)
+    summary = pretrain_small_backbone(samples, output, steps=args.steps, seed=args.seed, progress=not args.quiet,
+                                      run_dir=Path(args.work_dir) / "pretrain-backbone",
+                                      checkpoint_every=args.checkpoint_every)
     print(json.dumps({**summary, "output": str(output)}, indent=2))
     return 0
 
@@ -584,7 +602,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train-generator", help="train a complete small SD + ControlNet (the demo's generator)")
     p.add_argument("--preset", default="demo", help="demo: the demo world's pretraining pool and settings")
-    p.add_argument("--output", default=None, help="where the float16 weights go (default: the package's shipped folder)")
+    p.add_argument("--output", default=None, help="where the float16 weights go (default: <work-dir>/weights)")
+    p.add_argument("--replace-shipped", action="store_true",
+                   help="write the weights shipped inside the package (maintainers refreshing them)")
     p.add_argument("--work-dir", default="data/generator/demo", help="pool, stage checkpoints (resumable)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps-scale", type=float, default=1.0, help="multiply every stage's steps (short trial runs)")
@@ -595,11 +615,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("pretrain-backbone", help="pretrain the small backbone on the demo world's pool (its ImageNet)")
     p.add_argument("--preset", default="demo", help="demo: the demo world's pretraining pool")
-    p.add_argument("--output", default=None, help="safetensors file (default: the package's shipped weights)")
+    p.add_argument("--output", default=None, help="safetensors file (default: <work-dir>/small_demo.safetensors)")
+    p.add_argument("--replace-shipped", action="store_true",
+                   help="write the weights shipped inside the package (maintainers refreshing them)")
     p.add_argument("--work-dir", default="data/generator/demo", help="where the pool is rendered (shared with train-generator)")
     p.add_argument("--steps", type=int, default=2000)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--pool-per-class", type=int, default=None, help="pool images per class (default: the generator's)")
+    p.add_argument("--checkpoint-every", type=int, default=100, help="steps between checkpoints (resumable run "
+                   "in <work-dir>/pretrain-backbone)")
     p.set_defaults(func=cmd_pretrain_backbone)
 
     p = sub.add_parser("demo-check", help="does the demo world need its supports? (K-shot and oracle vs 1-shot)")

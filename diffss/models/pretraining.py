@@ -14,7 +14,10 @@ file) and freezes it, as a pretrained ResNet is.
 
 from __future__ import annotations
 
+import hashlib
 import os
+import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +26,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from diffss.atomic import atomic_path
+from diffss.training.config import JsonConfig
+from diffss.training.loop import TrainingRun, run_steps
 
 
 def _pool_tensors(samples: list, size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[str]]:
@@ -40,19 +45,57 @@ def _pool_tensors(samples: list, size: int) -> tuple[torch.Tensor, torch.Tensor,
             torch.tensor([index[s.class_name] for s in samples]), classes)
 
 
+@dataclass
+class PretrainConfig(JsonConfig):
+    """One pretraining run. ``pool`` identifies the samples (a digest of their names, classes and
+    files' sizes), so a rerun into the same folder with another pool is refused."""
+
+    output: str
+    pool: str
+    steps: int = 1500
+    batch_size: int = 16
+    lr: float = 2e-3
+    image_size: int = 96
+    seed: int = 0
+    checkpoint_every: int = 100
+
+    RUNTIME_FIELDS = ("output", "checkpoint_every")
+
+
+def _pool_digest(samples: list) -> str:
+    sha = hashlib.sha256()
+    for s in samples:
+        sha.update(f"{s.name}|{s.class_name}|{Path(s.image_path).stat().st_size}\n".encode())
+    return sha.hexdigest()[:16]
+
+
+BACKBONE_FILE = "backbone.safetensors"
+
+
 def pretrain_small_backbone(samples: list, output: str | os.PathLike, steps: int = 1500, batch_size: int = 16,
-                            lr: float = 2e-3, image_size: int = 96, seed: int = 0, progress: bool = True) -> dict:
+                            lr: float = 2e-3, image_size: int = 96, seed: int = 0, progress: bool = True,
+                            run_dir: str | os.PathLike | None = None, checkpoint_every: int = 100) -> dict:
     """Train a :class:`~diffss.models.backbone.SmallBackbone` on ``samples`` (image, mask, class)
-    and write its state dict to ``output`` (safetensors, atomic). Returns the loss history summary."""
+    and write its state dict to ``output`` (safetensors, atomic). Returns the loss history summary.
+
+    The run is a :mod:`diffss.training` run in ``run_dir`` (default ``<output>.run`` beside it):
+    checkpoints every ``checkpoint_every`` steps hold the backbone, the head, the optimizer and
+    the sampling generator's state, so a rerun after a kill resumes and ends with the weights of
+    an uninterrupted run."""
     from safetensors.torch import save_file
-    from tqdm.auto import tqdm
 
     from diffss.models.backbone import SmallBackbone
     from diffss.models.base import poly_lr_schedule
 
     if not samples:
         raise ValueError("pretrain_small_backbone: no samples")
+    output = Path(output)
+    config = PretrainConfig(output=str(output), pool=_pool_digest(samples), steps=steps, batch_size=batch_size,
+                            lr=lr, image_size=image_size, seed=seed, checkpoint_every=checkpoint_every)
+    run = TrainingRun(config, run_dir or output.with_name(output.name + ".run"), "pretrain_config.json")
+    run.check_same_run()
     images, masks, labels, classes = _pool_tensors(samples, image_size)
+    run.prepare()
     g = torch.Generator().manual_seed(seed)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -61,9 +104,19 @@ def pretrain_small_backbone(samples: list, output: str | os.PathLike, steps: int
     params = [*backbone.parameters(), *head.parameters()]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=1e-4)
     schedule = poly_lr_schedule(optimizer, steps)
-    backbone.train()
-    losses = []
-    for _ in tqdm(range(steps), desc="pretrain backbone", unit="step", disable=not progress):
+    metadata = {"classes": ",".join(classes), "steps": str(steps), "seed": str(seed), "image_size": str(image_size)}
+
+    step, history = 0, []
+    latest, state = run.latest()
+    if state is not None:
+        backbone.load_state_dict(state["backbone"])
+        head.load_state_dict(state["head"])
+        optimizer.load_state_dict(state["optimizer"])
+        schedule.load_state_dict(state["scheduler"])
+        g.set_state(state["generator"])
+        step, history = int(state["step"]), list(state["history"])
+
+    def train_step(step: int) -> tuple[float, float]:
         pick = torch.randint(len(labels), (batch_size,), generator=g)
         x = images[pick].float().div(255.0)
         flip = torch.rand(batch_size, generator=g) < 0.5  # the world has no left or right
@@ -79,11 +132,23 @@ def pretrain_small_backbone(samples: list, output: str | os.PathLike, steps: int
         loss.backward()
         optimizer.step()
         schedule.step()
-        losses.append(float(loss.detach()))
-    state = {k: v.detach().contiguous() for k, v in backbone.state_dict().items()}
-    with atomic_path(Path(output)) as tmp:
-        save_file(state, str(tmp), metadata={"classes": ",".join(classes), "steps": str(steps), "seed": str(seed),
-                                             "image_size": str(image_size)})
+        return float(loss.detach()), schedule.get_last_lr()[0]
+
+    def write(folder: Path) -> None:
+        state = {k: v.detach().contiguous() for k, v in backbone.state_dict().items()}
+        save_file(state, str(folder / BACKBONE_FILE), metadata=metadata)
+
+    def save(step: int) -> None:
+        run.save(step, write, {"backbone": backbone.state_dict(), "head": head.state_dict(),
+                               "optimizer": optimizer.state_dict(), "scheduler": schedule.state_dict(),
+                               "generator": g.get_state()}, history)
+
+    backbone.train()
+    run_steps(start_step=step, steps=steps, history=history, train_step=train_step, save=save,
+              checkpoint_every=checkpoint_every, progress=progress, desc="pretrain backbone", unit="step")
+    with atomic_path(output) as tmp:
+        shutil.copyfile(run.out / BACKBONE_FILE, tmp)
+    losses = [h["loss"] for h in history]
     window = max(1, steps // 10)
     return {"first_loss": float(np.mean(losses[:window])), "last_loss": float(np.mean(losses[-window:])),
             "steps": steps, "classes": len(classes), "images": len(labels)}
