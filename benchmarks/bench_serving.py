@@ -17,8 +17,23 @@ other processes on the machine).
   segmenting a query against a registered 5-shot support set vs the full 5-shot episode
   (``/diffss/segment``).
 - ``served_vs_inprocess_throughput_ratio``: requests/s of 4 concurrent tritonclient clients
-  (binary tensors, 1-shot PFENet episodes) over requests/s of back-to-back in-process
-  ``session.run`` calls with the server's session settings; rounds alternate to share drift.
+  (binary tensors, 1-shot PFENet episodes) of a server with dynamic batching on (its defaults)
+  over requests/s of back-to-back batch-1 in-process ``session.run`` calls with the server's
+  session settings; rounds alternate to share drift. ``..._unbatched``: the same against a
+  server with ``--max-batch-size 1``; ``served_requests_per_s_niceness0``: batched, with the
+  run threads at the event loop's priority (``--run-niceness 0``), to see what the priority costs.
+- ``profile_v2_ms_<phase>``: where one served request's time goes under that 4-client load
+  (server's ``/diffss/profile``, mean per request): ``receive``, ``decode``, ``validation``,
+  ``queue``, ``run`` (the batch's onnxruntime call), ``encode``, ``framework`` (the server's
+  time outside the route: routing, middleware, starlette), ``client_and_network`` (the client's
+  latency minus the server's); ``mean_batch_size_served`` the requests per onnxruntime call.
+- ``p99_latency_ms_served``: p99 client latency at the number of clients (1, 2, 4, 8) whose
+  throughput peaks (``peak_throughput_clients``, ``peak_served_requests_per_s``), and
+  ``health_latency_ms_at_peak_throughput`` the liveness probe's p99 meanwhile (goal < 100 ms).
+- ``int8_speedup_vs_fp32_cpu``: fp32 / int8 time of PFENet's segmenter graph (small backbone,
+  473 px, 1-shot, one thread each); ``int8_miou_drop``: fp32 minus int8 mIoU (points) of the
+  same graphs (backbone with the shipped demo weights, untrained head) on the same demo test
+  episodes (``int8_guard_episodes``), the export's accuracy guard (goal <= 0.5).
 - ``serve_rss_mib_worst_images``: peak RSS (the kernel's high-water mark, VmHWM, reset after
   warm-up) of a ``diffss-serve`` with its default limits while 8 clients send the largest images
   those limits allow: 1-shot PFENet episodes whose query, support image and mask are PNGs of
@@ -55,6 +70,9 @@ ROUNDS = 2
 WORST_CLIENTS = 8
 WORST_REQUESTS_PER_CLIENT = 2
 PROBE_INTERVAL_S = 0.01
+SWEEP_CLIENTS = (1, 2, 4, 8)
+INT8_CALIBRATION = 16
+INT8_GUARD = 40
 
 
 def _cores() -> int:
@@ -192,21 +210,33 @@ def _cached_ratio(server: ServerProcess) -> dict[str, float]:
     return results
 
 
-def _throughput(server: ServerProcess, repo: Path) -> dict[str, float]:
+def _get_json(server: ServerProcess, path: str) -> dict:
+    import json
+
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
+    try:
+        conn.request("GET", path)
+        return json.loads(conn.getresponse().read())
+    finally:
+        conn.close()
+
+
+def _feeds(seed: int = 2) -> dict[str, np.ndarray]:
+    query, support_images, support_masks = _episode(1, seed=seed)
+    return {"query": query.numpy(), "support_images": support_images.numpy(), "support_masks": support_masks.numpy()}
+
+
+def _load(server: ServerProcess, feeds: dict, clients: int, requests_per_client: int, probe: bool = False) -> dict:
+    """``clients`` tritonclient clients, one thread each, each sending ``requests_per_client``
+    binary 1-shot episodes back to back: requests/s, client latencies, and (``probe``) the
+    liveness probe's latencies meanwhile."""
     import tritonclient.http as triton
 
-    from deploy.runtime import load_model
-
-    query, support_images, support_masks = _episode(1, seed=2)
-    feeds = {"query": query.numpy(), "support_images": support_images.numpy(), "support_masks": support_masks.numpy()}
-    session = load_model(repo / "pfenet_segmenter", ["CPUExecutionProvider"])
-    total = CLIENTS * REQUESTS_PER_CLIENT
-
-    def inprocess() -> float:
-        start = time.perf_counter()
-        for _ in range(total):
-            session.run(feeds)
-        return total / (time.perf_counter() - start)
+    errors: list[BaseException] = []
+    latencies: list[float] = []
+    probes: list[float] = []
+    ready = threading.Barrier(clients + 1)
+    done = threading.Event()
 
     def inputs():
         tensors = []
@@ -216,46 +246,175 @@ def _throughput(server: ServerProcess, repo: Path) -> dict[str, float]:
             tensors.append(tensor)
         return tensors
 
-    def served() -> float:
-        errors: list[BaseException] = []
-        ready = threading.Barrier(CLIENTS + 1)
+    outputs = [triton.InferRequestedOutput("logits", binary_data=True)]
 
-        def worker():
-            # one client per thread: tritonclient.http runs on gevent, whose hub is per thread
-            try:
-                client = triton.InferenceServerClient(server.url, network_timeout=300)
-                client.is_server_live()  # connection open before the clock starts
-            except BaseException as exc:
-                errors.append(exc)
-            ready.wait()
-            try:
-                for _ in range(REQUESTS_PER_CLIENT):
-                    client.infer("pfenet_segmenter", inputs()).as_numpy("logits")
-            except BaseException as exc:
-                errors.append(exc)
-
-        threads = [threading.Thread(target=worker) for _ in range(CLIENTS)]
-        for t in threads:
-            t.start()
+    def worker():
+        # one client per thread: tritonclient.http runs on gevent, whose hub is per thread
+        try:
+            client = triton.InferenceServerClient(server.url, network_timeout=300)
+            client.is_server_live()  # connection open before the clock starts
+        except BaseException as exc:
+            errors.append(exc)
         ready.wait()
-        start = time.perf_counter()
-        for t in threads:
-            t.join()
-        elapsed = time.perf_counter() - start
-        if errors:
-            raise RuntimeError(f"served requests failed: {errors[0]}")
-        return total / elapsed
+        try:
+            for _ in range(requests_per_client):
+                start = time.perf_counter()
+                client.infer("pfenet_segmenter", inputs(), outputs=outputs).as_numpy("logits")
+                latencies.append(time.perf_counter() - start)
+        except BaseException as exc:
+            errors.append(exc)
 
-    session.run(feeds)
-    inproc_rates, served_rates = [], []
-    for _ in range(ROUNDS):
-        inproc_rates.append(inprocess())
-        served_rates.append(served())
-    inproc, serv = float(np.mean(inproc_rates)), float(np.mean(served_rates))
+    def prober():
+        while not done.is_set():
+            conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
+            start = time.perf_counter()
+            conn.request("GET", "/v2/health/live")
+            conn.getresponse().read()
+            probes.append(time.perf_counter() - start)
+            conn.close()
+            time.sleep(PROBE_INTERVAL_S)
+
+    threads = [threading.Thread(target=worker) for _ in range(clients)]
+    for t in threads:
+        t.start()
+    probe_thread = threading.Thread(target=prober) if probe else None
+    ready.wait()
+    if probe_thread:
+        probe_thread.start()
+    start = time.perf_counter()
+    for t in threads:
+        t.join()
+    elapsed = time.perf_counter() - start
+    done.set()
+    if probe_thread:
+        probe_thread.join()
+    if errors:
+        raise RuntimeError(f"served requests failed: {errors[0]}")
+    return {"rate": clients * requests_per_client / elapsed, "latencies": latencies, "probes": probes}
+
+
+def _profile(before: dict, after: dict, client_latencies: list[float]) -> dict[str, float]:
+    """Mean ms per request of each phase between two /diffss/profile snapshots."""
+    def phases(snapshot):
+        return snapshot["phases"].get("v2_infer", {})
+
+    old, new = phases(before), phases(after)
+    requests = new["handler"]["count"] - old.get("handler", {"count": 0})["count"]
+    if requests <= 0:
+        return {}
+
+    def ms(phase):
+        return (new.get(phase, {"ns": 0})["ns"] - old.get(phase, {"ns": 0})["ns"]) / requests / 1e6
+
+    out = {f"profile_v2_ms_{phase}": ms(phase)
+           for phase in ("receive", "decode", "validation", "queue", "run", "encode", "handler", "request")}
+    out["profile_v2_ms_framework"] = ms("request") - ms("handler")
+    out["profile_v2_ms_client_latency"] = float(np.mean(client_latencies)) * 1000
+    out["profile_v2_ms_client_and_network"] = out["profile_v2_ms_client_latency"] - ms("request")
+    return out
+
+
+def _mean_batch(stats_before: dict, stats_after: dict) -> float:
+    def counts(stats):
+        s = stats["model_stats"][0]
+        return s["inference_stats"]["queue"]["count"], s["execution_count"]
+
+    (requests0, runs0), (requests1, runs1) = counts(stats_before), counts(stats_after)
+    return (requests1 - requests0) / max(1, runs1 - runs0)
+
+
+def _throughput(repo: Path, tmp: Path) -> dict[str, float]:
+    from deploy.runtime import load_model
+
+    feeds = _feeds()
+    session = load_model(repo / "pfenet_segmenter", ["CPUExecutionProvider"])
+    total = CLIENTS * REQUESTS_PER_CLIENT
+    servers = {
+        "batched": ServerProcess(repo, tmp / "batched.log", "--max-body-bytes", str(256 << 20)),
+        "unbatched": ServerProcess(repo, tmp / "unbatched.log", "--max-body-bytes", str(256 << 20), "--max-batch-size", "1"),
+        "niceness0": ServerProcess(repo, tmp / "nice0.log", "--max-body-bytes", str(256 << 20), "--run-niceness", "0"),
+    }
+
+    def inprocess() -> float:
+        start = time.perf_counter()
+        for _ in range(total):
+            session.run(feeds)
+        return total / (time.perf_counter() - start)
+
+    try:
+        session.run(feeds)
+        for server in servers.values():
+            _load(server, feeds, 1, 2)  # warm-up: sessions, arenas, connections
+        rates: dict[str, list[float]] = {"inprocess": [], **{name: [] for name in servers}}
+        latencies: list[float] = []
+        profile: dict[str, float] = {}
+        for round_index in range(ROUNDS):
+            rates["inprocess"].append(inprocess())
+            for name, server in servers.items():
+                if name == "batched" and round_index == ROUNDS - 1:
+                    before, stats_before = _get_json(server, "/diffss/profile"), _get_json(server, "/v2/models/pfenet_segmenter/stats")
+                result = _load(server, feeds, CLIENTS, REQUESTS_PER_CLIENT)
+                rates[name].append(result["rate"])
+                if name == "batched" and round_index == ROUNDS - 1:
+                    latencies = result["latencies"]
+                    profile = _profile(before, _get_json(server, "/diffss/profile"), latencies)
+                    profile["mean_batch_size_served"] = _mean_batch(
+                        stats_before, _get_json(server, "/v2/models/pfenet_segmenter/stats"))
+        mean = {name: float(np.mean(values)) for name, values in rates.items()}
+        # the load where throughput peaks, with the liveness probe meanwhile
+        sweep = {clients: _load(servers["batched"], feeds, clients, max(2, total // clients), probe=True)
+                 for clients in SWEEP_CLIENTS}
+    finally:
+        for server in servers.values():
+            server.stop()
+    peak = max(sweep, key=lambda c: sweep[c]["rate"])
     return {
-        "served_vs_inprocess_throughput_ratio": serv / inproc,
-        "served_requests_per_s": serv,
-        "inprocess_requests_per_s": inproc,
+        "served_vs_inprocess_throughput_ratio": mean["batched"] / mean["inprocess"],
+        "served_vs_inprocess_throughput_ratio_unbatched": mean["unbatched"] / mean["inprocess"],
+        "served_requests_per_s": mean["batched"],
+        "served_requests_per_s_unbatched": mean["unbatched"],
+        "served_requests_per_s_niceness0": mean["niceness0"],
+        "inprocess_requests_per_s": mean["inprocess"],
+        **profile,
+        **{f"served_requests_per_s_{c}_clients": sweep[c]["rate"] for c in sweep},
+        "peak_throughput_clients": float(peak),
+        "peak_served_requests_per_s": sweep[peak]["rate"],
+        "p99_latency_ms_served": float(np.percentile(sweep[peak]["latencies"], 99)) * 1000,
+        "health_latency_ms_at_peak_throughput": float(np.percentile(sweep[peak]["probes"], 99)) * 1000,
+    }
+
+
+def _int8(repo: Path, tmp: Path) -> dict[str, float]:
+    """int8 vs fp32 PFENet at 473 px: speed on one thread, mIoU on the same demo episodes."""
+    import torch
+
+    from deploy.runtime import load_model
+    from diffss.data import build_demo_dataset
+    from diffss.export import export_model_repository, load_parity
+    from diffss.export.quantize import quantize_data
+    from diffss.models import build_model
+
+    demo = build_demo_dataset(tmp / "demo", seed=0, num_classes=20, per_class=4)
+    data = quantize_data("demo", demo, 0, IMAGE_SIZE, calibration_episodes=INT8_CALIBRATION, guard_episodes=INT8_GUARD)
+    torch.manual_seed(0)
+    model = build_model("pfenet", backbone="small", pretrained="demo").eval()
+    int8_repo = tmp / "int8_repo"
+    export_model_repository(model, int8_repo, name="pfenet", sample_size=64, image_size=IMAGE_SIZE,
+                            parity_cases=[(1, 1, 96, 96)], quantize="int8", quantize_data=data,
+                            max_miou_drop=100.0)  # the benchmark records the drop; the export's default guard is 0.5
+    record = load_parity(int8_repo, "pfenet")["quantization"]
+    feeds = _feeds(seed=3)
+    fp32 = load_model(repo / "pfenet_segmenter", ["CPUExecutionProvider"], intra_op_threads=1)
+    int8 = load_model(int8_repo / "pfenet_segmenter", ["CPUExecutionProvider"], intra_op_threads=1)
+    best = _interleaved_best({"fp32": lambda: fp32.run(feeds), "int8": lambda: int8.run(feeds)})
+    return {
+        "int8_speedup_vs_fp32_cpu": best["fp32"] / best["int8"],
+        "int8_cpu_ms_1thread": best["int8"] * 1000,
+        "fp32_cpu_ms_1thread": best["fp32"] * 1000,
+        "int8_miou_drop": record["miou_drop"],
+        "int8_miou": record["int8_miou"],
+        "fp32_miou": record["fp32_miou"],
+        "int8_guard_episodes": float(record["guard_episodes"]),
     }
 
 
@@ -353,10 +512,11 @@ def run() -> dict[str, float]:
         server = ServerProcess(repo, Path(tmp) / "server.log", "--max-body-bytes", str(256 << 20))
         try:
             results.update(_cached_ratio(server))
-            results.update(_throughput(server, repo))
         finally:
             server.stop()
+        results.update(_throughput(repo, Path(tmp)))
         results.update(_worst_images(repo, Path(tmp)))
+        results.update(_int8(repo, Path(tmp)))
     # Other processes on the machine distort all of the above; the 1-minute load average
     # (before, after) says how busy it was.
     results["loadavg_1min_before"] = load_before

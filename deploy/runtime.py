@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from deploy.contract import BY_ORT, FAMILY_KEY, MODEL_FILE, ROLE_KEY, latest_version
+from serving_contract import BY_ORT, FAMILY_KEY, MODEL_FILE, ROLE_KEY, latest_version
 
 log = logging.getLogger("diffss.serve")
 
@@ -38,9 +38,9 @@ def lower_thread_priority(increment: int = BACKGROUND_NICENESS) -> None:
         os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + increment))
 
 
-def background_threads(workers: int, name: str) -> ThreadPoolExecutor:
-    """A pool of ``workers`` threads at lowered priority (:func:`lower_thread_priority`)."""
-    return ThreadPoolExecutor(workers, thread_name_prefix=name, initializer=lower_thread_priority)
+def background_threads(workers: int, name: str, niceness: int = BACKGROUND_NICENESS) -> ThreadPoolExecutor:
+    """A pool of ``workers`` threads ``niceness`` levels below the caller (:func:`lower_thread_priority`)."""
+    return ThreadPoolExecutor(workers, thread_name_prefix=name, initializer=lower_thread_priority, initargs=(niceness,))
 
 @dataclass(frozen=True)
 class TensorSpec:
@@ -59,13 +59,22 @@ class TensorSpec:
 
 
 class RunStats:
-    """Counters in the shape of Triton's statistics extension (GET /v2/models/{name}/stats)."""
+    """Counters in the shape of Triton's statistics extension (GET /v2/models/{name}/stats).
+
+    ``success``/``fail``: executions of the graph (one per batch); ``queue``: time requests
+    waited for their batch to start; ``compute_input``/``compute_infer``/``compute_output``:
+    concatenating a batch's inputs, the onnxruntime call, splitting its outputs;
+    ``batch_stats``: the same per batch size (requests per execution).
+    """
 
     def __init__(self):
         self._lock = threading.Lock()
         self.success_count = self.success_ns = self.fail_count = self.fail_ns = 0
         self.inference_count = 0  # samples (batch rows) inferred
         self.last_inference_ms = 0
+        self.queue = [0, 0]  # count, ns
+        self.compute = {"compute_input": [0, 0], "compute_infer": [0, 0], "compute_output": [0, 0]}
+        self.batches: dict[int, dict[str, list[int]]] = {}
 
     def record(self, ok: bool, elapsed_ns: int, batch: int) -> None:
         with self._lock:
@@ -78,7 +87,25 @@ class RunStats:
                 self.fail_ns += elapsed_ns
             self.last_inference_ms = int(time.time() * 1000)
 
+    def record_queue(self, ns: int) -> None:
+        with self._lock:
+            self.queue[0] += 1
+            self.queue[1] += ns
+
+    def record_batch(self, requests: int, input_ns: int, infer_ns: int, output_ns: int) -> None:
+        with self._lock:
+            per_size = self.batches.setdefault(
+                requests, {"compute_input": [0, 0], "compute_infer": [0, 0], "compute_output": [0, 0]}
+            )
+            for key, ns in (("compute_input", input_ns), ("compute_infer", infer_ns), ("compute_output", output_ns)):
+                for counter in (self.compute[key], per_size[key]):
+                    counter[0] += 1
+                    counter[1] += ns
+
     def as_triton(self, name: str, version: str) -> dict:
+        def pair(counter):
+            return {"count": counter[0], "ns": counter[1]}
+
         with self._lock:
             return {
                 "name": name,
@@ -89,7 +116,13 @@ class RunStats:
                 "inference_stats": {
                     "success": {"count": self.success_count, "ns": self.success_ns},
                     "fail": {"count": self.fail_count, "ns": self.fail_ns},
+                    "queue": pair(self.queue),
+                    **{key: pair(counter) for key, counter in self.compute.items()},
                 },
+                "batch_stats": [
+                    {"batch_size": size, **{key: pair(counter) for key, counter in counters.items()}}
+                    for size, counters in sorted(self.batches.items())
+                ],
             }
 
 
@@ -170,9 +203,12 @@ def session_options(intra_op_threads: int = 0) -> ort.SessionOptions:
     return options
 
 
-def load_model(model_dir: Path, providers: list[str], intra_op_threads: int = 0, low_priority: bool = False) -> OnnxModel:
-    """The latest version in ``model_dir``; ``low_priority``: its compute threads run at a lowered
-    CPU priority (:func:`lower_thread_priority`), as the server wants them."""
+def load_model(
+    model_dir: Path, providers: list[str], intra_op_threads: int = 0, low_priority: bool = False,
+    niceness: int = BACKGROUND_NICENESS,
+) -> OnnxModel:
+    """The latest version in ``model_dir``; ``low_priority``: its compute threads run ``niceness``
+    levels below the caller (:func:`lower_thread_priority`), as the server wants them."""
     version = latest_version(model_dir)
     if version is None:
         raise FileNotFoundError(f"{model_dir}: no <version>/{MODEL_FILE}")
@@ -181,7 +217,7 @@ def load_model(model_dir: Path, providers: list[str], intra_op_threads: int = 0,
     if low_priority:
         # onnxruntime starts a session's compute threads when it creates the session; they
         # inherit the priority of the thread that creates it
-        with background_threads(1, "diffss-load") as loader:
+        with background_threads(1, "diffss-load", niceness) as loader:
             session = loader.submit(ort.InferenceSession, str(path), options, providers=providers).result()
     else:
         session = ort.InferenceSession(str(path), options, providers=providers)
@@ -197,7 +233,8 @@ def load_model(model_dir: Path, providers: list[str], intra_op_threads: int = 0,
 
 
 def load_repository(
-    repo_dir: str | os.PathLike, device: str = "auto", intra_op_threads: int = 0, low_priority: bool = True
+    repo_dir: str | os.PathLike, device: str = "auto", intra_op_threads: int = 0, low_priority: bool = True,
+    niceness: int = BACKGROUND_NICENESS,
 ) -> dict[str, OnnxModel]:
     """Every ``<repo>/<model>/`` that holds a ``<version>/model.onnx``; folders without one are
     skipped. ``low_priority`` as in :func:`load_model` (the server's default)."""
@@ -210,7 +247,7 @@ def load_repository(
         if latest_version(model_dir) is None:
             log.warning("skipping %s: no <version>/%s inside", model_dir, MODEL_FILE)
             continue
-        model = load_model(model_dir, providers, intra_op_threads, low_priority)
+        model = load_model(model_dir, providers, intra_op_threads, low_priority, niceness)
         log.info("loaded %s v%s from %s on %s", model.name, model.version, model.path, model.providers)
         models[model.name] = model
     if not models:

@@ -16,6 +16,8 @@ import os
 import sys
 
 from deploy.images import ImageLimits
+from deploy.runtime import BACKGROUND_NICENESS
+from serving_contract import DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_QUEUE_DELAY_MS, DEFAULT_MAX_QUEUE_SIZE
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8080
@@ -41,6 +43,13 @@ def positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    value = float(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
     return value
 
 
@@ -70,6 +79,17 @@ def build_parser() -> argparse.ArgumentParser:
                         help="threads decoding/encoding images at once; bounds their memory (default %(default)s)")
     parser.add_argument("--max-tensor-side", type=positive_int, default=None,
                         help="largest height/width of a v2 image tensor (default: each model's diffss.max_input_side)")
+    parser.add_argument("--max-batch-size", type=positive_int, default=DEFAULT_MAX_BATCH_SIZE,
+                        help="dynamic batching: most rows run as one onnxruntime call (1: no batching; default %(default)s)")
+    parser.add_argument("--max-queue-delay-ms", type=non_negative_float, default=DEFAULT_MAX_QUEUE_DELAY_MS,
+                        help="dynamic batching: longest the oldest queued request waits for others (default %(default)s)")
+    parser.add_argument("--max-queue-size", type=positive_int, default=DEFAULT_MAX_QUEUE_SIZE,
+                        help="requests waiting per model; more get 503 with Retry-After (default %(default)s)")
+    parser.add_argument("--request-timeout-ms", type=non_negative_float, default=0,
+                        help="deadline of a request without its own (v2 parameters.timeout, microseconds); "
+                             "past it the answer is 504 (default 0: none)")
+    parser.add_argument("--run-niceness", type=int, default=BACKGROUND_NICENESS, choices=range(0, 20), metavar="0..19",
+                        help="nice levels of the onnxruntime and image threads below the event loop (default %(default)s)")
     parser.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     return parser
 
@@ -80,12 +100,14 @@ def main(argv: list[str] | None = None) -> int:
     import uvicorn
 
     from deploy.app import create_app
+    from deploy.batching import BatchingConfig
     from deploy.runtime import load_repository
     from deploy.support_cache import SupportCache
 
     return_large_frees_to_the_os()
     try:
-        models = load_repository(args.model_repository, device=args.device, intra_op_threads=args.threads)
+        models = load_repository(args.model_repository, device=args.device, intra_op_threads=args.threads,
+                                 niceness=args.run_niceness)
         app = create_app(
             models,
             max_body_bytes=args.max_body_bytes,
@@ -96,6 +118,9 @@ def main(argv: list[str] | None = None) -> int:
             image_limits=ImageLimits(args.max_image_side, args.max_request_pixels),
             image_workers=args.image_workers,
             max_tensor_side=args.max_tensor_side,
+            batching=BatchingConfig(args.max_batch_size, args.max_queue_delay_ms, args.max_queue_size),
+            request_timeout_ms=args.request_timeout_ms or None,
+            run_niceness=args.run_niceness,
         )
     except (FileNotFoundError, ValueError) as exc:
         print(f"diffss-serve: {exc}", file=sys.stderr)

@@ -15,7 +15,7 @@ import json
 
 import numpy as np
 
-from deploy.contract import SET_VALUED_KEY
+from serving_contract import SET_VALUED_KEY
 
 
 def parse_set_valued(metadata: dict[str, str], input_ranks: dict[str, int], model_name: str) -> dict[str, int]:

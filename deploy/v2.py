@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from deploy.contract import BY_NUMPY, BY_V2, SHOTS, SPATIAL_AXES
+from serving_contract import BY_NUMPY, BY_V2, SHOTS, SPATIAL_AXES
 from deploy.errors import ApiError, bad_request
 from deploy.runtime import OnnxModel
 
@@ -32,7 +32,7 @@ class InferLimits:
     """Bounds on what one request may ask a graph to run on (None: unbounded).
 
     ``max_shots`` caps the ``shots`` axis; ``max_input_side`` caps the spatial axes
-    (:data:`deploy.contract.SPATIAL_AXES`), because the model's memory grows with them.
+    (:data:`serving_contract.SPATIAL_AXES`), because the model's memory grows with them.
     """
 
     max_shots: int | None = None
@@ -48,6 +48,7 @@ class InferRequest:
     id: str | None
     inputs: dict[str, np.ndarray]
     outputs: list[tuple[str, bool]]  # (output name, send as binary)
+    timeout_us: int | None = None  # parameters.timeout: the request's deadline, as tritonclient sends it
 
 
 def _as_dict(value, what: str) -> dict:
@@ -124,9 +125,18 @@ def _check_finite(array: np.ndarray, name: str) -> None:
         raise bad_request(f"input {name!r} holds NaN or infinite values; only finite numbers are accepted")
 
 
+def check_finite_inputs(request: InferRequest) -> None:
+    """NaN and infinities never reach onnxruntime (a pass over every float input: the server
+    times it as the ``validation`` phase, apart from decoding)."""
+    for name, array in request.inputs.items():
+        _check_finite(array, name)
+
+
 def parse_infer_request(
     body: bytes, header_length: str | None, model: OnnxModel, limits: InferLimits = InferLimits()
 ) -> InferRequest:
+    """The request's tensors (binary ones as views of ``body``, no copy), checked against the
+    model's inputs and ``limits``; call :func:`check_finite_inputs` before running them."""
     if header_length is not None:
         try:
             json_size = int(header_length)
@@ -188,7 +198,6 @@ def parse_infer_request(
             inputs[name] = _json_tensor(raw["data"], datatype, shape, name)
         else:
             raise bad_request(f"input {name!r}: neither 'data' nor parameters.binary_data_size given")
-        _check_finite(inputs[name], name)
     if offset != len(binary):
         raise bad_request(f"the binary section has {len(binary)} bytes but the inputs declare {offset}")
     missing = [t.name for t in model.inputs if t.name not in inputs]
@@ -217,7 +226,10 @@ def parse_infer_request(
     request_id = request.get("id")
     if request_id is not None and not isinstance(request_id, str):
         raise bad_request("'id' must be a string")
-    return InferRequest(request_id, inputs, outputs)
+    timeout_us = params.get("timeout")
+    if timeout_us is not None and (isinstance(timeout_us, bool) or not isinstance(timeout_us, int) or timeout_us < 1):
+        raise bad_request(f"parameters.timeout must be a positive integer of microseconds, got {timeout_us!r}")
+    return InferRequest(request_id, inputs, outputs, timeout_us)
 
 
 def encode_infer_response(model: OnnxModel, request: InferRequest, arrays: list[np.ndarray]) -> tuple[bytes, dict[str, str]]:
@@ -229,8 +241,8 @@ def encode_infer_response(model: OnnxModel, request: InferRequest, arrays: list[
     for (name, binary), array in zip(request.outputs, arrays):
         entry = {"name": name, "datatype": BY_NUMPY[array.dtype.name].v2, "shape": list(array.shape)}
         if binary:
-            raw = np.ascontiguousarray(array).tobytes()
-            entry["parameters"] = {"binary_data_size": len(raw)}
+            raw = memoryview(np.ascontiguousarray(array)).cast("B")  # no copy until the one join below
+            entry["parameters"] = {"binary_data_size": raw.nbytes}
             blobs.append(raw)
         elif array.dtype.kind == "f" and not np.isfinite(array).all():
             raise ApiError(
@@ -247,7 +259,7 @@ def encode_infer_response(model: OnnxModel, request: InferRequest, arrays: list[
     header = json.dumps(response, separators=(",", ":"), allow_nan=False).encode()
     if not blobs:
         return header, {"content-type": "application/json"}
-    return header + b"".join(blobs), {
+    return b"".join([header, *blobs]), {
         "content-type": "application/octet-stream",
         "Inference-Header-Content-Length": str(len(header)),
     }

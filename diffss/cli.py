@@ -129,12 +129,17 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from diffss.train import EvalConfig, evaluate
 
     config = _config_from_args(EvalConfig, args)
+    from diffss.class_overlap import check_trained_classes
+
+    overlap = check_trained_classes(args.checkpoint, config.dataset, config.root, config.fold,
+                                    allow=args.allow_trained_classes)
     result = evaluate(args.checkpoint, config, progress=not args.quiet)
     protocol = result.protocol
     print(f"protocol {protocol['family']}: {protocol['resize']} to {protocol['size'] or 'the dataset size'} px, "
           f"scored at the {protocol['score_at']} size, seeds {list(protocol['seeds'])}")
     print(result.per_class.to_string(index=False))
     print(f"mIoU {result.miou:.2f}  FB-IoU {result.fbiou:.2f}")
+    print(f"classes: {overlap.note()}")
     if args.output:
         from diffss.atomic import atomic_path
 
@@ -245,12 +250,27 @@ def cmd_train_controlnet(args: argparse.Namespace) -> int:
     return 0
 
 
+def _outside_package(output: str | Path, replace_shipped: bool, shipped: Path) -> Path:
+    """``output`` unless it lies inside the installed package (its shipped weights): a training
+    command writes there only with --replace-shipped, which then writes ``shipped`` itself."""
+    if replace_shipped:
+        return shipped
+    output = Path(output)
+    package = Path(__file__).resolve().parent
+    if output.resolve() == package or package in output.resolve().parents:
+        raise ValueError(f"--output {output} lies inside the installed package ({package}); it would overwrite the "
+                         f"weights shipped with diffss. Choose another folder, or pass --replace-shipped to "
+                         f"refresh the shipped weights on purpose")
+    return output
+
+
 def cmd_train_generator(args: argparse.Namespace) -> int:
     from diffss.generation.demo_generator import PRETRAINED_DIR, train_demo_generator
 
     if args.preset != "demo":
         raise ValueError(f"unknown --preset {args.preset!r}; known: demo")
-    config = train_demo_generator(output_dir=args.output or PRETRAINED_DIR, work_dir=args.work_dir, seed=args.seed,
+    output = _outside_package(args.output or Path(args.work_dir) / "weights", args.replace_shipped, PRETRAINED_DIR)
+    config = train_demo_generator(output_dir=output, work_dir=args.work_dir, seed=args.seed,
                                   steps_scale=args.steps_scale, pool_per_class=args.pool_per_class,
                                   batch_size=args.batch_size, device=args.device, progress=not args.quiet)
     print(f"demo generator: {Path(config.base_model).parent} (generation_config.json there)")
@@ -265,11 +285,13 @@ def cmd_pretrain_backbone(args: argparse.Namespace) -> int:
 
     if args.preset != "demo":
         raise ValueError(f"unknown --preset {args.preset!r}; known: demo")
+    output = _outside_package(args.output or Path(args.work_dir) / SMALL_DEMO_WEIGHTS.name, args.replace_shipped,
+                              SMALL_DEMO_WEIGHTS)
     pool = build_pretraining_pool(Path(args.work_dir) / "pool", per_class=args.pool_per_class or DEMO_PRESET["pool_per_class"])
     samples = [s for split in ("train", "test") for s in load_dataset("demo", root=pool, fold=0, split=split, episodes=1).samples]
-    output = Path(args.output) if args.output else SMALL_DEMO_WEIGHTS
     summary = pretrain_small_backbone(samples, output, steps=args.steps, seed=args.seed, progress=not args.quiet,
-                                      supervision=args.supervision)
+                                      run_dir=Path(args.work_dir) / "pretrain-backbone",
+                                      checkpoint_every=args.checkpoint_every, supervision=args.supervision)
     print(json.dumps({**summary, "output": str(output)}, indent=2))
     return 0
 
@@ -360,10 +382,157 @@ def cmd_demo_data(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     from diffss.export import export_model_repository
+    from diffss.export.quantize import AccuracyGuardError, quantize_data
 
-    info = export_model_repository(args.checkpoint, args.output, name=args.name)
+    data = None
+    if args.quantize:
+        # calibration and guard episodes: the checkpoint's own training data unless named
+        trained = Path(args.checkpoint) / "train_config.json"
+        saved = json.loads(trained.read_text()) if trained.is_file() else {}
+        dataset, root = args.dataset or saved.get("dataset"), args.root or saved.get("root")
+        if not dataset:
+            raise ValueError(f"--quantize needs episodes: {trained} is missing, so name --dataset (and --root)")
+        fold = args.fold if args.fold is not None else saved.get("fold", 0)
+        size = args.image_size or saved.get("image_size")
+        data = quantize_data(dataset, root, fold, size, shots=saved.get("true_shot", 1),
+                             calibration_episodes=args.calibration_episodes, guard_episodes=args.guard_episodes)
+    try:
+        info = export_model_repository(args.checkpoint, args.output, name=args.name, image_size=args.image_size,
+                                       quantize=args.quantize, quantize_data=data, max_miou_drop=args.max_miou_drop)
+    except AccuracyGuardError as exc:
+        print(f"diffss export: {exc}", file=sys.stderr)
+        return 3
     print(json.dumps(info, indent=2, default=str))
     return 0
+
+
+# -- real data: `datasets prepare | check`, `reproduce` (docs/real-data.md) ------------------------
+
+def cmd_datasets_prepare(args: argparse.Namespace) -> int:
+    from diffss.data.prepare import prepare_pascal5i
+
+    if args.dataset != "pascal5i":
+        print(f"{args.dataset}: nothing to prepare; the loader reads the official download as it is "
+              f"(see docs/real-data.md); check it with `diffss datasets check {args.dataset} --root ...`")
+        return 0
+    if not args.voc:
+        raise ValueError("prepare pascal5i needs --voc <VOCdevkit/VOC2012> (and --sbd <benchmark_RELEASE/dataset>)")
+    report = prepare_pascal5i(args.voc, args.sbd, args.output, overwrite=args.overwrite, progress=not args.quiet)
+    print("\n".join(report.lines()))
+    return 1 if report.bad else 0
+
+
+def cmd_datasets_check(args: argparse.Namespace) -> int:
+    from diffss.data.check import check_dataset
+
+    if args.class_split and args.dataset != "coco20i":
+        raise ValueError("--class-split is a coco20i option")
+    options = {"class_split": args.class_split} if args.class_split else {}
+    report = check_dataset(args.dataset, args.root, mode=args.mode, per_class=args.per_class, folds=args.folds,
+                           progress=not args.quiet, **options)
+    print("\n".join(report.lines(limit=args.limit or None)))
+    return 0 if report.passed(strict=args.strict) else 1
+
+
+def _add_real_data_commands(sub) -> None:
+    datasets = sub.add_parser("datasets", help="build and check the benchmark layouts from the official downloads")
+    dsub = datasets.add_subparsers(dest="datasets_command", required=True)
+    p = dsub.add_parser("prepare", help="pascal5i: SegmentationClassAug from VOC2012 + SBD (resumable)")
+    p.add_argument("dataset", choices=["pascal5i", "coco20i", "fss1000"])
+    p.add_argument("--voc", help="VOCdevkit/VOC2012 (JPEGImages/, SegmentationClass/)")
+    p.add_argument("--sbd", help="SBD's benchmark_RELEASE/dataset (cls/*.mat)")
+    p.add_argument("--output", help="default <voc>/SegmentationClassAug, where the loader reads")
+    p.add_argument("--overwrite", action="store_true", help="rewrite masks that exist (default: keep them, resume)")
+    p.set_defaults(func=cmd_datasets_prepare)
+    p = dsub.add_parser("check", help="layout, pairing, mask values, class presence, published counts (read-only)")
+    p.add_argument("dataset", choices=["pascal5i", "coco20i", "fss1000", "folder", "demo"])
+    p.add_argument("--root", required=True)
+    p.add_argument("--mode", choices=["sample", "full"], default="sample",
+                   help="sample: pixels of --per-class samples of each class; full: every sample")
+    p.add_argument("--per-class", type=int, default=5)
+    p.add_argument("--folds", type=int, nargs="+", default=None, help="default: every fold")
+    p.add_argument("--class-split", default=None, help="coco20i: interleaved (default) | consecutive")
+    p.add_argument("--limit", type=int, default=20, help="lines per kind of problem (0: all)")
+    p.add_argument("--strict", action="store_true", help="warnings (counts unlike the published ones) fail too")
+    p.set_defaults(func=cmd_datasets_check)
+
+
+def _fold_map(items: list[str] | None, flag: str, with_shot: bool = False) -> dict:
+    """``FOLD=VALUE`` (or, ``with_shot``, ``FOLD:SHOT=VALUE``) options -> {fold: value} / {(fold, shot): value}."""
+    out: dict = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        fold, colon, shot = key.partition(":")
+        if not sep or not value or not fold.isdigit() or (colon and not (with_shot and shot.isdigit())):
+            form = "FOLD=PATH or FOLD:SHOT=PATH" if with_shot else "FOLD=PATH"
+            raise ValueError(f"{flag} expects {form}, got {item!r}")
+        out[(int(fold), int(shot)) if colon else int(fold)] = value
+    return out
+
+
+def cmd_reproduce(args: argparse.Namespace) -> int:
+    from diffss.reproduce import ReproduceConfig, reproduce
+
+    given = _fold_map(args.checkpoint, "--checkpoint", with_shot=True)
+    checkpoints = {k: v for k, v in given.items() if isinstance(k, int)}
+    per_shot = {k: v for k, v in given.items() if isinstance(k, tuple)}
+    for fold, shot in per_shot:
+        checkpoints.setdefault(fold, per_shot[(fold, shot)])
+    cfg = ReproduceConfig(dataset=args.dataset, root=args.root, checkpoints=checkpoints, output_dir=args.output,
+                          shots=tuple(args.shots), shot_checkpoints=per_shot,
+                          aux_checkpoints=_fold_map(args.aux_checkpoint, "--aux-checkpoint"),
+                          auxiliary=_fold_map(args.auxiliary, "--auxiliary"), condition=args.condition,
+                          aux_shot=args.aux_shot, episodes=args.episodes,
+                          seeds=tuple(args.seeds) if args.seeds else None, image_size=args.image_size,
+                          batch_size=args.batch_size, device=args.device,
+                          allow_trained_classes=args.allow_trained_classes, bootstrap=args.bootstrap)
+    out = reproduce(cfg, progress=not args.quiet, log=None if args.quiet else print)
+    print(out["markdown"])
+    print(f"tables: {Path(args.output) / 'table.md'}, table.csv, results.csv (per fold and setting, with spreads)")
+    return 0
+
+
+def cmd_publish_model(args: argparse.Namespace) -> int:
+    from diffss.hub import HubSegmenter
+
+    model = HubSegmenter.from_checkpoint(args.checkpoint, evaluation=args.evaluation, data_version=args.data_version)
+    model.save_pretrained(args.output)
+    print(f"segmenter folder with model card: {args.output} (HubSegmenter.from_pretrained({str(args.output)!r}))")
+    if args.push_to:
+        print(f"pushed: {model.push_to_hub(args.push_to, private=args.private)}")
+    return 0
+
+
+def _add_reproduce_commands(sub) -> None:
+    p = sub.add_parser("reproduce", help="the paper's table (folds, mean; mIoU, FB-IoU) with spreads and published numbers")
+    p.add_argument("--dataset", required=True, help="pascal5i | coco20i | fss1000 | demo | folder")
+    p.add_argument("--root", default=None)
+    p.add_argument("--checkpoint", action="append", required=True, metavar="FOLD[:SHOT]=DIR",
+                   help="a fold's checkpoint folder or hub id (FOLD:SHOT=...: for that shot only); repeat per fold")
+    p.add_argument("--aux-checkpoint", action="append", metavar="FOLD=DIR", help="for the rows with auxiliary supports")
+    p.add_argument("--auxiliary", action="append", metavar="FOLD=TABLE", help="a fold's auxiliary generation table")
+    p.add_argument("--condition", default=None, help="the auxiliary table's condition (seg | hed | scribble)")
+    p.add_argument("--aux-shot", type=int, default=None, help="auxiliary images per episode (default: as trained, else 1)")
+    p.add_argument("--shots", type=int, nargs="+", default=[1, 5])
+    p.add_argument("--output", required=True, help="cells (resumable), results.csv, table.csv, table.md")
+    p.add_argument("--episodes", type=int, default=None, help="override the protocol (the table says so)")
+    p.add_argument("--seeds", type=int, nargs="+", default=None, help="override the protocol (the table says so)")
+    p.add_argument("--image-size", type=int, default=None, help="override the protocol (the table says so)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--bootstrap", type=int, default=1000, help="resamples for the 95%% interval over episodes")
+    p.add_argument("--allow-trained-classes", action="store_true",
+                   help="score a checkpoint on classes it trained on (the table says so)")
+    p.set_defaults(func=cmd_reproduce)
+
+    p = sub.add_parser("publish-model", help="a checkpoint as a hub-ready folder with its model card (optionally pushed)")
+    p.add_argument("checkpoint")
+    p.add_argument("--output", required=True)
+    p.add_argument("--evaluation", default=None, help="Markdown evaluation table (e.g. reproduce's table.md)")
+    p.add_argument("--data-version", default=None, help="DVC hash of the data (default: data.dvc here, if any)")
+    p.add_argument("--push-to", default=None, metavar="ORG/NAME", help="push to the Hugging Face Hub (network, token)")
+    p.add_argument("--private", action="store_true")
+    p.set_defaults(func=cmd_publish_model)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -401,6 +570,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", help="checkpoint directory written by `diffss train`")
     p.add_argument("--config", help="EvalConfig as JSON; options override it")
     p.add_argument("--output", help="write the per-class table here (CSV)")
+    p.add_argument("--allow-trained-classes", action="store_true",
+                   help="score the checkpoint on classes it trained on (refused by default; the output says so)")
     _add_dataclass_options(p, EvalConfig)
     p.set_defaults(func=cmd_evaluate)
 
@@ -462,7 +633,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train-generator", help="train a complete small SD + ControlNet (the demo's generator)")
     p.add_argument("--preset", default="demo", help="demo: the demo world's pretraining pool and settings")
-    p.add_argument("--output", default=None, help="where the float16 weights go (default: the package's shipped folder)")
+    p.add_argument("--output", default=None, help="where the float16 weights go (default: <work-dir>/weights)")
+    p.add_argument("--replace-shipped", action="store_true",
+                   help="write the weights shipped inside the package (maintainers refreshing them)")
     p.add_argument("--work-dir", default="data/generator/demo", help="pool, stage checkpoints (resumable)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps-scale", type=float, default=1.0, help="multiply every stage's steps (short trial runs)")
@@ -473,11 +646,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("pretrain-backbone", help="pretrain the small backbone on the demo world's pool (its ImageNet)")
     p.add_argument("--preset", default="demo", help="demo: the demo world's pretraining pool")
-    p.add_argument("--output", default=None, help="safetensors file (default: the package's shipped weights)")
+    p.add_argument("--output", default=None, help="safetensors file (default: <work-dir>/small_demo.safetensors)")
+    p.add_argument("--replace-shipped", action="store_true",
+                   help="write the weights shipped inside the package (maintainers refreshing them)")
     p.add_argument("--work-dir", default="data/generator/demo", help="where the pool is rendered (shared with train-generator)")
     p.add_argument("--steps", type=int, default=2000)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--pool-per-class", type=int, default=None, help="pool images per class (default: the generator's)")
+    p.add_argument("--checkpoint-every", type=int, default=100, help="steps between checkpoints (resumable run "
+                   "in <work-dir>/pretrain-backbone)")
     p.add_argument("--supervision", choices=["image", "mask"], default="image",
                    help="image: class labels only, as ImageNet (default); mask: how the shipped file was made")
     p.set_defaults(func=cmd_pretrain_backbone)
@@ -524,7 +701,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint")
     p.add_argument("--output", default="data/exports/model_repository")
     p.add_argument("--name", default="diffss")
+    p.add_argument("--image-size", type=int, default=None, help="working size (default: the model config's, else 473)")
+    p.add_argument("--quantize", choices=("int8",), default=None,
+                   help="serve int8 graphs (onnxruntime static quantisation), refused if mIoU drops too much")
+    p.add_argument("--max-miou-drop", type=float, default=0.5, help="int8 accuracy guard, mIoU points (default %(default)s)")
+    p.add_argument("--dataset", default=None, help="episodes for calibration/guard (default: the checkpoint's train_config.json)")
+    p.add_argument("--root", default=None)
+    p.add_argument("--fold", type=int, default=None)
+    p.add_argument("--calibration-episodes", type=int, default=32, help="training episodes for activation ranges")
+    p.add_argument("--guard-episodes", type=int, default=100, help="test episodes both models are scored on")
     p.set_defaults(func=cmd_export)
+    _add_real_data_commands(sub)
+    _add_reproduce_commands(sub)
     return parser
 
 

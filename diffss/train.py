@@ -10,9 +10,7 @@ episodes per seed, IoU accumulated per class (see :mod:`diffss.metrics`).
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
-import math
 import random
 from dataclasses import dataclass as plain_dataclass, field
 from pathlib import Path
@@ -27,47 +25,17 @@ from pydantic.dataclasses import dataclass
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from diffss.atomic import atomic_path, remove_stale_temporaries, write_text_atomic
-from diffss.checkpoint import Checkpoint, CheckpointDir, CheckpointError
 from diffss.data import AuxiliarySupports, collate_episodes, load_dataset
 from diffss.data.episodes import AUX_PAIRING
 from diffss.metrics import FewShotMeter
 from diffss.models import MODEL_REGISTRY, FewShotSegmenter, build_model, load_model, poly_lr_schedule, segmentation_loss
 from diffss.protocol import FAMILIES, SCORE_AT, EvalProtocol, protocol_for, scored_prediction
+from diffss.training.config import JsonConfig
+from diffss.training.distributed import World, global_batch, make_global_batch
+from diffss.training.loop import CHECKPOINTS, STATE_NAME, TrainingRun, epoch_batches, run_steps  # noqa: F401 - CHECKPOINTS re-exported
 
 IGNORE_INDEX = 255
 log = logging.getLogger(__name__)
-
-
-class _JsonConfig:
-    """JSON round-trip for the config dataclasses (``from_dict(cfg.to_dict()) == cfg``).
-
-    The configs are pydantic dataclasses: each field's type and ``Field`` constraint is its
-    validation (a bad value raises ``ValueError`` naming the config and the field), so the CLI,
-    the library and the Dagster definitions share one declaration. ``RUNTIME_FIELDS`` name the
-    fields that change where or how fast a run goes, not its result.
-    """
-
-    RUNTIME_FIELDS: tuple[str, ...] = ()
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]):
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"{cls.__name__}: unknown field(s) {unknown}; known fields: {sorted(known)}")
-        return cls(**data)
-
-    @classmethod
-    def from_json(cls, path: str | Path):
-        return cls.from_dict(json.loads(Path(path).read_text()))
-
-    def output_settings(self) -> dict[str, Any]:
-        """The fields that determine the result (everything but ``RUNTIME_FIELDS``)."""
-        return {k: v for k, v in self.to_dict().items() if k not in self.RUNTIME_FIELDS}
 
 
 PositiveInt = Annotated[int, Field(ge=1)]
@@ -82,7 +50,7 @@ def _aux_needs_table(cfg: Any) -> Any:
 
 
 @dataclass(config=_STRICT)
-class TrainConfig(_JsonConfig):
+class TrainConfig(JsonConfig):
     dataset: str = "demo"
     root: str | None = None
     fold: NonNegativeInt = 0
@@ -130,7 +98,7 @@ class TrainConfig(_JsonConfig):
 
 
 @dataclass(config=_STRICT)
-class EvalConfig(_JsonConfig):
+class EvalConfig(JsonConfig):
     dataset: str = "demo"
     root: str | None = None
     fold: NonNegativeInt | None = 0  # None: a folder dataset scored on all its classes
@@ -216,10 +184,18 @@ def _episode_loss(model: FewShotSegmenter, batch: dict[str, Any], device: torch.
     return segmentation_loss(logits, batch["query_mask"].to(device), aux_logits, aux_weight=aux_weight, ignore_index=IGNORE_INDEX)
 
 
-CHECKPOINTS = "checkpoints"  # step folders under output_dir (diffss.checkpoint)
-KEEP_CHECKPOINTS = 2  # the newest and one to fall back to if it fails verification
-STATE_NAME = "trainer_state.pt"
-MODEL_FILES = ("model.safetensors", "config.json")  # config last: its presence means the pair is whole
+
+
+class _EpisodeLoss(torch.nn.Module):
+    """The model's loss on one batch of episodes, as a module: what DistributedDataParallel wraps
+    (it synchronises gradients of what its ``forward`` computes)."""
+
+    def __init__(self, model: FewShotSegmenter, aux_weight: float):
+        super().__init__()
+        self.model, self.aux_weight = model, aux_weight
+
+    def forward(self, batch: dict[str, Any], device: torch.device) -> torch.Tensor:
+        return _episode_loss(self.model, batch, device, self.aux_weight)
 
 
 def train(config: TrainConfig, tracker: Any = None, progress: bool = True) -> Path:
@@ -229,28 +205,27 @@ def train(config: TrainConfig, tracker: Any = None, progress: bool = True) -> Pa
     seconds, naming the file). ``output_dir`` then holds ``train_config.json``, ``history.csv``,
     the latest model as ``config.json`` + ``model.safetensors`` (``load_model(output_dir)``) and
     ``checkpoints/step-*/``: atomic checkpoints (model, optimizer/scheduler/step state, manifest;
-    see :mod:`diffss.checkpoint`). Rerunning with the same ``output_dir`` resumes from the newest
+    see :mod:`diffss.training`). Rerunning with the same ``output_dir`` resumes from the newest
     verified checkpoint and, because episode sampling and shuffling are functions of
     (seed, epoch), continues on exactly the batches an uninterrupted run would have seen.
+
+    Under ``torchrun --nproc-per-node N`` the run is data-parallel (see
+    :mod:`diffss.training.distributed`): each rank trains on its part of every batch of
+    ``batch_size`` episodes, rank 0 writes; ``tracker`` is used by rank 0 only.
     """
     options = _model_options(config)  # a missing BAM base learner fails before anything is written
-    out = Path(config.output_dir)
-    checkpoints = CheckpointDir(out / CHECKPOINTS, keep=KEEP_CHECKPOINTS)
-    saved_config = out / "train_config.json"
-    legacy_state = out / STATE_NAME  # layout before checkpoint folders: weights and state not verifiable as a pair
-    if saved_config.exists() and (checkpoints.steps() or legacy_state.exists()):
-        previous = TrainConfig.from_json(saved_config)
-        if {**previous.to_dict(), "steps": 0} != {**config.to_dict(), "steps": 0}:
-            raise ValueError(
-                f"{out} holds a run with a different TrainConfig; use a new output_dir or delete {out}"
-            )
-    if legacy_state.exists() and not checkpoints.steps():
-        if int(torch.load(legacy_state, map_location="cpu", weights_only=False)["step"]) >= config.steps:
+    world = World.from_environment(config.device)
+    run = TrainingRun(config, config.output_dir, "train_config.json", legacy_state=STATE_NAME, world=world)
+    out = run.out
+    run.check_same_run()
+    if run.has_legacy_state():  # layout before checkpoint folders: weights and state not verifiable as a pair
+        if int(run.load_legacy_state()["step"]) >= config.steps:
             return out  # finished: its final model was written before the state that says so
-        raise ValueError(f"{out} holds an unfinished run in the old checkpoint layout ({legacy_state}), whose "
-                         f"weights and state cannot be checked to belong to the same step; delete {out} to start over")
+        raise ValueError(f"{out} holds an unfinished run in the old checkpoint layout ({run.legacy_state}), whose "
+                         f"weights and state cannot be checked to belong to the same step; it cannot be converted: "
+                         f"delete {out} (or use a new output_dir) to start over")
 
-    device = resolve_device(config.device)
+    device = world.device(config.device)
     seed_everything(config.seed)
     dataset = load_dataset(
         config.dataset,
@@ -269,10 +244,7 @@ def train(config: TrainConfig, tracker: Any = None, progress: bool = True) -> Pa
     if dataset.skipped:
         log.warning("train: %d bad sample(s) skipped (skip_bad), e.g. %s", len(dataset.skipped), dataset.skipped[0][1])
 
-    out.mkdir(parents=True, exist_ok=True)
-    remove_stale_temporaries(out, recursive=False)  # left by a killed run's atomic writes
-    checkpoints.clean()
-    write_text_atomic(saved_config, json.dumps(config.to_dict(), indent=2))
+    run.prepare()
     model = build_model(config.model, backbone=config.backbone, pretrained=config.pretrained, **options).to(device)
     params = [p for p in model.parameters() if p.requires_grad]
     if model.train_optimizer == "adam":  # HSNet: plain Adam at a constant rate
@@ -284,72 +256,56 @@ def train(config: TrainConfig, tracker: Any = None, progress: bool = True) -> Pa
         scheduler = poly_lr_schedule(optimizer, config.steps)
 
     step, history = 0, []
-    latest = checkpoints.latest()  # verified against its manifest; a corrupt newest one is rolled back
+    latest, state = run.latest()  # verified against its manifest; a corrupt newest one is rolled back
     if latest is not None:
-        state = latest.load(STATE_NAME, map_location=device)
-        if int(state["step"]) != latest.step:
-            raise CheckpointError(f"{latest.file(STATE_NAME)} is at step {state['step']}, its checkpoint at "
-                                  f"step {latest.step}", latest.path)
         model.load_state_dict(load_model(latest.path).state_dict())
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         step, history = int(state["step"]), list(state["history"])
-        _publish(latest, out, history)  # the top-level model may predate the newest checkpoint
+        run.publish(latest, history)  # the top-level model may predate the newest checkpoint
     if step >= config.steps:
+        world.close()
         return out
 
-    batches_per_epoch = math.ceil(len(dataset) / config.batch_size)
-    bar = tqdm(total=config.steps, initial=step, desc=f"train {config.model}/{config.dataset} fold {config.fold}", disable=not progress)
+    if world.distributed:
+        make_global_batch(model)  # dropout masks and BatchNorm statistics of the whole batch
+    loss_of = world.wrap(_EpisodeLoss(model, config.aux_loss_weight), device)
+    batches = epoch_batches(dataset, config.batch_size, config.seed, step, config.num_workers, world)
+
+    def train_step(step: int) -> tuple[float, float]:
+        batch, part = next(batches)
+        # Dropout/noise in the model follows (seed, step), so a resumed run matches.
+        torch.manual_seed(config.seed * 1_000_003 + step)
+        with global_batch(part):
+            loss = loss_of(batch, device)
+        if world.distributed:  # this rank's pixel-mean, weighted to its part of the batch's mean
+            loss = loss * _rank_weight(batch["query_mask"], part.share, world)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        return float(world.sum(loss.detach()) / world.size), scheduler.get_last_lr()[0]
+
+    def save(step: int) -> None:
+        # Model and state go into one step folder that is renamed into place: both or neither.
+        run.save(step, model.save_pretrained,
+                 {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, history)
+
     model.train()
-    while step < config.steps:
-        epoch, offset = divmod(step, batches_per_epoch)
-        dataset.set_epoch(epoch)
-        loader = DataLoader(
-            dataset,
-            batch_size=config.batch_size,
-            shuffle=True,
-            drop_last=False,
-            num_workers=config.num_workers,
-            generator=torch.Generator().manual_seed(config.seed * 100_003 + epoch),
-        )
-        for index, batch in enumerate(loader):
-            if index < offset:
-                continue  # resumed mid-epoch: these batches were trained on before the stop
-            # Dropout/noise in the model follows (seed, step), so a resumed run matches.
-            torch.manual_seed(config.seed * 1_000_003 + step)
-            loss = _episode_loss(model, batch, device, config.aux_loss_weight)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            step += 1
-            history.append({"step": step, "loss": float(loss.detach()), "lr": scheduler.get_last_lr()[0]})
-            bar.update(1)
-            bar.set_postfix(loss=f"{history[-1]['loss']:.4f}")
-            if tracker is not None:
-                tracker.log({"train/loss": history[-1]["loss"], "train/lr": history[-1]["lr"]}, step=step)
-            if step % config.checkpoint_every == 0 or step == config.steps:
-                _save_checkpoint(checkpoints, out, model, optimizer, scheduler, step, history)
-            if step >= config.steps:
-                break
-    bar.close()
+    run_steps(start_step=step, steps=config.steps, history=history, train_step=train_step, save=save,
+              checkpoint_every=config.checkpoint_every, tracker=tracker if world.is_writer else None,
+              progress=progress and world.is_writer,
+              desc=f"train {config.model}/{config.dataset} fold {config.fold}")
+    world.close()
     return out
 
 
-def _save_checkpoint(checkpoints: CheckpointDir, out: Path, model: FewShotSegmenter, optimizer, scheduler,
-                     step: int, history: list[dict]) -> None:
-    # Model and state go into one step folder that is renamed into place: both or neither.
-    state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step, "history": history}
-    checkpoint = checkpoints.save(step, write=model.save_pretrained, objects={STATE_NAME: state})
-    _publish(checkpoint, out, history)
-
-
-def _publish(checkpoint: Checkpoint, out: Path, history: list[dict]) -> None:
-    """The checkpoint's model as ``out``'s ``config.json`` + ``model.safetensors`` (hard links), and
-    the loss history as ``history.csv``: what ``load_model(out)`` and readers of the run see."""
-    checkpoint.publish(MODEL_FILES, out)
-    with atomic_path(out / "history.csv") as tmp:
-        pd.DataFrame(history, columns=["step", "loss", "lr"]).to_csv(tmp, index=False)
+def _rank_weight(labels: torch.Tensor, share: float, world: World) -> torch.Tensor:
+    """N x (this rank's counted pixels / the batch's): DDP averages the N ranks' gradients, so the
+    result is the gradient of the pixel-mean over the whole batch, as in one process."""
+    counted = (labels != IGNORE_INDEX).sum().double() if share > 0 else torch.zeros((), dtype=torch.float64)
+    total = world.sum(counted)
+    return (world.size * counted / total.clamp(min=1)).float()
 
 
 @torch.no_grad()

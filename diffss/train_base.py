@@ -6,32 +6,30 @@ momentum, the head (PPM + classifier) at ``head_lr_factor`` x the backbone's lea
 decay (power 0.9). Images are resized to ``image_size`` (random horizontal flips; BAM's random
 scale/rotate/crop are left out). The output folder holds the PSPNet (``config.json`` +
 ``model.safetensors``, :meth:`diffss.models.PSPNet.from_pretrained`), ``base_train_config.json``,
-``trainer_state.pt`` and ``history.csv``; a rerun with the same folder resumes exactly.
+``history.csv`` and ``checkpoints/`` (:mod:`diffss.training`); a rerun with the same folder resumes
+exactly.
 """
 
 from __future__ import annotations
 
-import json
-import math
 from pathlib import Path
 from typing import Annotated, Any
 
-import pandas as pd
 import torch
 import torch.nn.functional as F
 from pydantic import Field
 from pydantic.dataclasses import dataclass
-from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 
-from diffss.atomic import atomic_path, write_text_atomic
 from diffss.data.semantic import load_semantic_dataset
 from diffss.models import PSPNet, poly_lr_schedule
-from diffss.train import _STRICT, IGNORE_INDEX, NonNegativeInt, PositiveInt, _JsonConfig, resolve_device, seed_everything
+from diffss.train import _STRICT, IGNORE_INDEX, NonNegativeInt, PositiveInt, _rank_weight, seed_everything
+from diffss.training.config import JsonConfig
+from diffss.training.distributed import World, global_batch, make_global_batch
+from diffss.training.loop import STATE_NAME, TrainingRun, epoch_batches, run_steps
 
 
 @dataclass(config=_STRICT)
-class BaseTrainConfig(_JsonConfig):
+class BaseTrainConfig(JsonConfig):
     dataset: str = "demo"
     root: str | None = None
     fold: NonNegativeInt = 0
@@ -57,19 +55,22 @@ class BaseTrainConfig(_JsonConfig):
 
 
 def train_base(config: BaseTrainConfig, tracker: Any = None, progress: bool = True) -> Path:
-    """Train the base learner; returns its folder (pass it as ``TrainConfig.base_learner``)."""
-    out = Path(config.output_dir)
-    state_path, saved_config = out / "trainer_state.pt", out / "base_train_config.json"
-    if saved_config.exists() and state_path.exists():
-        previous = BaseTrainConfig.from_json(saved_config)
-        if {**previous.to_dict(), "steps": 0} != {**config.to_dict(), "steps": 0}:
-            raise ValueError(f"{out} holds a base learner run with a different BaseTrainConfig; use a new output_dir or delete {out}")
-    device = resolve_device(config.device)
+    """Train the base learner; returns its folder (pass it as ``TrainConfig.base_learner``).
+
+    The folder is a training run of :mod:`diffss.training` (``checkpoints/step-*`` atomic step
+    folders, the newest one's PSPNet published at the top, ``history.csv``); every image is
+    checked before the first write. Under ``torchrun`` the run is data-parallel, as ``train``'s.
+    A folder of the old layout (one ``trainer_state.pt`` holding weights and state) resumes from
+    that state and is converted by its next checkpoint."""
+    world = World.from_environment(config.device)
+    run = TrainingRun(config, config.output_dir, "base_train_config.json", legacy_state=STATE_NAME, world=world)
+    run.check_same_run()
+    device = world.device(config.device)
     seed_everything(config.seed)
     dataset = load_semantic_dataset(config.dataset, root=config.root, fold=config.fold, image_size=config.image_size,
                                     flip=config.flip, seed=config.seed)
-    out.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(saved_config, json.dumps(config.to_dict(), indent=2))
+    dataset.validate(full_decode=False)  # before the first write: a bad image fails now, naming the file
+    run.prepare()
     model = PSPNet(config.backbone, pretrained=config.pretrained, base_class_ids=dataset.base_class_ids).to(device)
     head = list(model.ppm.parameters()) + list(model.cls.parameters())
     optimizer = torch.optim.SGD(
@@ -80,51 +81,53 @@ def train_base(config: BaseTrainConfig, tracker: Any = None, progress: bool = Tr
     scheduler = poly_lr_schedule(optimizer, config.steps)
 
     step, history = 0, []
-    if state_path.exists():
-        state = torch.load(state_path, map_location=device, weights_only=False)
+    latest, state = run.latest()
+    if latest is not None:
+        model.load_state_dict(PSPNet.from_pretrained(latest.path).state_dict())
+    elif run.has_legacy_state():  # old layout: the state file holds the weights too (consistent by itself)
+        state = run.load_legacy_state()
         model.load_state_dict(state["model"])
+    if state is not None:
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         step, history = int(state["step"]), list(state["history"])
-    batches_per_epoch = math.ceil(len(dataset) / config.batch_size)
-    bar = tqdm(total=config.steps, initial=step, desc=f"train-base {config.backbone}/{config.dataset} fold {config.fold}", disable=not progress)
+    if latest is not None:
+        run.publish(latest, history)  # the top-level model may predate the newest checkpoint
+    if step >= config.steps:
+        world.close()
+        return run.out
+
+    net = model
+    if world.distributed:
+        make_global_batch(model)  # dropout masks and BatchNorm statistics of the whole batch
+    net = world.wrap(net, device)
+    batches = epoch_batches(dataset, config.batch_size, config.seed, step, config.num_workers, world)
+
+    def train_step(step: int) -> tuple[float, float]:
+        batch, part = next(batches)
+        torch.manual_seed(config.seed * 1_000_003 + step)
+        with global_batch(part):
+            logits = net(batch["image"].to(device))
+        labels = batch["label"].to(device)
+        loss = F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX)
+        if world.distributed:
+            loss = loss * _rank_weight(labels, part.share, world)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        return float(world.sum(loss.detach()) / world.size), scheduler.get_last_lr()[0]
+
+    def save(step: int) -> None:
+        # weights and state in one step folder, committed by one rename (the old layout wrote the
+        # state first and the weights after it: a kill in between left a stale model)
+        run.save(step, model.save_pretrained,
+                 {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, history)
+
     model.train()
-    while step < config.steps:
-        epoch, offset = divmod(step, batches_per_epoch)
-        dataset.set_epoch(epoch)
-        loader = DataLoader(dataset, batch_size=config.batch_size, shuffle=True, num_workers=config.num_workers,
-                            generator=torch.Generator().manual_seed(config.seed * 100_003 + epoch))
-        for index, batch in enumerate(loader):
-            if index < offset:
-                continue  # resumed mid-epoch: trained on before the stop
-            torch.manual_seed(config.seed * 1_000_003 + step)
-            logits = model(batch["image"].to(device))
-            loss = F.cross_entropy(logits, batch["label"].to(device), ignore_index=IGNORE_INDEX)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            step += 1
-            history.append({"step": step, "loss": float(loss.detach()), "lr": scheduler.get_last_lr()[0]})
-            bar.update(1)
-            bar.set_postfix(loss=f"{history[-1]['loss']:.4f}")
-            if tracker is not None:
-                tracker.log({"base/loss": history[-1]["loss"], "base/lr": history[-1]["lr"]}, step=step)
-            if step % config.checkpoint_every == 0 or step == config.steps:
-                _save(out, model, optimizer, scheduler, step, history)
-            if step >= config.steps:
-                break
-    bar.close()
-    return out
-
-
-def _save(out: Path, model: PSPNet, optimizer, scheduler, step: int, history: list[dict]) -> None:
-    # The resumable state (weights included) is one atomic file, written first: a stop at any
-    # point resumes from a consistent step; the published model folder follows.
-    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-             "step": step, "history": history}
-    with atomic_path(out / "trainer_state.pt") as tmp:
-        torch.save(state, tmp)
-    model.save_pretrained(out)
-    with atomic_path(out / "history.csv") as tmp:
-        pd.DataFrame(history).to_csv(tmp, index=False)
+    run_steps(start_step=step, steps=config.steps, history=history, train_step=train_step, save=save,
+              checkpoint_every=config.checkpoint_every, tracker=tracker if world.is_writer else None,
+              metric_prefix="base", progress=progress and world.is_writer,
+              desc=f"train-base {config.backbone}/{config.dataset} fold {config.fold}")
+    world.close()
+    return run.out

@@ -107,9 +107,12 @@ class SupportsRun(dg.Config):
 
 class TrainingRun(dg.Config):
     """``resume``: continue an interrupted training of the same settings (the weekly retrain turns
-    it off to train from scratch)."""
+    it off to train from scratch). ``processes``: train data-parallel in that many processes
+    (``torchrun --nproc-per-node``; on a multi-GPU pod, one per GPU); the same weights within
+    float rounding (docs/training.md)."""
 
     resume: bool = True
+    processes: int = 1
 
 
 def build_assets(settings: ExperimentConfig) -> list[dg.AssetsDefinition]:
@@ -119,7 +122,7 @@ def build_assets(settings: ExperimentConfig) -> list[dg.AssetsDefinition]:
     # plots are its product, so only its code version includes the plotting code.
     data_code = ["diffss.data", "diffss.experiment.config", "diffss.experiment.data"]
     support_code = ["diffss.conditions", "diffss.data", "diffss.experiment.config", "diffss.experiment.supports"]
-    train_code = ["diffss.train", "diffss.models", "diffss.data", "diffss.experiment.config", "diffss.experiment.training"]
+    train_code = ["diffss.train", "diffss.training", "diffss.models", "diffss.data", "diffss.experiment.config", "diffss.experiment.training"]
     plan = {"train_aux_shot": s.train_aux_shot, "true_shot": s.train.true_shot, "eval_aux_shot": s.eval_aux_shot,
             "xshot_shots": s.xshot_shots, "shot": s.evaluation.shot, "episodes": s.evaluation.episodes,
             "seeds": s.evaluation.seeds, "image_size": s.evaluation.image_size, "model": s.train.model}
@@ -160,7 +163,7 @@ def build_assets(settings: ExperimentConfig) -> list[dg.AssetsDefinition]:
     if s.uses_base_learner:
         @dg.asset(partitions_def=FOLD_PARTITIONS, group_name="training", deps=[raw_dataset], **GPU,
                   kinds={"pytorch", "safetensors"}, code_version=code_version(
-                      ["diffss.train_base", "diffss.train", "diffss.models", "diffss.data", "diffss.experiment.config",
+                      ["diffss.train_base", "diffss.train", "diffss.training", "diffss.models", "diffss.data", "diffss.experiment.config",
                        "diffss.experiment.training"],
                       {**s.base_train.output_settings(), "pretrained": weights_identity(s.base_train.pretrained)}),
                   description="BAM's base learner: a PSPNet trained by semantic segmentation of the fold's base "
@@ -171,7 +174,8 @@ def build_assets(settings: ExperimentConfig) -> list[dg.AssetsDefinition]:
             started, out = time.monotonic(), folder(context, "base_learner")
             with tracker.start(name=f"{fold.key}-base", job_type="train-base", group=fold.key,
                                config=experiment.base_train_config(fold, out)) as run:
-                info = ex.train_base_learner(experiment, fold, out, run, resume=config.resume)
+                info = ex.train_base_learner(experiment, fold, out, run, resume=config.resume,
+                                             processes=config.processes)
                 run.log_artifact(out, name=f"base-learner-{fold.key}", type="model", metadata={"partition": fold.key})
             return materialized(out, info, started)
 
@@ -192,10 +196,11 @@ def build_assets(settings: ExperimentConfig) -> list[dg.AssetsDefinition]:
 
     @dg.asset(partitions_def=FOLD_PARTITIONS, group_name="results", kinds={"pandas"},
               deps=[fold_splits, *evaluations.values(), *xshots.values()],
-              code_version=code_version(["diffss.experiment.config", "diffss.experiment.results", "diffss.figures"],
+              code_version=code_version(["diffss.experiment.config", "diffss.experiment.results", "diffss.figures",
+                                         "diffss.reproduce"],
                                         {"conditions": s.conditions, "train_aux_shot": s.train_aux_shot}),
               description="The fold's results: mIoU / FB-IoU without and with auxiliary supports per condition, "
-              "per-class IoU, the X-shot curves.")
+              "per-class IoU, the X-shot curves, and `diffss reproduce`'s table (paper_table: spreads, published numbers).")
     def evaluation_table(context, experiment: dg.ResourceParam[ExperimentConfig]) -> dg.MaterializeResult:
         started, fold, out = time.monotonic(), fold_of(context), folder(context, "evaluation_table")
         info = ex.results_table(experiment, fold, {c: experiment.folder(fold, c, "evaluation") for c in evaluations},
@@ -352,13 +357,14 @@ def training_assets(s: ExperimentConfig, condition: str, code: list[str], inputs
         name = f"{fold.key}-{condition}"
         with tracker.start(name=name, job_type="train", config=experiment.train_config(fold, condition, table(experiment, fold), out),
                            group=fold.key) as run:
-            info = ex.train_checkpoint(experiment, fold, condition, table(experiment, fold), out, run, resume=config.resume)
+            info = ex.train_checkpoint(experiment, fold, condition, table(experiment, fold), out, run, resume=config.resume,
+                                       processes=config.processes)
             run.log_artifact(out, name=f"checkpoint-{name}", type="model", metadata={"partition": fold.key})
             info["wandb_run"] = run.run_id or "disabled"
         return materialized(out, info, started)
 
     @dg.asset(key=[condition, "evaluation"], partitions_def=FOLD_PARTITIONS, group_name=condition, kinds={"pytorch"},
-              deps=[checkpoint, *upstream], **GPU, code_version=code_version([*code, "diffss.metrics"], evaluation),
+              deps=[checkpoint, *upstream], **GPU, code_version=code_version([*code, "diffss.metrics", "diffss.reproduce"], evaluation),
               description="mIoU / FB-IoU on the fold's fixed test episodes" + (
                   f", with `eval_aux_shot` {condition} auxiliary supports per episode." if aux else ", real supports only."))
     def evaluation_asset(context, experiment: dg.ResourceParam[ExperimentConfig], tracker: TrackerResource) -> dg.MaterializeResult:

@@ -4,7 +4,8 @@ Auxiliary supports: every planned support has its images, each decodes at its su
 the share of drifted images stays under ``drifted_share_limit`` (a warning: drifted images are
 usable, just less useful). Evaluations and the results table cover every test class of the fold.
 The ONNX export reproduces its PyTorch checkpoint (recomputed, not read back). The baseline with 5
-real supports beats 1 (the benchmark needs its supports; a warning).
+real supports beats 1 (the benchmark needs its supports; a warning). The raw dataset passes
+``diffss datasets check``.
 """
 
 import warnings
@@ -57,7 +58,23 @@ def build_checks(settings: ExperimentConfig) -> list[dg.AssetChecksDefinition]:
         return dg.AssetCheckResult(passed=measured["gain"] > measured["margin"], severity=dg.AssetCheckSeverity.WARN,
                                    metadata=measured)
 
-    return [*checks, table_covers_fold_classes, onnx_parity, supports_matter]
+    return [*checks, table_covers_fold_classes, onnx_parity, supports_matter, dataset_check()]
+
+
+def dataset_check() -> dg.AssetChecksDefinition:
+    @dg.asset_check(asset="raw_dataset", partitions_def=FOLD_PARTITIONS,
+                    description="`diffss datasets check` on the fold: layout, image/mask pairing, mask values (sampled), "
+                    "class presence, counts against the published ones (those are warnings in the metadata).")
+    def dataset_is_usable(context, experiment: dg.ResourceParam[ExperimentConfig]) -> dg.AssetCheckResult:
+        from diffss.data.check import check_dataset
+
+        fold = FOLDS[context.partition_key]
+        report = check_dataset(fold.dataset, experiment.dataset_root(fold.dataset), folds=[fold.fold], progress=False)
+        return dg.AssetCheckResult(passed=report.passed(), metadata={
+            "errors": len(report.errors), "warnings": len(report.warnings), "counts": dg.MetadataValue.json(report.counts),
+            "problems": dg.MetadataValue.md("\n".join(f"- {line}" for line in report.lines(limit=5)))})
+
+    return dataset_is_usable
 
 
 def supports_checks(condition: str) -> list[dg.AssetChecksDefinition]:

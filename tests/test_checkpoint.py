@@ -1,4 +1,4 @@
-"""Atomic checkpoints (diffss.checkpoint) and training resume after a kill at the worst moment."""
+"""Atomic checkpoints (diffss.training.checkpoint) and training resume after a kill at the worst moment."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from diffss.checkpoint import CheckpointDir, CheckpointError
+from diffss.training.checkpoint import CheckpointDir, CheckpointError
 from diffss.data import build_demo_dataset
 from diffss.models import load_model
 from diffss.train import TrainConfig, train

@@ -61,12 +61,14 @@ def test_triton_layout(exported):
         assert (model_dir / "1" / "model.onnx").is_file()
         config = (model_dir / "config.pbtxt").read_text()
         assert f'name: "diffss_{role}"' in config
-        assert 'backend: "onnxruntime"' in config and "max_batch_size: 0" in config
+        # dynamic batching as diffss-serve does it: Triton's dims then leave the batch axis out
+        assert 'backend: "onnxruntime"' in config and "max_batch_size: 4" in config
+        assert "max_queue_delay_microseconds: 5000" in config and "max_queue_size: 64" in config
         assert result["models"][role]["onnx"] == str(model_dir / "1" / "model.onnx")
         for tensor in result["models"][role]["inputs"] + result["models"][role]["outputs"]:
             assert f'name: "{tensor}"' in config
     decoder_config = (repo / "diffss_query_decoder" / "config.pbtxt").read_text()
-    assert "dims: [ -1, 3, -1, -1 ]" in decoder_config and "TYPE_FP32" in decoder_config
+    assert "dims: [ 3, -1, -1 ]" in decoder_config and "TYPE_FP32" in decoder_config
     assert "TYPE_INT64" in (repo / "diffss_segmenter" / "config.pbtxt").read_text()
 
 
@@ -254,7 +256,7 @@ def test_set_valued_support_features_compact_exactly(exported):
     """The decoder metadata names the model's set-valued inputs, and compacting them (as the
     server does on registration) leaves the decoder's logits unchanged, for any mix of
     foreground fractions, including an all-foreground shot (nothing to drop) and empty ones."""
-    from deploy.contract import SET_VALUED_KEY
+    from serving_contract import SET_VALUED_KEY
     from deploy.set_features import compact_set_valued
 
     name, model, _, result = exported
@@ -328,11 +330,11 @@ def test_bad_set_valued_declarations_are_named():
 
 
 def test_contract_datatypes_match_onnx_numpy_and_onnxruntime(tmp_path):
-    """deploy.contract's one datatype table (used by the exporter's Triton configs and by the
+    """serving_contract's one datatype table (used by the exporter's Triton configs and by the
     server) spells every type as ONNX, numpy and onnxruntime themselves do."""
     from onnx import TensorProto, helper
 
-    from deploy.contract import DATATYPES
+    from serving_contract import DATATYPES
 
     for datatype in DATATYPES:
         assert TensorProto.DataType.Name(datatype.onnx).lower() == datatype.onnx_name
@@ -352,3 +354,28 @@ def test_parity_threshold_scales_with_the_logits():
     assert _compare(large, large + 2e-4)["max_scaled_logit_diff"] == pytest.approx(5e-6, rel=1e-2)
     small = large / 80
     assert _compare(small, small + 2e-4)["max_scaled_logit_diff"] == pytest.approx(2e-4, rel=1e-2)
+
+
+def test_triton_config_batches_only_batch_first_graphs(tmp_path):
+    """Triton's dims leave the batch axis out when max_batch_size > 0: only a graph whose every
+    tensor has the named batch axis first is configured for dynamic batching."""
+    from onnx import TensorProto, helper
+
+    from diffss.export import render_config_pbtxt
+
+    def identity(first_axis: str) -> str:
+        x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [first_axis, 3])
+        y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [first_axis, 3])
+        graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "g", [x], [y])
+        path = tmp_path / f"{first_axis}.onnx"
+        onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), str(path))
+        return str(path)
+
+    batched = render_config_pbtxt("m", identity("batch"), max_batch_size=4, max_queue_delay_ms=2.5, max_queue_size=9)
+    assert "max_batch_size: 4" in batched and "dims: [ 3 ]" in batched
+    assert "max_queue_delay_microseconds: 2500" in batched and "max_queue_size: 9" in batched
+    other = render_config_pbtxt("m", identity("rows"))
+    assert "max_batch_size: 0" in other and "dims: [ -1, 3 ]" in other and "dynamic_batching" not in other
+    assert "dynamic_batching" not in render_config_pbtxt("m", identity("batch"), max_batch_size=1)
+    with pytest.raises(ValueError, match="max_batch_size"):
+        render_config_pbtxt("m", identity("batch"), max_batch_size=0)

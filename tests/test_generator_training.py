@@ -95,8 +95,7 @@ def test_resume_after_a_kill_ends_with_the_uninterrupted_weights(trained, pool, 
         train_generator(resumed_cfg, progress=False, callback=kill_at_5)
     assert pd.read_csv(tmp_path / "resumed" / "history.csv")["step"].max() == 4
     resumed = train_generator(resumed_cfg, progress=False)
-    a = torch.load(straight / "training_state.pt", weights_only=False)
-    b = torch.load(resumed / "training_state.pt", weights_only=False)
+    a, b = _final_state(straight), _final_state(resumed)
     for part in ("controlnet", "unet"):
         for name, tensor in a["models"][part].items():
             assert torch.equal(tensor, b["models"][part][name]), (part, name)
@@ -111,6 +110,12 @@ def test_resume_after_a_kill_ends_with_the_uninterrupted_weights(trained, pool, 
     with pytest.raises(ValueError, match="other settings"):
         train_generator(stage(pool, tmp_path / "resumed", "controlnet", base=str(sd), steps=6, learning_rate=1e-4),
                         progress=False)
+
+
+def _final_state(run: Path) -> dict:
+    from diffss.training.checkpoint import CheckpointDir
+
+    return CheckpointDir(run / "checkpoints").latest().load("trainer_state.pt", weights_only=False)
 
 
 def _digests(samples) -> set[str]:

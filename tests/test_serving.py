@@ -515,21 +515,40 @@ def test_cli_refuses_a_missing_repository(tmp_path):
 
 
 def test_deploy_does_not_import_torch(tmp_path):
-    """deploy/ alone, as deploy/Dockerfile ships it, imports without torch and without diffss
-    (the contract it shares with diffss.export lives in deploy/contract.py)."""
+    """deploy/ and serving_contract/ alone, as deploy/Dockerfile ships them, import without torch
+    and without diffss; serving_contract imports neither deploy (the exporter imports it, and the
+    library must not import the server)."""
     import shutil
 
-    shutil.copytree(ROOT / "deploy", tmp_path / "deploy", ignore=shutil.ignore_patterns("__pycache__", "dagster"))
-    code = (
-        f"import sys; sys.path.insert(0, {str(tmp_path)!r}); "
-        "import deploy.server, deploy.app, deploy.runtime, deploy.v2, deploy.images, deploy.support_cache, deploy.contract; "
-        "deploy.server.build_parser(); "
+    for package in ("deploy", "serving_contract"):
+        shutil.copytree(ROOT / package, tmp_path / package, ignore=shutil.ignore_patterns("__pycache__", "dagster"))
+    prelude = f"import sys; sys.path.insert(0, {str(tmp_path)!r}); "
+    no_library = (
         "assert 'torch' not in sys.modules, 'torch imported'; "
         "assert not [m for m in sys.modules if m.split('.')[0] == 'diffss'], 'diffss imported'; "
-        f"assert deploy.__file__.startswith({str(tmp_path)!r}), deploy.__file__"
+    )
+    server = (
+        prelude + "import deploy.server, deploy.app, deploy.runtime, deploy.v2, deploy.images, deploy.support_cache, "
+        "deploy.batching, deploy.routes, deploy.schemas; deploy.server.build_parser(); " + no_library
+        + f"assert deploy.__file__.startswith({str(tmp_path)!r}), deploy.__file__"
+    )
+    contract = (
+        prelude + "import serving_contract; " + no_library
+        + "assert not [m for m in sys.modules if m.split('.')[0] == 'deploy'], 'deploy imported'; "
+        + f"assert serving_contract.__file__.startswith({str(tmp_path)!r})"
     )
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    subprocess.run([sys.executable, "-c", code], cwd=tmp_path, check=True, timeout=60, env=env)
+    for code in (server, contract):
+        subprocess.run([sys.executable, "-c", code], cwd=tmp_path, check=True, timeout=60, env=env)
+
+
+def test_library_does_not_import_the_server():
+    """diffss.export writes repositories to serving_contract, never through deploy."""
+    code = (
+        "import sys, diffss.export, diffss.export.parity, diffss.export.quantize; "
+        "assert not [m for m in sys.modules if m.split('.')[0] == 'deploy'], sorted(m for m in sys.modules if m.startswith('deploy'))"
+    )
+    subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, timeout=120)
 
 
 # -- bounded work: size limits, decoding pool, health under load (issue 12, section 5) -------
@@ -794,15 +813,32 @@ def test_json_outputs_are_strict_json():
 
 
 def test_openapi_schema(server):
-    """/openapi.json (FastAPI's default) describes every route, request bodies included."""
+    """/openapi.json is FastAPI's generated document: every route, the bodies the routes read
+    themselves (v2 infer, the multipart forms) and the responses, as pydantic models."""
     status, _, raw = request(server, "GET", "/openapi.json")
     assert status == 200
-    paths = json.loads(raw)["paths"]
-    assert {"/v2/health/live", "/v2/models/{model_name}/infer", "/diffss/segment", "/diffss/supports"} <= set(paths)
-    infer_body = paths["/v2/models/{model_name}/infer"]["post"]["requestBody"]["content"]
-    assert infer_body["application/json"]["schema"]["required"] == ["inputs"]
-    segment_form = paths["/diffss/segment"]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]
+    document = json.loads(raw)
+    paths, components = document["paths"], document["components"]["schemas"]
+
+    def resolve(schema):
+        return components[schema["$ref"].rsplit("/", 1)[1]] if "$ref" in schema else schema
+
+    assert {"/v2/health/live", "/v2/models/{model_name}/infer", "/diffss/segment", "/diffss/supports",
+            "/v2/models/{model_name}/stats", "/diffss/profile"} <= set(paths)
+    infer = paths["/v2/models/{model_name}/infer"]["post"]
+    infer_json = resolve(infer["requestBody"]["content"]["application/json"]["schema"])
+    assert infer_json["required"] == ["inputs"]
+    assert "application/octet-stream" in infer["requestBody"]["content"]
+    tensor = resolve(infer_json["properties"]["inputs"]["items"])
+    assert "FP32" in tensor["properties"]["datatype"]["enum"]
+    segment_form = resolve(paths["/diffss/segment"]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"])
     assert {"query", "support_image", "support_mask", "model"} == set(segment_form["properties"])
+    assert segment_form["properties"]["query"]["format"] == "binary"
+    registered = paths["/diffss/supports"]["post"]["responses"]["201"]["content"]["application/json"]["schema"]
+    assert set(resolve(registered)["properties"]) == {"support_id", "model", "shots"}
+    live = resolve(paths["/v2/health/live"]["get"]["responses"]["200"]["content"]["application/json"]["schema"])
+    assert live["properties"]["live"]["type"] == "boolean"
+    assert resolve(paths["/diffss/segment"]["post"]["responses"]["413"]["content"]["application/json"]["schema"])["required"] == ["error"]
 
 
 def test_bam_is_served_and_refuses_another_shot_count(tmp_path):

@@ -60,6 +60,20 @@ class SemanticDataset(Dataset):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
 
+    def problems(self, full_decode: bool = True) -> list[tuple[Path, str]]:
+        """(bad file, reason) for every image or mask a pass over the set would fail on."""
+        samples = [s for _, group in self.images for s in group]
+        return [p for p in scan_samples(samples, full_decode=full_decode) if p is not None]
+
+    def validate(self, full_decode: bool = True) -> None:
+        """Raise a DatasetError naming the first bad file (and how many there are); training calls
+        it before its first write. ``full_decode=False`` checks images by header and end only."""
+        found = self.problems(full_decode)
+        if found:
+            path, reason = found[0]
+            more = f" (and {len(found) - 1} more bad file(s))" if len(found) > 1 else ""
+            raise DatasetError(f"{reason}{more}", path)
+
     def __len__(self) -> int:
         return len(self.images)
 

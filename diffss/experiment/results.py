@@ -8,6 +8,7 @@ from typing import Any
 
 import pandas as pd
 
+from diffss.atomic import write_text_atomic
 from diffss.experiment.config import BASELINE, ExperimentConfig, Fold, fresh, write_csv, write_json
 
 
@@ -32,18 +33,46 @@ def results_table(settings: ExperimentConfig, fold: Fold, evaluations: dict[str,
     write_csv(results, out / "results.csv")
     write_csv(wide, out / "per_class.csv")
     write_csv(xshot, out / "xshot.csv")
+    paper = paper_layout(settings, fold, evaluations, out)
     shots = sorted(xshot["aux_shot"].unique().tolist())
     series = {c: [float(g.set_index("aux_shot")["miou"].get(s, float("nan"))) for s in shots] for c, g in xshot.groupby("condition")}
     return {
         "results": results, "per_class_iou": wide, "xshot": xshot,
         "best_condition": str(results.loc[results["miou_with_aux"].idxmax(), "condition"]),
-        "best_miou": float(results["miou_with_aux"].max()), "baseline_miou": float(base["miou"]),
+        "best_miou": float(results["miou_with_aux"].max()), "baseline_miou": float(base["miou"]), **paper,
         "miou_plot": bar_plot(results["condition"].tolist(), {"without aux": results["miou_without_aux"].tolist(),
                               "with aux": results["miou_with_aux"].tolist()}, f"mIoU on {fold.key}", "mIoU %",
                               out / "miou_with_without_aux.png"),
         "xshot_curve": line_plot(shots, series, f"X-shot study on {fold.key}", "auxiliary images per episode (X)",
                                  "mIoU %", out / "xshot_curve.png"),
     }
+
+
+def paper_layout(settings: ExperimentConfig, fold: Fold, evaluations: dict[str, Path], out: Path) -> dict[str, Any]:
+    """The fold's evaluations in ``diffss reproduce``'s layout (its fold column and mean; mIoU and
+    FB-IoU with seed std and 95% interval over episodes, the published numbers beside):
+    ``paper_table.md`` / ``.csv`` and ``paper_results.csv``."""
+    from diffss.class_overlap import check_trained_classes
+    from diffss.reproduce import paper_table, results_frame, table_markdown
+
+    cells = []
+    for label, folder in evaluations.items():
+        summary = json.loads((folder / "summary.json").read_text())
+        checkpoint = Path(settings.data_root) / summary["checkpoint"]
+        model = json.loads((checkpoint / "config.json").read_text())
+        check = check_trained_classes(checkpoint, fold.dataset, settings.dataset_root(fold.dataset), fold.fold)
+        aux = label != BASELINE
+        cells.append({"fold": fold.fold, "shot": summary.get("shot", settings.evaluation.shot), "aux": aux,
+                      "aux_shot": summary["aux_shot"], "condition": label if aux else None,
+                      "episodes": pd.read_csv(folder / "episodes.csv"), "model": model["model"],
+                      "backbone": model.get("backbone"), "checkpoint": summary["checkpoint"],
+                      "protocol": summary["protocol"], "class_check": check.note()})
+    results = results_frame(cells, fold.dataset)
+    table = paper_table(results)
+    write_csv(results, out / "paper_results.csv")
+    write_csv(table, out / "paper_table.csv")
+    write_text_atomic(out / "paper_table.md", table_markdown(table, results, cells, fold.dataset))
+    return {"paper_table": table, "paper_table_md": out / "paper_table.md"}
 
 
 def choose_checkpoint(settings: ExperimentConfig, results_csv: Path) -> str:

@@ -15,20 +15,23 @@ from diffss.train import CHECKPOINTS, TrainConfig
 
 
 def train_checkpoint(settings: ExperimentConfig, fold: Fold, condition: str, auxiliary: Path | None, out: Path,
-                     tracker: Any = None, resume: bool = True) -> dict[str, Any]:
+                     tracker: Any = None, resume: bool = True, processes: int = 1) -> dict[str, Any]:
     """Train the ``condition``'s segmenter (``baseline``: real supports only) into ``<out>.partial``,
     then swap it onto ``out``: readers never see half a checkpoint. With ``resume`` an interrupted
-    training of the same settings continues where it stopped; otherwise it starts over."""
+    training of the same settings continues where it stopped; otherwise it starts over.
+    ``processes`` > 1: data-parallel under ``torchrun`` (see :func:`run_data_parallel`)."""
     from diffss.figures import line_plot
     from diffss.train import train
 
     partial = out.with_name(out.name + ".partial")
     cfg = settings.train_config(fold, condition, auxiliary, partial)
     saved = partial / "train_config.json"
-    if partial.exists() and not (resume and saved.is_file()
-                                 and {**TrainConfig.from_json(saved).to_dict(), "steps": 0} == {**cfg.to_dict(), "steps": 0}):
+    if partial.exists() and not (resume and saved.is_file() and cfg.same_run_as(TrainConfig.from_json(saved))):
         shutil.rmtree(partial)
-    train(cfg, tracker=tracker, progress=False)
+    if processes > 1:
+        run_data_parallel("train", cfg, processes, tracker, "train")
+    else:
+        train(cfg, tracker=tracker, progress=False)
     write_json(partial / "train_config.json", dataclasses.replace(cfg, output_dir=str(out)).to_dict())
     # The optimizer state only serves resuming the partial run; torch.save also records the name of
     # the (random) temporary file it wrote, which would make two identical trainings differ.
@@ -44,7 +47,7 @@ def train_checkpoint(settings: ExperimentConfig, fold: Fold, condition: str, aux
 
 
 def train_base_learner(settings: ExperimentConfig, fold: Fold, out: Path, tracker: Any = None,
-                       resume: bool = True) -> dict[str, Any]:
+                       resume: bool = True, processes: int = 1) -> dict[str, Any]:
     """BAM's first stage for ``fold``: the base learner (PSPNet on the fold's base classes), trained in
     ``<out>.partial`` (resumed if its settings match) and swapped onto ``out`` when finished."""
     from diffss.train_base import BaseTrainConfig, train_base
@@ -52,16 +55,42 @@ def train_base_learner(settings: ExperimentConfig, fold: Fold, out: Path, tracke
     partial = out.with_name(out.name + ".partial")
     cfg = settings.base_train_config(fold, partial)
     saved = partial / "base_train_config.json"
-    if partial.exists() and not (resume and saved.is_file()
-                                 and {**BaseTrainConfig.from_json(saved).to_dict(), "steps": 0} == {**cfg.to_dict(), "steps": 0}):
+    if partial.exists() and not (resume and saved.is_file() and cfg.same_run_as(BaseTrainConfig.from_json(saved))):
         shutil.rmtree(partial)
-    train_base(cfg, tracker=tracker, progress=False)
+    if processes > 1:
+        run_data_parallel("train-base", cfg, processes, tracker, "base")
+    else:
+        train_base(cfg, tracker=tracker, progress=False)
     history = pd.read_csv(partial / "history.csv")
     (partial / "trainer_state.pt").unlink(missing_ok=True)
     shutil.rmtree(partial / CHECKPOINTS, ignore_errors=True)
     swap_in(partial, out)
     return {"steps": int(history["step"].iloc[-1]), "final_loss": float(history["loss"].iloc[-1]),
             "base_train_config": cfg.output_settings()}
+
+
+def run_data_parallel(command: str, cfg: Any, processes: int, tracker: Any, metric_prefix: str) -> None:
+    """``diffss <command> --config ...`` as ``processes`` data-parallel processes (``torchrun
+    --standalone``: this machine, a free port; NCCL on GPUs, gloo on CPUs). The tracker stays in
+    this process: the loss history the run wrote is logged to it once, after the run."""
+    import subprocess
+    import sys
+    import tempfile
+
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        f.write(cfg.to_json())
+    try:
+        launched = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                   "--nproc-per-node", str(processes), "-m", "diffss.cli", "--quiet", command,
+                                   "--config", f.name], capture_output=True, text=True)
+    finally:
+        os.unlink(f.name)
+    if launched.returncode != 0:
+        raise RuntimeError(f"torchrun --nproc-per-node {processes} diffss {command} failed "
+                           f"(exit {launched.returncode}): {launched.stderr[-2000:]}")
+    if tracker is not None:
+        for row in pd.read_csv(Path(cfg.output_dir) / "history.csv").itertuples():
+            tracker.log({f"{metric_prefix}/loss": row.loss, f"{metric_prefix}/lr": row.lr}, step=int(row.step))
 
 
 def swap_in(partial: Path, out: Path) -> None:
@@ -79,16 +108,18 @@ def evaluate_checkpoint(settings: ExperimentConfig, fold: Fold, condition: str, 
     """mIoU / FB-IoU on the fold's fixed test episodes (``eval_aux_shot`` auxiliary supports per
     episode for a condition): ``summary.json``, ``per_class.csv`` and prediction panels."""
     from diffss.figures import save_png, stack_panels
-    from diffss.train import evaluate
+    from diffss.reproduce import evaluate_episodes
 
     cfg = settings.eval_config(fold, condition, auxiliary)
-    result = evaluate(checkpoint, cfg, tracker=tracker, progress=False)
+    # diffss.train.evaluate's result, plus each episode's counts: the paper table's interval over episodes
+    result, episodes = evaluate_episodes(checkpoint, cfg, tracker=tracker, progress=False)
     out = fresh(out)
     write_csv(result.per_class, out / "per_class.csv")
+    write_csv(episodes, out / "episodes.csv")
     write_json(out / "summary.json", {
         "miou": result.miou, "fbiou": result.fbiou, "per_seed": result.per_seed, "label": condition,
         "checkpoint": checkpoint.relative_to(settings.data_root).as_posix(), "aux_shot": cfg.aux_shot,
-        "protocol": result.protocol})
+        "shot": cfg.shot, "protocol": result.protocol})
     info = {"miou": result.miou, "fbiou": result.fbiou, "per_class_iou": result.per_class}
     if result.examples:
         info["predictions"] = save_png(stack_panels(result.examples), out / "predictions.png")

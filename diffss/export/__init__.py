@@ -10,9 +10,12 @@ Public entry points:
   records parity in ``<repo>/parity.json`` (``{name: record}``) and returns paths and parity.
 - :func:`measure_parity` compares PyTorch and onnxruntime on the same inputs (dict result,
   usable as a Dagster asset check); :func:`load_parity` reads a recorded one.
+- ``export_model_repository(..., quantize="int8", quantize_data=quantize_data(...))`` serves
+  int8 graphs, refused (:class:`AccuracyGuardError`, nothing written) when the mIoU drops more
+  than ``max_miou_drop`` points (:mod:`diffss.export.quantize`).
 """
 
-from deploy.contract import GRAPH_ROLES, model_dir_name
+from serving_contract import GRAPH_ROLES, model_dir_name
 from diffss.export.graphs import export_graphs
 from diffss.export.parity import (
     MAX_ABS_LOGIT_DIFF,
@@ -22,10 +25,12 @@ from diffss.export.parity import (
     measure_parity,
     record_parity,
 )
+from diffss.export.quantize import AccuracyGuardError, QuantizeData, quantize_data
 from diffss.export.repository import export_model_repository
 from diffss.export.triton import find_model_file, render_config_pbtxt
 
 __all__ = [
+    "AccuracyGuardError",
     "GRAPH_ROLES",
     "MAX_ABS_LOGIT_DIFF",
     "MIN_ARGMAX_AGREEMENT",
@@ -36,6 +41,8 @@ __all__ = [
     "load_parity",
     "measure_parity",
     "model_dir_name",
+    "quantize_data",
+    "QuantizeData",
     "record_parity",
     "render_config_pbtxt",
 ]

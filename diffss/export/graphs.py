@@ -1,7 +1,7 @@
 """Export a few-shot segmenter as three ONNX graphs with dynamic batch, shots and image size.
 
 Graphs and their tensors (names, axes and metadata keys are the serving contract,
-:mod:`deploy.contract`):
+:mod:`serving_contract`):
 
 - ``segmenter``:       query [B,3,H,W] f32, support_images [B,K,3,Hs,Ws] f32,
                        support_masks [B,K,Hs,Ws] i64 (0/1/255) -> logits [B,2,H,W] f32
@@ -27,7 +27,7 @@ import onnx
 import torch
 from torch import nn
 
-from deploy.contract import (
+from serving_contract import (
     FEATURE_PREFIX,
     GRAPH_ROLES,
     LOGITS,
@@ -258,7 +258,7 @@ def export_graphs(
     ``sample_size``/``shots``/``batch`` shape the tracing sample only; every B/K/H/W axis is
     dynamic in the result, except K for a model with a fixed ``shot_count`` (traced with it). Batch and shots of 1 are avoided because a tracer may treat a
     length-1 axis as broadcastable and fix it. ``metadata`` goes into each graph's
-    ``metadata_props`` beside the role (``deploy.contract.ROLE_KEY``).
+    ``metadata_props`` beside the role (``serving_contract.ROLE_KEY``).
     """
     unknown = set(paths) - set(GRAPH_ROLES)
     if unknown:

@@ -19,9 +19,10 @@ prompt with some probability (classifier-free guidance), AdamW, gradient clippin
 (autocast; a gradient scaler for fp16) and gradient accumulation.
 
 Exact resume: the random draws of step ``s`` (examples, noise, timesteps, dropped prompts, drawn
-conditions) come from a generator seeded by (seed, s), and checkpoints hold the trainable weights,
-optimizer and scaler state in one atomically written file, so a run stopped at any point and
-restarted ends with the weights of an uninterrupted run.
+conditions) come from a generator seeded by (seed, s), and checkpoints (:mod:`diffss.training`)
+hold the exported model, the trainable weights, optimizer and scaler state in one atomically
+committed step folder, so a run stopped at any point and restarted ends with the weights of an
+uninterrupted run.
 """
 
 from __future__ import annotations
@@ -30,35 +31,32 @@ import dataclasses
 import json
 import logging
 import math
-import os
-import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
-import pandas as pd
+
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
-from diffss.atomic import atomic_path, write_text_atomic
 from diffss.conditions.build import RANDOM_HED  # noqa: F401 - re-exported for configs
 from diffss.generation.config import GenerationConfig
 from diffss.generation.small_sd import SmallSDSizes
+from diffss.training.config import JsonConfig
+from diffss.training.loop import TrainingRun, run_steps
 
 log = logging.getLogger(__name__)
 
 STAGES = ("autoencoder", "text-to-image", "controlnet")
-STATE_NAME = "training_state.pt"
+LEGACY_STATE_NAME = "training_state.pt"  # the layout before diffss.training: one state file beside the model
 CONFIG_NAME = "train_config.json"
-HISTORY_NAME = "history.csv"
 MIXED_PRECISION = {"no": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 @dataclass
-class GeneratorTrainConfig:
+class GeneratorTrainConfig(JsonConfig):
     """One training stage. ``dataset``/``root``/``fold``/``split`` pick the images as
     :func:`diffss.data.load_dataset` does; ``split="all"`` takes every class of the fold (train +
     test: a pretraining pool, never the benchmark itself). ``base_model``: controlnet - an SD
@@ -123,20 +121,13 @@ class GeneratorTrainConfig:
         if self.stage != "controlnet" and self.sizes["resolution"] != self.resolution:
             raise ValueError(f"sizes.resolution {self.sizes['resolution']} differs from resolution {self.resolution}")
 
-    def to_dict(self) -> dict[str, Any]:
-        return json.loads(json.dumps(dataclasses.asdict(self)))  # tuples -> lists, as in the JSON file
+    RUNTIME_FIELDS = ("output_dir", "device", "checkpoint_every", "local_files_only")
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any], source: str = "GeneratorTrainConfig") -> "GeneratorTrainConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"{source}: unknown field(s) {unknown}; known: {sorted(known)}")
-        return cls(**{k: tuple(v) if k == "conditions" else v for k, v in data.items()})
-
-    @classmethod
-    def from_json(cls, path: str | os.PathLike) -> "GeneratorTrainConfig":
-        return cls.from_dict(json.loads(Path(path).read_text()), str(path))
+    def _coerce(cls, data: dict[str, Any]) -> dict[str, Any]:
+        if "conditions" in data:
+            data["conditions"] = tuple(data["conditions"])
+        return data
 
     def prompt(self, class_name: str) -> str:
         return GenerationConfig(prompt_template=self.prompt_template, quality_suffix=self.quality_suffix).prompt(class_name)
@@ -194,37 +185,6 @@ def load_training_images(config: GeneratorTrainConfig, samples: list, progress: 
         controls = torch.from_numpy(np.stack(per_kind, axis=1)).permute(0, 1, 4, 2, 3).contiguous()
     return TrainingImages(images=images.contiguous(), prompts=[config.prompt(s.class_name) for s in samples],
                           controls=controls)
-
-
-# ---- checkpoints -------------------------------------------------------------------------------
-# One file holds the trainable weights, optimizer, scaler, step and history; it is written to a
-# temporary name and renamed, so a stop at any moment leaves the previous complete checkpoint.
-
-def _save_state(path: Path, state: dict) -> None:
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
-
-
-def _load_state(path: Path) -> dict | None:
-    if not path.is_file():
-        return None
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:  # noqa: BLE001 - a corrupt state must be named, not silently restarted
-        raise ValueError(f"{path}: cannot read the training state ({exc}); delete it to start over") from exc
-
-
-def _export_atomic(out_dir: Path, save: Callable[[Path], None]) -> None:
-    """``save`` into a temporary folder, then move each file onto its place (each move atomic)."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=out_dir, prefix=".export-") as tmp:
-        save(Path(tmp))
-        files = sorted((p for p in Path(tmp).rglob("*") if p.is_file()),
-                       key=lambda p: p.suffix in (".json", ".txt"))  # weights first, index files last
-        for src in files:
-            dst = out_dir / src.relative_to(tmp)
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(src, dst)
 
 
 # ---- the stages ----------------------------------------------------------------------------------
@@ -289,9 +249,12 @@ def _load_vae(base: str, local_files_only: bool):
     return cls.from_pretrained(folder, subfolder=sub, local_files_only=local_files_only)
 
 
-def _encode(vae, x: torch.Tensor) -> torch.Tensor:
+def _encode(vae, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     out = vae.encode(x)
-    latents = out.latents if hasattr(out, "latents") else out.latent_dist.sample()
+    # A KL autoencoder's latents are a sample: drawn from the run's own generator, not the global
+    # one (whose state at this point differs between processes), so two runs of one config, or a
+    # run and its resumption in a new process, train on the same latents.
+    latents = out.latents if hasattr(out, "latents") else out.latent_dist.sample(generator=generator)
     return latents * vae.config.scaling_factor
 
 
@@ -303,9 +266,10 @@ class _DiffusionStage(_Stage):
         self.config, self.data, self.device = config, data, device
         self.vae, self.tokenizer, self.scheduler = vae.to(device).eval().requires_grad_(False), tokenizer, scheduler
         latents = []
+        g = torch.Generator(device).manual_seed(config.seed)
         with torch.no_grad():
             for start in range(0, len(data), 64):
-                latents.append(_encode(self.vae, _pixels(data.images[start:start + 64]).to(device)).float().cpu())
+                latents.append(_encode(self.vae, _pixels(data.images[start:start + 64]).to(device), g).float().cpu())
         self.latents = torch.cat(latents)
         self.ids = self._tokenize(data.prompts)
         self.empty_ids = self._tokenize([""])
@@ -427,27 +391,23 @@ def train_generator(config: GeneratorTrainConfig, progress: bool = True,
                     callback: Callable[[int, float], None] | None = None) -> Path:
     """Run (or resume) one stage into ``config.output_dir``; returns that folder.
 
-    The folder is a ``from_pretrained`` folder (an ``AutoencoderTiny``, a Stable Diffusion layout
-    or a ``ControlNetModel``), refreshed at every checkpoint, plus ``train_config.json``,
-    ``history.csv``, ``training_state.pt`` and, for ControlNets, the ``conditions/`` drawn for
-    training. Rerunning with the same settings resumes (a larger ``steps`` continues a finished
-    run); other settings in the same folder are refused. ``callback(step, loss)`` runs after
-    every optimizer step.
+    The folder is a training run of :mod:`diffss.training`: ``checkpoints/step-*`` (the exported
+    model and the trainer state, committed together), the newest checkpoint's ``from_pretrained``
+    folder (an ``AutoencoderTiny``, a Stable Diffusion layout or a ``ControlNetModel``) published
+    at the top, ``train_config.json``, ``history.csv`` and, for ControlNets, the ``conditions/``
+    drawn for training. Rerunning with the same settings resumes (a larger ``steps`` continues a
+    finished run); other settings in the same folder are refused. A folder of the old layout (one
+    ``training_state.pt``) resumes from that state and is converted by its next checkpoint.
+    ``callback(step, loss)`` runs after every optimizer step.
     """
-    out = Path(config.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    saved, state_path = out / CONFIG_NAME, out / STATE_NAME
-    if saved.is_file() and state_path.is_file():
-        previous = GeneratorTrainConfig.from_json(saved).to_dict()
-        if {**previous, "steps": 0} != {**config.to_dict(), "steps": 0}:
-            changed = sorted(k for k in previous if k != "steps" and previous[k] != config.to_dict()[k])
-            raise ValueError(f"{out} holds a run with other settings ({changed}); use a new output_dir or delete {out}")
-    write_text_atomic(saved, json.dumps(config.to_dict(), indent=2))
+    run = TrainingRun(config, config.output_dir, CONFIG_NAME, legacy_state=LEGACY_STATE_NAME)
+    run.check_same_run()
 
     from diffusers.optimization import get_scheduler
 
     device = _device(config.device)
     data = load_training_images(config, training_samples(config), progress)
+    run.prepare()
     stage = _STAGE_CLASSES[config.stage](config, data, device)
     params = [p for module in stage.trainable.values() for p in module.parameters()]
     optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
@@ -456,7 +416,9 @@ def train_generator(config: GeneratorTrainConfig, progress: bool = True,
     scaler = torch.amp.GradScaler(device.type, enabled=amp is torch.float16)
 
     step, history = 0, []
-    state = _load_state(state_path)
+    latest, state = run.latest()
+    if latest is None and run.has_legacy_state():
+        state = run.load_legacy_state()  # old layout: weights, optimizer and step in one file
     if state is not None:
         for name, module in stage.trainable.items():
             module.load_state_dict(state["models"][name])
@@ -464,13 +426,12 @@ def train_generator(config: GeneratorTrainConfig, progress: bool = True,
         lr_schedule.load_state_dict(state["lr_schedule"])
         scaler.load_state_dict(state["scaler"])
         step, history = int(state["step"]), list(state["history"])
+    if latest is not None:
+        run.publish(latest, history)
     if step >= config.steps:
-        return out
+        return run.out
 
-    for module in stage.trainable.values():
-        module.train()
-    bar = tqdm(total=config.steps, initial=step, desc=f"train {config.stage}", unit="step", disable=not progress)
-    while step < config.steps:
+    def train_step(step: int) -> tuple[float, float]:
         g = _step_generator(config.seed, step)
         optimizer.zero_grad(set_to_none=True)
         loss_sum = 0.0
@@ -485,29 +446,23 @@ def train_generator(config: GeneratorTrainConfig, progress: bool = True,
         scaler.step(optimizer)
         scaler.update()
         lr_schedule.step()
-        step += 1
-        history.append({"step": step, "loss": loss_sum, "lr": lr_schedule.get_last_lr()[0]})
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss_sum:.4f}")
-        if callback is not None:
-            callback(step, loss_sum)
-        if step % config.checkpoint_every == 0 or step == config.steps:
-            _checkpoint(out, stage, optimizer, lr_schedule, scaler, step, history)
-    bar.close()
-    return out
+        return loss_sum, lr_schedule.get_last_lr()[0]
 
+    def save(step: int) -> None:
+        def export(folder: Path) -> None:
+            for module in stage.trainable.values():
+                module.eval()
+            stage.export(folder)
+            for module in stage.trainable.values():
+                module.train()
 
-def _checkpoint(out: Path, stage: _Stage, optimizer, lr_schedule, scaler, step: int, history: list[dict]) -> None:
-    # The model folder first, then the state saying which step it is: a stop in between leaves a
-    # state at most checkpoint_every steps older than the folder, and the resumed run rewrites both.
-    for module in stage.trainable.values():
-        module.eval()
-    _export_atomic(out, stage.export)
+        run.save(step, export, {"models": {name: module.state_dict() for name, module in stage.trainable.items()},
+                                "optimizer": optimizer.state_dict(), "lr_schedule": lr_schedule.state_dict(),
+                                "scaler": scaler.state_dict()}, history)
+
     for module in stage.trainable.values():
         module.train()
-    _save_state(out / STATE_NAME, {
-        "models": {name: module.state_dict() for name, module in stage.trainable.items()},
-        "optimizer": optimizer.state_dict(), "lr_schedule": lr_schedule.state_dict(),
-        "scaler": scaler.state_dict(), "step": step, "history": history})
-    with atomic_path(out / HISTORY_NAME) as tmp:
-        pd.DataFrame(history).to_csv(tmp, index=False)
+    run_steps(start_step=step, steps=config.steps, history=history, train_step=train_step, save=save,
+              checkpoint_every=config.checkpoint_every, callback=callback, progress=progress,
+              desc=f"train {config.stage}", unit="step")
+    return run.out

@@ -11,13 +11,17 @@ label (cross-entropy), so no class's mask, a fold's novel classes included, is s
 few-shot test. ``supervision="mask"`` is how the shipped file was made (one output channel per
 class, each image teaching its own class's channel its mask, binary cross-entropy): it has seen
 every class's masks, novel ones included, which ImageNet never shows; it stays so the shipped
-weights can be reproduced (docs/demo.md says what each gives). Only the backbone is kept; :func:`diffss.models.backbone.build_backbone` loads it (``pretrained="demo"`` for the
-shipped file) and freezes it, as a pretrained ResNet is.
+weights can be reproduced (docs/demo.md says what each gives). Only the backbone is kept;
+:func:`diffss.models.backbone.build_backbone` loads it (``pretrained="demo"`` for the shipped
+file) and freezes it, as a pretrained ResNet is.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
+import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +30,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from diffss.atomic import atomic_path
+from diffss.training.config import JsonConfig
+from diffss.training.loop import TrainingRun, run_steps
 
 
 def _pool_tensors(samples: list, size: int, masks: bool) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, list[str]]:
@@ -38,21 +44,55 @@ def _pool_tensors(samples: list, size: int, masks: bool) -> tuple[torch.Tensor, 
     images = [np.asarray(s.load_image().convert("RGB").resize((size, size), Image.BILINEAR)) for s in samples]
     mask_array = None
     if masks:
-        mask_array = torch.from_numpy(np.stack([np.asarray(Image.fromarray((np.asarray(s.load_mask()) == 1).astype(np.uint8))
-                                                           .resize((size, size), Image.NEAREST)) for s in samples]))
+        mask_array = torch.from_numpy(np.stack([
+            np.asarray(Image.fromarray((np.asarray(s.load_mask()) == 1).astype(np.uint8)).resize((size, size), Image.NEAREST))
+            for s in samples]))
     return (torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous(), mask_array,
             torch.tensor([index[s.class_name] for s in samples]), classes)
 
 
+@dataclass
+class PretrainConfig(JsonConfig):
+    """One pretraining run. ``pool`` identifies the samples (a digest of their names, classes and
+    files' sizes), so a rerun into the same folder with another pool is refused."""
+
+    output: str
+    pool: str
+    steps: int = 1500
+    batch_size: int = 16
+    lr: float = 2e-3
+    image_size: int = 96
+    seed: int = 0
+    supervision: str = "image"
+    checkpoint_every: int = 100
+
+    RUNTIME_FIELDS = ("output", "checkpoint_every")
+
+
+def _pool_digest(samples: list) -> str:
+    sha = hashlib.sha256()
+    for s in samples:
+        sha.update(f"{s.name}|{s.class_name}|{Path(s.image_path).stat().st_size}\n".encode())
+    return sha.hexdigest()[:16]
+
+
+BACKBONE_FILE = "backbone.safetensors"
+
+
 def pretrain_small_backbone(samples: list, output: str | os.PathLike, steps: int = 1500, batch_size: int = 16,
                             lr: float = 2e-3, image_size: int = 96, seed: int = 0, progress: bool = True,
+                            run_dir: str | os.PathLike | None = None, checkpoint_every: int = 100,
                             supervision: str = "image") -> dict:
     """Train a :class:`~diffss.models.backbone.SmallBackbone` on ``samples`` and write its state dict
     to ``output`` (safetensors, atomic). ``supervision``: ``"image"`` classifies (image, class name;
     masks are not read), ``"mask"`` teaches each image's class channel its mask. Returns the loss
-    history summary (and, for ``"image"``, the training accuracy of the last tenth of the steps)."""
+    history summary.
+
+    The run is a :mod:`diffss.training` run in ``run_dir`` (default ``<output>.run`` beside it):
+    checkpoints every ``checkpoint_every`` steps hold the backbone, the head, the optimizer and
+    the sampling generator's state, so a rerun after a kill resumes and ends with the weights of
+    an uninterrupted run."""
     from safetensors.torch import save_file
-    from tqdm.auto import tqdm
 
     from diffss.models.backbone import SmallBackbone
     from diffss.models.base import poly_lr_schedule
@@ -61,7 +101,14 @@ def pretrain_small_backbone(samples: list, output: str | os.PathLike, steps: int
         raise ValueError("pretrain_small_backbone: no samples")
     if supervision not in ("image", "mask"):
         raise ValueError(f"supervision must be 'image' or 'mask', got {supervision!r}")
+    output = Path(output)
+    config = PretrainConfig(output=str(output), pool=_pool_digest(samples), steps=steps, batch_size=batch_size,
+                            lr=lr, image_size=image_size, seed=seed, supervision=supervision,
+                            checkpoint_every=checkpoint_every)
+    run = TrainingRun(config, run_dir or output.with_name(output.name + ".run"), "pretrain_config.json")
+    run.check_same_run()
     images, masks, labels, classes = _pool_tensors(samples, image_size, masks=supervision == "mask")
+    run.prepare()
     g = torch.Generator().manual_seed(seed)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -71,18 +118,28 @@ def pretrain_small_backbone(samples: list, output: str | os.PathLike, steps: int
     params = [*backbone.parameters(), *head.parameters()]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=1e-4)
     schedule = poly_lr_schedule(optimizer, steps)
-    backbone.train()
-    losses, correct = [], []
-    for _ in tqdm(range(steps), desc="pretrain backbone", unit="step", disable=not progress):
+    metadata = {"classes": ",".join(classes), "steps": str(steps), "seed": str(seed), "image_size": str(image_size),
+                "supervision": supervision}
+
+    step, history = 0, []
+    latest, state = run.latest()
+    if state is not None:
+        backbone.load_state_dict(state["backbone"])
+        head.load_state_dict(state["head"])
+        optimizer.load_state_dict(state["optimizer"])
+        schedule.load_state_dict(state["scheduler"])
+        g.set_state(state["generator"])
+        step, history = int(state["step"]), list(state["history"])
+
+    def train_step(step: int) -> tuple[float, float]:
         pick = torch.randint(len(labels), (batch_size,), generator=g)
         x = images[pick].float().div(255.0)
         flip = torch.rand(batch_size, generator=g) < 0.5  # the world has no left or right
         x = torch.where(flip[:, None, None, None], x.flip(-1), x)
         features = backbone.extract(x)
         if supervision == "image":
-            logits = head(torch.cat([features.mid.mean((2, 3)), features.high.mean((2, 3))], 1))
-            loss = F.cross_entropy(logits, labels[pick])
-            correct.append(float((logits.argmax(1) == labels[pick]).float().mean()))
+            loss = F.cross_entropy(head(torch.cat([features.mid.mean((2, 3)), features.high.mean((2, 3))], 1)),
+                                   labels[pick])
         else:
             y = torch.where(flip[:, None, None], masks[pick].flip(-1), masks[pick]).float()
             high = F.interpolate(features.high, size=features.mid.shape[-2:], mode="bilinear", align_corners=False)
@@ -94,12 +151,23 @@ def pretrain_small_backbone(samples: list, output: str | os.PathLike, steps: int
         loss.backward()
         optimizer.step()
         schedule.step()
-        losses.append(float(loss.detach()))
-    state = {k: v.detach().contiguous() for k, v in backbone.state_dict().items()}
-    with atomic_path(Path(output)) as tmp:
-        save_file(state, str(tmp), metadata={"classes": ",".join(classes), "steps": str(steps), "seed": str(seed),
-                                             "image_size": str(image_size), "supervision": supervision})
+        return float(loss.detach()), schedule.get_last_lr()[0]
+
+    def write(folder: Path) -> None:
+        state = {k: v.detach().contiguous() for k, v in backbone.state_dict().items()}
+        save_file(state, str(folder / BACKBONE_FILE), metadata=metadata)
+
+    def save(step: int) -> None:
+        run.save(step, write, {"backbone": backbone.state_dict(), "head": head.state_dict(),
+                               "optimizer": optimizer.state_dict(), "scheduler": schedule.state_dict(),
+                               "generator": g.get_state()}, history)
+
+    backbone.train()
+    run_steps(start_step=step, steps=steps, history=history, train_step=train_step, save=save,
+              checkpoint_every=checkpoint_every, progress=progress, desc="pretrain backbone", unit="step")
+    with atomic_path(output) as tmp:
+        shutil.copyfile(run.out / BACKBONE_FILE, tmp)
+    losses = [h["loss"] for h in history]
     window = max(1, steps // 10)
     return {"first_loss": float(np.mean(losses[:window])), "last_loss": float(np.mean(losses[-window:])),
-            **({"train_accuracy": float(np.mean(correct[-window:]))} if correct else {}), "steps": steps,
-            "classes": len(classes), "images": len(labels), "supervision": supervision}
+            "steps": steps, "classes": len(classes), "images": len(labels), "supervision": supervision}

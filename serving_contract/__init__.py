@@ -1,10 +1,14 @@
 """The contract between an exported diffss model repository and its servers, in one place.
 
-``diffss.export`` writes repositories to it and ``diffss-serve`` (this package) reads them:
-the Triton layout, the graph roles and tensor names, the named dynamic axes, the ONNX
-metadata keys, and one table of tensor datatypes in the spellings of ONNX, onnxruntime,
-Triton and the Open Inference Protocol. Standard library only, so the serving image (which
-ships ``deploy/`` alone, see deploy/Dockerfile) has it without torch, onnx or diffss.
+``diffss.export`` writes repositories to it and ``diffss-serve`` (``deploy/``) reads them: the
+Triton layout, the graph roles and tensor names, the named dynamic axes, the ONNX metadata keys,
+the dynamic-batching defaults and one table of tensor datatypes in the spellings of ONNX,
+onnxruntime, Triton and the Open Inference Protocol.
+
+A package of its own, beside ``diffss`` and ``deploy``, so that neither imports the other:
+the library must not import the server, and the server must not import the library (torch).
+Standard library only: it imports neither torch, diffss nor deploy, and the serving image
+(deploy/Dockerfile) ships it with ``deploy/``.
 """
 
 from __future__ import annotations
@@ -61,6 +65,15 @@ SET_VALUED_KEY = "diffss.set_valued_inputs"
 
 # The usual few-shot segmentation resolution (PASCAL-5i / COCO-20i protocols).
 DEFAULT_IMAGE_SIZE = 473
+
+# -- dynamic batching (Triton's names): requests for one graph that arrive within
+# max_queue_delay of each other run as one batch of at most max_batch_size rows; at most
+# max_queue_size requests wait. diffss-serve's defaults, and what the exporter writes into each
+# config.pbtxt's dynamic_batching block so Triton batches the same way. A batch's memory grows
+# with its rows (PFENet at 473 px: about 150 MiB per row), hence 4.
+DEFAULT_MAX_BATCH_SIZE = 4
+DEFAULT_MAX_QUEUE_DELAY_MS = 5.0
+DEFAULT_MAX_QUEUE_SIZE = 64
 
 
 # -- tensor datatypes

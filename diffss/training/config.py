@@ -1,0 +1,79 @@
+"""One base class for training configs, and one "is this folder the same run?" check.
+
+Every training config (segmenter, base learner, generator) is a dataclass (pydantic or plain)
+deriving from :class:`JsonConfig`: ``from_dict(cfg.to_dict()) == cfg`` and the JSON file a run
+writes is ``to_dict()``. ``RUNTIME_FIELDS`` name the fields that change where or how fast a run
+goes, not its result; ``RESUMABLE_FIELDS`` the ones a rerun into the same folder may change
+(``steps``: a finished run continues to the larger count). Two configs describe the same run when
+they differ in those fields only (:meth:`JsonConfig.same_run_as`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+from typing import Any, ClassVar
+
+
+class JsonConfig:
+    RUNTIME_FIELDS: ClassVar[tuple[str, ...]] = ()
+    RESUMABLE_FIELDS: ClassVar[tuple[str, ...]] = ("steps",)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The fields as JSON gives them back (tuples as lists), so a dict read from the run's
+        file compares equal to one of a live config."""
+        return json.loads(json.dumps(dataclasses.asdict(self)))
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str | None = None):
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"{source or cls.__name__}: unknown field(s) {unknown}; known fields: {sorted(known)}")
+        return cls(**cls._coerce(dict(data)))
+
+    @classmethod
+    def _coerce(cls, data: dict[str, Any]) -> dict[str, Any]:
+        """JSON values to field types where the dataclass does not convert them itself."""
+        return data
+
+    @classmethod
+    def from_json(cls, path: str | os.PathLike):
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"{path}: cannot read {cls.__name__} ({exc})") from exc
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: a {cls.__name__} file holds a JSON object, not {type(data).__name__}")
+        return cls.from_dict(data, source=str(path))
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    def output_settings(self) -> dict[str, Any]:
+        """The fields that determine the result (everything but ``RUNTIME_FIELDS``)."""
+        return {k: v for k, v in self.to_dict().items() if k not in self.RUNTIME_FIELDS}
+
+    def differences(self, other: "JsonConfig | dict[str, Any]") -> list[str]:
+        """Result-deciding fields whose values differ from ``other``'s: neither ``RUNTIME_FIELDS``
+        (a run may resume on another device, from a moved folder) nor ``RESUMABLE_FIELDS``."""
+        mine = self.to_dict()
+        theirs = other.to_dict() if isinstance(other, JsonConfig) else json.loads(json.dumps(other))
+        return sorted(k for k in set(mine) | set(theirs)
+                      if k not in self.RESUMABLE_FIELDS and k not in self.RUNTIME_FIELDS and mine.get(k) != theirs.get(k))
+
+    def same_run_as(self, other: "JsonConfig | dict[str, Any]") -> bool:
+        return not self.differences(other)
+
+
+def check_same_run(config: JsonConfig, saved: Path, out: Path) -> None:
+    """Refuse to continue the run in ``out`` (its config file ``saved``) with other settings."""
+    previous = type(config).from_json(saved)
+    changed = config.differences(previous)
+    if changed:
+        detail = ", ".join(f"{k}: {previous.to_dict().get(k)!r} -> {config.to_dict().get(k)!r}" for k in changed[:5])
+        raise ValueError(f"{out} holds a run with a different {type(config).__name__} (other settings: {detail}); "
+                         f"use a new output_dir or delete {out}")
