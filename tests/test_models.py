@@ -559,7 +559,8 @@ def test_small_backbone_pretraining_lowers_its_loss(tmp_path):
         """A pool sample as ImageNet gives it: an image and its class, no mask to read."""
 
         def __init__(self, sample):
-            self.class_name, self.load_image = sample.class_name, sample.load_image
+            self.name, self.class_name, self.image_path = sample.name, sample.class_name, sample.image_path
+            self.load_image = sample.load_image
 
         def load_mask(self):
             raise AssertionError("backbone pretraining read a mask")
