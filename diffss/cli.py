@@ -291,7 +291,7 @@ def cmd_pretrain_backbone(args: argparse.Namespace) -> int:
     samples = [s for split in ("train", "test") for s in load_dataset("demo", root=pool, fold=0, split=split, episodes=1).samples]
     summary = pretrain_small_backbone(samples, output, steps=args.steps, seed=args.seed, progress=not args.quiet,
                                       run_dir=Path(args.work_dir) / "pretrain-backbone",
-                                      checkpoint_every=args.checkpoint_every)
+                                      checkpoint_every=args.checkpoint_every, supervision=args.supervision)
     print(json.dumps({**summary, "output": str(output)}, indent=2))
     return 0
 
@@ -328,6 +328,37 @@ def cmd_demo_study(args: argparse.Namespace) -> int:
                          num_aux=args.num_aux, progress=not args.quiet)
     print(summary_markdown(summary))
     print(f"results: {cfg.output_dir}/results.csv, summary.csv, summary.md, auxiliary_grid.png")
+    return 0
+
+
+def cmd_generator_probe(args: argparse.Namespace) -> int:
+    """Strength x steps x guidance sweep of a demo generator on a fold's base-class supports (never its novel
+    classes): own / other-class contrast, appearance and pixel difference to the support."""
+    import dataclasses
+    import itertools
+
+    import pandas as pd
+
+    from diffss.atomic import atomic_path
+    from diffss.generation import AuxiliaryGenerator
+    from diffss.generation.demo_generator import base_supports, class_following, demo_generation_config
+
+    base = demo_generation_config(args.generator, device=args.device, **({"start": args.start} if args.start else {}))
+    samples = base_supports(args.root, fold=args.fold, count=args.supports)
+    rows = []
+    for kind in args.conditions:
+        generator = AuxiliaryGenerator(base, kind)
+        for steps, guidance, strength in itertools.product(args.steps, args.guidance or [base.guidance_scale],
+                                                           args.strengths):
+            cfg = dataclasses.replace(base, strength=strength, num_inference_steps=steps, guidance_scale=guidance)
+            generator.config = cfg
+            scores = class_following(cfg, samples, Path(args.output) / "conditions", kind, generator=generator)
+            rows.append({"condition": kind, "start": cfg.start, "steps": steps, "guidance": guidance,
+                         "strength": strength, **scores})
+            print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in rows[-1].items()}), flush=True)
+    with atomic_path(Path(args.output) / "generator_probe.csv") as tmp:
+        pd.DataFrame(rows).to_csv(tmp, index=False)
+    print(f"table: {Path(args.output) / 'generator_probe.csv'}")
     return 0
 
 
@@ -624,6 +655,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pool-per-class", type=int, default=None, help="pool images per class (default: the generator's)")
     p.add_argument("--checkpoint-every", type=int, default=100, help="steps between checkpoints (resumable run "
                    "in <work-dir>/pretrain-backbone)")
+    p.add_argument("--supervision", choices=["image", "mask"], default="image",
+                   help="image: class labels only, as ImageNet (default); mask: how the shipped file was made")
     p.set_defaults(func=cmd_pretrain_backbone)
 
     p = sub.add_parser("demo-check", help="does the demo world need its supports? (K-shot and oracle vs 1-shot)")
@@ -642,6 +675,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--xshot", type=int, nargs="+", default=[0, 1, 2, 4])
     p.add_argument("--paper-aux-shot", type=int, default=4, help="1 real + N aux at training and test (0: skip)")
     p.set_defaults(func=cmd_demo_study)
+
+    p = sub.add_parser("generator-probe", help="strength x steps sweep of the demo generator on base-class supports")
+    p.add_argument("--root", required=True, help="demo dataset root")
+    p.add_argument("--output", required=True, help="folder for conditions and generator_probe.csv")
+    p.add_argument("--fold", type=int, default=0)
+    p.add_argument("--supports", type=int, default=30, help="base-class supports, spread over the classes")
+    p.add_argument("--conditions", nargs="+", default=["seg"])
+    p.add_argument("--strengths", type=float, nargs="+", default=[0.3, 0.5, 0.7, 0.85, 0.9, 1.0])
+    p.add_argument("--steps", type=int, nargs="+", default=[4, 8])
+    p.add_argument("--guidance", type=float, nargs="+", default=None, help="default: the generator's")
+    p.add_argument("--start", choices=["support", "new_scene"], default=None, help="default: the generator's")
+    p.add_argument("--generator", default=None, help="demo generator folder (default: the shipped weights)")
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(func=cmd_generator_probe)
 
     p = sub.add_parser("demo-data", help="build the procedural demo dataset (the only command that writes one)")
     p.add_argument("--root", default="data/raw/demo", help="an empty folder, or an earlier demo build")

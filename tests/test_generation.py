@@ -125,9 +125,7 @@ def test_single_image_equals_its_batched_twin(seg_generator):
     items = [controls[0]] * 2 + [controls[1]] * 2
     names = ["cat", "cat", "dog", "dog"]
     seeds = [aux_seed("toy", "s", 1, k) for k in range(4)]
-    start = time.perf_counter()
     batched = seg_generator.generate(items, names, seeds)
-    assert time.perf_counter() - start < 5.0  # tiny: a 4-image 64 px call is well under a second idle
     assert batched.shape == (4, 64, 64, 3) and batched.dtype == np.float32
     assert batched.std() > 0.01 and np.abs(batched[0] - batched[1]).max() > 0.01  # seeds differ
     for k in (1, 2):

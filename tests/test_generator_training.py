@@ -199,13 +199,3 @@ def test_an_experiment_selects_the_shipped_generator_by_name(tmp_path):
     assert all((Path(p) / "config.json").is_file() for p in config.controlnets.values())
     weights = json.loads((tmp_path / "models" / "models.json").read_text())["weights"]
     assert set(weights) >= {"sd/unet/diffusion_pytorch_model.safetensors", "controlnet/diffusion_pytorch_model.safetensors"}
-
-
-def test_the_shipped_generator_paints_the_class_inside_the_mask(tmp_path):
-    """The shipped weights have learnt something of the demo world: on 30 base-class supports of
-    fold 0 (where its sampling settings were chosen) the class's palette is more frequent inside the
-    support's mask than outside (0.067 when measured; a random generator scores about 0, see above)."""
-    root = build_demo_dataset(tmp_path / "demo", seed=0, num_classes=20, per_class=4)
-    samples = load_dataset("demo", root=root, fold=0, split="train", episodes=1).samples[::4][:30]
-    config = demo_generation_config(device="cpu", supports_per_call=8)
-    assert class_in_mask_contrast(config, samples, tmp_path / "conditions") > 0.03

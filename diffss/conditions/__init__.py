@@ -6,6 +6,8 @@
 
 from diffss.conditions.build import (
     CONDITION_KINDS,
+    RANDOM_HED,
+    SOBEL_EDGES,
     build_conditions,
     condition_path,
     load_square,
@@ -17,6 +19,7 @@ from diffss.conditions.files import is_valid_image, remove_stale_temporaries, sa
 from diffss.conditions.hed import (
     DEFAULT_HED_MODEL,
     HedConditioner,
+    SobelEdgeConditioner,
     dilated_object_mask,
     dilation_kernel_size,
     restrict_to_mask,

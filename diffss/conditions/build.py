@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from diffss.atomic import atomic_path
 from diffss.conditions.files import is_valid_image, remove_stale_temporaries, safe_name, save_png_atomic
-from diffss.conditions.hed import HedConditioner, restrict_to_mask, scribble_from_hed
+from diffss.conditions.hed import HedConditioner, SobelEdgeConditioner, restrict_to_mask, scribble_from_hed
 from diffss.conditions.seg import seg_condition
 from diffss.conditions.tables import ClassToAde
 from diffss.data.samples import check_same_size
@@ -72,12 +72,15 @@ def load_square(sample, resolution: int) -> tuple[Image.Image, np.ndarray, tuple
     return image.resize(size, Image.BICUBIC), square_mask, image.size
 
 
-RANDOM_HED = "random"  # the random-weight HED network of seed 0 (offline demo, tests)
+RANDOM_HED = "random"  # the random-weight HED network of seed 0 (tests: noise edges, no download)
+SOBEL_EDGES = "sobel"  # the classical soft-edge detector (the demo world, which has no trained HED)
 
 
-def _coerce_hed(hed) -> HedConditioner:
-    if isinstance(hed, HedConditioner):
+def _coerce_hed(hed) -> HedConditioner | SobelEdgeConditioner:
+    if isinstance(hed, (HedConditioner, SobelEdgeConditioner)):
         return hed
+    if hed == SOBEL_EDGES:
+        return SobelEdgeConditioner()
     return HedConditioner.random(seed=0) if hed == RANDOM_HED else HedConditioner(hed)
 
 
@@ -87,7 +90,8 @@ def build_conditions(samples: Sequence, kinds: str | Iterable[str], out_dir: str
     """Write the ``kinds`` conditions of every sample and return (and save) their table.
 
     ``hed``: a :class:`HedConditioner`, ``HEDdetector``, HED torch module, hub id or local folder
-    (None: ``lllyasviel/Annotators``; ``"random"``: the random-weight network of seed 0); loaded only when a hed/scribble map must be computed.
+    (None: ``lllyasviel/Annotators``; ``"random"``: the random-weight network of seed 0;
+    ``"sobel"``: the classical :class:`SobelEdgeConditioner`); loaded only when a hed/scribble map must be computed.
     ``class_to_ade``: anything :meth:`ClassToAde.coerce` takes; None picks the curated table of
     ``dataset_name`` or, for other datasets, name resolution.
     """
@@ -109,7 +113,7 @@ def build_conditions(samples: Sequence, kinds: str | Iterable[str], out_dir: str
             todo.append((s, missing))
 
     sizes: dict[tuple[str, int], tuple[int, int]] = {}
-    conditioner: HedConditioner | None = None
+    conditioner: HedConditioner | SobelEdgeConditioner | None = None
     bar = tqdm(total=len(todo), desc="conditions", unit="sample", disable=not progress)
     for start in range(0, len(todo), batch_size):
         chunk = todo[start:start + batch_size]

@@ -30,7 +30,9 @@ class AuxiliarySupports:
                    max_drift: float | None = None, dataset: str | None = None) -> "AuxiliarySupports":
         """Read the generation parquet; keep rows of ``condition``(s), ``dataset`` and drift <= ``max_drift``.
 
-        Rows with unknown (NaN) drift are kept: the filter removes only measured outliers.
+        Rows with unknown (NaN) drift are kept: the filter removes only measured outliers. A
+        table with a ``kept`` column (over-generated candidates, see diffss.generation.run) gives
+        only its kept rows, best ``rank`` first; older tables, every row in ``aux_index`` order.
         """
         import pandas as pd
 
@@ -64,7 +66,10 @@ class AuxiliarySupports:
             keep_only("dataset", [dataset])
         if max_drift is not None:
             table = table[~(table["drift"].astype(float) > float(max_drift))]
-        order = ["aux_index"] + (["condition"] if "condition" in table.columns else []) + ["path"]
+        if "kept" in table.columns:
+            table = table[table["kept"].astype(bool)]
+        first = "rank" if "rank" in table.columns else "aux_index"
+        order = [first] + (["condition"] if "condition" in table.columns else []) + ["path"]
         table = table.sort_values(order, kind="stable")
 
         entries: dict[tuple[str, int], list[Path]] = {}

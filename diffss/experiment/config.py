@@ -18,6 +18,7 @@ from pydantic import ConfigDict, Field, ValidationError, model_validator
 from pydantic.dataclasses import dataclass
 
 from diffss.atomic import atomic_path, write_text_atomic
+from diffss.conditions.build import RANDOM_HED, SOBEL_EDGES  # GenerationConfig.hed_model sentinels
 from diffss.generation.config import GenerationConfig
 from diffss.protocol import EvalProtocol
 from diffss.train import EvalConfig, TrainConfig
@@ -31,7 +32,6 @@ CONDITIONS = ("seg", "hed", "scribble")
 BASELINE = "baseline"  # the real-supports-only segmenter, a condition of its own
 TINY = "tiny"  # GenerationConfig.base_model: build tiny random SD + ControlNet models (tests, plumbing)
 LEARNED_DEMO = "demo"  # GenerationConfig.base_model: the learned demo generator shipped in the package
-RANDOM_HED = "random"  # GenerationConfig.hed_model: a random-weight HED network (the demo)
 Condition = Literal["seg", "hed", "scribble"]
 Fraction = Annotated[float, Field(ge=0, le=1)]
 NonNegativeInt = Annotated[int, Field(ge=0)]
@@ -189,7 +189,7 @@ class ExperimentConfig:
                 if not (Path(model).expanduser() / marker).is_file():
                     raise FileNotFoundError(f"{label}: {model!r} is not a local diffusers folder (no {marker}); "
                                             "local_files_only is set, so nothing is downloaded")
-        if gen.local_files_only and gen.hed_model != RANDOM_HED and not Path(gen.hed_model).expanduser().is_dir():
+        if gen.local_files_only and gen.hed_model not in (RANDOM_HED, SOBEL_EDGES) and not Path(gen.hed_model).expanduser().is_dir():
             raise FileNotFoundError(f"generation.hed_model: {gen.hed_model} is not a local folder (local_files_only is set)")
 
     # ---- per-stage configs

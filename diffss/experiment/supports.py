@@ -11,7 +11,7 @@ from typing import Any
 import pandas as pd
 
 from diffss.experiment.config import (
-    CONDITIONS, LEARNED_DEMO, RANDOM_HED, TINY, ExperimentConfig, Fold, file_lock, fresh, load_split, test_episodes,
+    CONDITIONS, LEARNED_DEMO, RANDOM_HED, SOBEL_EDGES, TINY, ExperimentConfig, Fold, file_lock, fresh, load_split, test_episodes,
     write_json,
 )
 from diffss.generation.config import GenerationConfig
@@ -81,13 +81,15 @@ def plan_auxiliary(settings: ExperimentConfig, fold: Fold, redo: list[str] = (),
 
 
 def _hed(settings: ExperimentConfig, condition: str):
-    from diffss.conditions import HedConditioner
+    from diffss.conditions import HedConditioner, SobelEdgeConditioner
 
     if condition not in ("hed", "scribble"):
         return None
     device = settings.generation.device
     if settings.generation.hed_model == RANDOM_HED:
         return HedConditioner.random(seed=0, device=device)
+    if settings.generation.hed_model == SOBEL_EDGES:
+        return SobelEdgeConditioner()
     return HedConditioner(settings.generation.hed_model, device=device)
 
 
@@ -206,16 +208,20 @@ def generate_supports(settings: ExperimentConfig, fold: Fold, condition: str, mo
     table = pd.read_parquet(table_path) if table_path.is_file() else pd.DataFrame()
     summary = summarize(table) if len(table) else {"images": 0}
     info: dict[str, Any] = {"images": summary["images"], "generated": missing, "supports": summary.get("supports", 0),
-                            "mean_drift": summary.get("mean_drift", float("nan")), "table": table_path}
+                            "mean_drift": summary.get("mean_drift", float("nan")),
+                            "mean_appearance": summary.get("mean_appearance_kept", float("nan")), "table": table_path}
+    kept = table[table["kept"]].sort_values("rank", kind="stable") if "kept" in table.columns else table
     rows = []
     for s in _preview(plan):
-        own = table[(table["support_name"] == s.name) & (table["class_id"] == s.class_id)]
+        own = kept[(kept["support_name"] == s.name) & (kept["class_id"] == s.class_id)]
         rows.append([s.load_image(), Image.open(condition_path(conditions_dir, condition, s.class_id, s.name))]
                     + [Image.open(folder / p) for p in own["path"]])
     if rows:
         info["grid"] = save_png(image_grid(rows), out / "grid.png")
     if len(table):
-        info["per_class"] = table.groupby("class_name", as_index=False).agg(images=("path", "count"), mean_drift=("drift", "mean"))
+        info["per_class"] = kept.groupby("class_name", as_index=False).agg(
+            images=("path", "count"), mean_drift=("drift", "mean"),
+            **({"mean_appearance": ("appearance", "mean")} if "appearance" in kept.columns else {}))
     return info
 
 
@@ -225,7 +231,9 @@ def auxiliary_problems(settings: ExperimentConfig, fold: Fold, table_path: Path)
     from PIL import Image
 
     table = pd.read_parquet(table_path)
-    have = table.groupby(["support_name", "class_id"]).size().to_dict()
+    # Supports count the auxiliary images readers get: the kept candidates (all rows in older tables).
+    usable = table[table["kept"]] if "kept" in table.columns else table
+    have = usable.groupby(["support_name", "class_id"]).size().to_dict()
     short, sizes = [], {}
     for samples, count in plan_auxiliary(settings, fold).values():
         for s in samples:

@@ -39,6 +39,9 @@ PAPER_SETTINGS = dict(controlnets=PAPER_CONTROLNETS, prompt_template="a real sho
 
 
 PositiveInt = Annotated[int, Field(ge=1)]
+#: Support guidance: the share of the noise schedule an image is painted over, starting from its
+#: real support (1: from pure noise, the paper's text-to-image).
+Strength = Annotated[float, Field(gt=0, le=1)]
 
 
 @dataclass(config=ConfigDict(extra="forbid"))
@@ -50,7 +53,7 @@ class GenerationConfig:
 
     ``batch_size``: images per pipeline call, drawn across supports (None: ``supports_per_call``
     supports' ``num_aux`` images). Every call is padded to this size, so an image's pixels do
-    not depend on which other images share its call (see README, "Batching and exactness").
+    not depend on which other images share its call (see docs/generation.md, "Batching and exactness").
     """
 
     base_model: str = DEFAULT_BASE_MODEL
@@ -65,6 +68,18 @@ class GenerationConfig:
     resolution: Annotated[int, Field(ge=8, multiple_of=8)] = 512
     controlnet_conditioning_scale: float = 1.0
     seed: int = 0
+    # Support guidance: candidate c of a support starts from the support image noised to
+    # ``strength`` (a tuple: ``strength[c % len]``, several levels per support for variety).
+    strength: Strength | Annotated[tuple[Strength, ...], Field(min_length=1)] = 1.0
+    # Over-generate and keep the best: paint this many candidates per support and keep the
+    # ``num_aux`` with the best appearance score (None: exactly ``num_aux``, no selection).
+    candidates: PositiveInt | None = None
+    # What a guided candidate starts from: the support as is, or its object (mask) in a new
+    # scene (background and light drawn from the candidate's seed; diffss.generation.starts).
+    start: Literal["support", "new_scene"] = "support"
+    # Class tokens: > 0 learns one textual-inversion token per support from that support alone
+    # (this many steps) and prompts with "<token> <class name>" (0: the class name only).
+    token_steps: Annotated[int, Field(ge=0)] = 0
     # Runtime-only settings.
     device: str | None = None
     dtype: Literal["float16", "bfloat16", "float32"] | None = None
@@ -76,17 +91,34 @@ class GenerationConfig:
 
     OUTPUT_FIELDS = ("base_model", "controlnets", "prompt_template", "quality_suffix", "negative_prompt",
                      "scheduler", "num_inference_steps", "guidance_scale", "resolution",
-                     "controlnet_conditioning_scale", "seed")
+                     "controlnet_conditioning_scale", "seed", "strength", "candidates", "start", "token_steps", "hed_model")
 
     @classmethod
     def paper(cls, **overrides) -> "GenerationConfig":
-        """ControlNet4FSS's generator settings (the paper's code; see README for what differs
+        """ControlNet4FSS's generator settings (the paper's code; docs/generation.md says what differs
         and why); ``overrides`` set any field (e.g. local model folders, device)."""
         return cls(**{**PAPER_SETTINGS, "controlnets": dict(PAPER_CONTROLNETS), **overrides})
+
+    def strength_of(self, candidate: int) -> float:
+        """Strength of candidate ``candidate`` of a support."""
+        if isinstance(self.strength, tuple):
+            return float(self.strength[int(candidate) % len(self.strength)])
+        return float(self.strength)
+
+    def num_candidates(self, num_aux: int) -> int:
+        """Images painted per support: ``candidates`` (at least ``num_aux``), else ``num_aux``."""
+        if self.candidates is not None and self.candidates < num_aux:
+            raise ValueError(f"GenerationConfig.candidates ({self.candidates}) is smaller than the "
+                             f"{num_aux} auxiliary images to keep per support")
+        return int(self.candidates or num_aux)
 
     def images_per_call(self, num_aux: int) -> int:
         """Pipeline call size: ``batch_size``, else ``supports_per_call`` supports' images."""
         return int(self.batch_size) if self.batch_size is not None else int(self.supports_per_call) * int(num_aux)
+
+    def prompt_name(self, class_name: str, token: str | None = None) -> str:
+        """What the prompt names: the class, after the support's learned token when tokens are on."""
+        return f"{token} {class_name}" if token and self.token_steps > 0 else str(class_name)
 
     def prompt(self, class_name: str) -> str:
         # FSS-1000 class folders are snake_case ("assult_rifle").

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
-import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -88,8 +87,20 @@ class AuxiliaryGenerator:
     def model_ids(self) -> str:
         return self.config.model_ids(self.kinds)
 
+    def img2img_pipeline(self):
+        """diffusers' ControlNet img2img pipeline over the very same modules (UNet, VAE, text
+        encoder, ControlNet(s), scheduler): no second copy of the weights. Built on first use."""
+        if getattr(self, "_img2img", None) is None:
+            from diffusers import StableDiffusionControlNetImg2ImgPipeline
+
+            self._img2img = StableDiffusionControlNetImg2ImgPipeline(**{**self.pipe.components, "safety_checker": None},
+                                                                     requires_safety_checker=False)
+            self._img2img.set_progress_bar_config(disable=True)
+        return self._img2img
+
     def generate(self, controls: Sequence[Image.Image | Sequence[Image.Image]], class_names: Sequence[str],
-                 seeds: Sequence[int], pad_to: int | None = None) -> np.ndarray:
+                 seeds: Sequence[int], pad_to: int | None = None, init_images: Sequence[Image.Image] | None = None,
+                 strength: float = 1.0) -> np.ndarray:
         """One pipeline call for ``len(seeds)`` images; returns ``[N,R,R,3]`` float32 in [0,1].
 
         ``controls[i]``: the condition image of item i (one per kind, in ``self.kinds`` order,
@@ -98,14 +109,27 @@ class AuxiliaryGenerator:
         (its extra outputs are dropped). Kernels are chosen by tensor shape, so within calls of
         one shape an item's result does not depend on its position or neighbours (bit for bit
         on CPU, measured); across shapes it differs by float rounding.
+
+        ``strength`` < 1 (support guidance): item i starts from ``init_images[i]`` (its real
+        support, ``R``x``R``) noised to that level, through diffusers' ControlNet img2img pipeline
+        (the schedule's last ``strength`` share of ``num_inference_steps`` runs); 1 is plain
+        text-to-image from pure noise (the paper's), whatever ``init_images`` says.
         """
         n = len(seeds)
         if not (len(controls) == len(class_names) == n) or n == 0:
             raise ValueError(f"controls ({len(controls)}), class_names ({len(class_names)}) and seeds ({n}) "
                              "must have the same, non-zero length")
+        if not 0.0 < float(strength) <= 1.0:
+            raise ValueError(f"strength must be in (0, 1], got {strength}")
+        guided = float(strength) < 1.0
+        if guided and (init_images is None or len(init_images) != n):
+            raise ValueError(f"strength {strength} < 1 needs one init image per item ({n}), "
+                             f"got {None if init_images is None else len(init_images)}")
         if pad_to is not None and pad_to > n:
             extra = pad_to - n
             controls, class_names, seeds = ([*x, *[x[-1]] * extra] for x in (controls, class_names, seeds))
+            if guided:
+                init_images = [*init_images, *[init_images[-1]] * extra]
         elif pad_to is not None and pad_to < n:
             raise ValueError(f"pad_to ({pad_to}) is smaller than the {n} items given")
         cfg = self.config
@@ -119,23 +143,18 @@ class AuxiliaryGenerator:
                 raise ValueError(f"each item needs {len(self.kinds)} control images ({'+'.join(self.kinds)})")
             scale = [float(cfg.controlnet_conditioning_scale)] * len(self.kinds)
         generators = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
+        common = dict(prompt=[cfg.prompt(c) for c in class_names], negative_prompt=[cfg.negative_prompt] * total,
+                      height=cfg.resolution, width=cfg.resolution, num_inference_steps=cfg.num_inference_steps,
+                      guidance_scale=cfg.guidance_scale, generator=generators,
+                      controlnet_conditioning_scale=scale, output_type="np")
         with torch.inference_mode():
-            out = self.pipe(prompt=[cfg.prompt(c) for c in class_names], negative_prompt=[cfg.negative_prompt] * total,
-                            image=image, height=cfg.resolution, width=cfg.resolution,
-                            num_inference_steps=cfg.num_inference_steps, guidance_scale=cfg.guidance_scale,
-                            generator=generators, controlnet_conditioning_scale=scale, output_type="np")
+            if guided:
+                out = self.img2img_pipeline()(image=list(init_images), control_image=image, strength=float(strength),
+                                              **common)
+            else:
+                out = self.pipe(image=image, **common)
         self.images_generated += n
         return np.asarray(out.images[:n], dtype=np.float32)
-
-    def timed_generate(self, controls, class_names, seeds, pad_to: int | None = None) -> tuple[np.ndarray, float]:
-        """``generate`` plus wall seconds per image made (padding included in the cost)."""
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        start = time.perf_counter()
-        images = self.generate(controls, class_names, seeds, pad_to=pad_to)
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        return images, (time.perf_counter() - start) / len(seeds)
 
 
 def to_pil(image: np.ndarray) -> Image.Image:

@@ -207,13 +207,15 @@ def generate_jobs_on_ray(jobs: Sequence[tuple[Sequence, int]], condition: str | 
             seen = []
         phases[-1].append(j)
         seen.append(keys)
-    units = [plan_units(len(samples), num_aux, config.images_per_call(num_aux), calls_per_unit)
+    # Images painted per support: the candidates (the kept ones are chosen among them).
+    units = [plan_units(len(samples), config.num_candidates(num_aux), config.images_per_call(num_aux), calls_per_unit)
              for samples, num_aux in jobs]
     todo = [[(j, u) for j in phase for u in range(units[j])
-             if overwrite or not _unit_done(root, shard_samples(jobs[j][0], (u, units[j])), jobs[j][1], rows)]
+             if overwrite or not _unit_done(root, shard_samples(jobs[j][0], (u, units[j])),
+                                                config.num_candidates(jobs[j][1]), rows)]
             for phase in phases]
-    total = sum(len(samples) * num_aux for samples, num_aux in jobs)
-    unit_images = {(j, u): len(shard_samples(jobs[j][0], (u, units[j]))) * jobs[j][1]
+    total = sum(len(samples) * config.num_candidates(num_aux) for samples, num_aux in jobs)
+    unit_images = {(j, u): len(shard_samples(jobs[j][0], (u, units[j]))) * config.num_candidates(jobs[j][1])
                    for phase in todo for j, u in phase}
     common = dict(out_dir=str(out_dir), dataset_name=dataset_name,
                   conditions_dir=None if conditions_dir is None else str(conditions_dir), hed=hed,
@@ -297,7 +299,7 @@ def generate_jobs_on_ray(jobs: Sequence[tuple[Sequence, int]], condition: str | 
     if table is None:
         raise RuntimeError(f"{root / TABLE_NAME}: missing after the run")
     planned = {(str(s.name), int(s.class_id), k): aux_relpath(s.class_id, s.name, k)
-               for samples, num_aux in jobs for s in samples for k in range(num_aux)}
+               for samples, num_aux in jobs for s in samples for k in range(config.num_candidates(num_aux))}
     have = {(str(r.support_name), int(r.class_id), int(r.aux_index)) for r in table.itertuples()}
     lost = sorted(k for k, p in planned.items() if k not in have or not (root / p).is_file())
     if lost:

@@ -52,8 +52,12 @@ from diffss.conditions import (
 )
 from diffss.data.samples import check_same_size
 from diffss.generation.config import GenerationConfig, aux_seed
+from diffss.conditions.build import load_square
+from diffss.generation.appearance import SupportAppearance, select_best
+from diffss.generation.class_tokens import support_token, token_name
 from diffss.generation.drift import drift_from_alignment, edge_alignment, reference_alignment
 from diffss.generation.pipeline import AuxiliaryGenerator, to_pil
+from diffss.generation.starts import start_image
 
 log = logging.getLogger(__name__)
 
@@ -62,12 +66,13 @@ CONFIG_NAME = "generation_config.json"
 # Held while the table or the settings file is read-modified-written (shards share them);
 # ".<conditions folder>.lock" beside the conditions folder while conditions are built.
 LOCK_NAME = ".auxiliary.lock"
-TABLE_COLUMNS = ["dataset", "support_name", "class_id", "class_name", "aux_index", "seed", "prompt", "condition",
-                 "model_ids", "path", "width", "height", "drift"]
-
-
-def condition_label(condition: str | Sequence[str]) -> str:
-    return "+".join(parse_kinds(condition))
+TOKENS_DIR = "tokens"  # per-support textual-inversion tokens (GenerationConfig.token_steps > 0)
+# One row per painted candidate (``aux_index`` = candidate index): ``appearance`` scores it
+# against its support (diffss.generation.appearance), ``rank`` orders a support's candidates
+# best first (-1 while some are still missing) and ``kept`` marks the ``num_aux`` best, the
+# auxiliary supports readers use.
+TABLE_COLUMNS = ["dataset", "support_name", "class_id", "class_name", "aux_index", "seed", "strength", "prompt",
+                 "condition", "model_ids", "path", "width", "height", "drift", "appearance", "rank", "kept"]
 
 
 def aux_relpath(class_id: int, support_name: str, aux_index: int) -> str:
@@ -104,8 +109,9 @@ def _read_table(path: Path) -> pd.DataFrame | None:
 def _write_table(path: Path, rows: dict) -> pd.DataFrame:
     table = pd.DataFrame(list(rows.values()), columns=TABLE_COLUMNS)
     table = table.sort_values(["class_id", "support_name", "aux_index"], kind="stable").reset_index(drop=True)
-    table = table.astype({"class_id": "int64", "aux_index": "int64", "seed": "int64", "width": "int64",
-                          "height": "int64", "drift": "float64"})
+    table = table.astype({"class_id": "int64", "aux_index": "int64", "seed": "int64", "strength": "float64",
+                          "width": "int64", "height": "int64", "drift": "float64", "appearance": "float64",
+                          "rank": "int64", "kept": "bool"})
     with atomic_path(path) as tmp:
         table.to_parquet(tmp, index=False)
     return table
@@ -234,6 +240,7 @@ def generate_shard(samples: Sequence, condition: str | Sequence[str], out_dir: s
     everyone = unique_samples(samples)
     samples = shard_samples(everyone, shard)
     per_call = config.images_per_call(num_aux)
+    num_candidates = config.num_candidates(num_aux)
     model_ids = config.model_ids(kinds)
     root.mkdir(parents=True, exist_ok=True)
     lock = FileLock(root / LOCK_NAME)
@@ -245,11 +252,12 @@ def generate_shard(samples: Sequence, condition: str | Sequence[str], out_dir: s
         return {"dataset": dataset_name, "support_name": str(sample.name), "class_id": int(sample.class_id),
                 "class_name": str(sample.class_name), "aux_index": k,
                 "seed": aux_seed(dataset_name, sample.name, sample.class_id, k, config.seed),
-                "prompt": config.prompt(sample.class_name), "condition": label, "model_ids": model_ids,
+                "strength": config.strength_of(k),
+                "prompt": config.prompt(config.prompt_name(sample.class_name, token_name(sample.class_id, sample.name))), "condition": label, "model_ids": model_ids,
                 "path": aux_relpath(sample.class_id, sample.name, k)}
 
-    mine = {key_of(s, k) for s in samples for k in range(num_aux)}
-    everyones = {key_of(s, k) for s in everyone for k in range(num_aux)}
+    mine = {key_of(s, k) for s in samples for k in range(num_candidates)}
+    everyones = {key_of(s, k) for s in everyone for k in range(num_candidates)}
     with lock:
         _check_config(root, config, overwrite)
         config.to_json(root / CONFIG_NAME)
@@ -273,7 +281,7 @@ def generate_shard(samples: Sequence, condition: str | Sequence[str], out_dir: s
     supports = _SupportCache()
     items: list[tuple[object, int]] = []
     for sample in samples:
-        for k in range(num_aux):
+        for k in range(num_candidates):
             key = key_of(sample, k)
             row = base_row(sample, k)
             path = root / row["path"]
@@ -297,7 +305,7 @@ def generate_shard(samples: Sequence, condition: str | Sequence[str], out_dir: s
                 if key in unsure and not (root / r["path"]).is_file():
                     continue
                 merged[key] = {c: r[c] for c in TABLE_COLUMNS}
-            merged.update(rows)
+            merged.update(_ranked(rows, samples, num_candidates, num_aux))
             return _write_table(root / TABLE_NAME, merged)
 
     if items:
@@ -315,15 +323,31 @@ def generate_shard(samples: Sequence, condition: str | Sequence[str], out_dir: s
         bar = tqdm(total=len(items), desc=f"generate {dataset_name}/{label}{where}", unit="img",
                    disable=not progress)
         last_merge, merge_cost = 0.0, 0.0
-        for start in range(0, len(items), per_call):
-            chunk = items[start:start + per_call]
-            controls = {}
+        # A call holds items of one strength (one img2img schedule); stable, so the order within
+        # a strength is the plan's.
+        items.sort(key=lambda item: config.strength_of(item[1]))
+        chunks = [items[i:i + per_call] for i in range(0, len(items), per_call)]
+        chunks = [part for chunk in chunks for part in _split_by(chunk, lambda item: config.strength_of(item[1]))]
+        for chunk in chunks:
+            strength = config.strength_of(chunk[0][1])
+            controls, squares = {}, {}
             for s, _ in chunk:
                 if id(s) not in controls:
                     controls[id(s)] = _load_controls(conditions_dir, kinds, s, config.resolution)
+                    if strength < 1.0:  # support guidance starts from the support at the condition's size
+                        squares[id(s)] = load_square(s, config.resolution)[:2]
+            names = {}
+            for s, _ in chunk:
+                if id(s) not in names:
+                    token = (support_token(generator.pipe, s, root / TOKENS_DIR, config)
+                             if config.token_steps > 0 else None)
+                    names[id(s)] = config.prompt_name(s.class_name, token)
             images = generator.generate(
-                [controls[id(s)] for s, _ in chunk], [s.class_name for s, _ in chunk],
-                [aux_seed(dataset_name, s.name, s.class_id, k, config.seed) for s, k in chunk], pad_to=per_call)
+                [controls[id(s)] for s, _ in chunk], [names[id(s)] for s, _ in chunk],
+                [aux_seed(dataset_name, s.name, s.class_id, k, config.seed) for s, k in chunk], pad_to=per_call,
+                init_images=[start_image(*squares[id(s)], config.start,
+                                         aux_seed(dataset_name, s.name, s.class_id, k, config.seed))
+                             for s, k in chunk] if strength < 1.0 else None, strength=strength)
             for (sample, k), image in zip(chunk, images):
                 row = base_row(sample, k)
                 aux = to_pil(image)
@@ -346,20 +370,48 @@ def generate_shard(samples: Sequence, condition: str | Sequence[str], out_dir: s
                             kept=len(mine) - len(items), seconds=time.perf_counter() - started, table=table)
 
 
+def _split_by(chunk: list, key) -> list[list]:
+    """``chunk`` cut where ``key`` changes (runs of equal keys, order kept)."""
+    parts: list[list] = []
+    for item in chunk:
+        if parts and key(parts[-1][-1]) == key(item):
+            parts[-1].append(item)
+        else:
+            parts.append([item])
+    return parts
+
+
+def _ranked(rows: dict, samples: Sequence, num_candidates: int, num_aux: int) -> dict:
+    """``rows`` with each support's candidates ranked by appearance and its ``num_aux`` best kept;
+    a support with candidates still missing has rank -1 and nothing kept (yet)."""
+    for sample in samples:
+        keys = [(str(sample.name), int(sample.class_id), k) for k in range(num_candidates)]
+        if not all(key in rows for key in keys):
+            for key in keys:
+                if key in rows:
+                    rows[key].update(rank=-1, kept=False)
+            continue
+        ranks = select_best({key[2]: float(rows[key]["appearance"]) for key in keys}, num_aux)
+        for key in keys:
+            rows[key].update(rank=ranks[key[2]], kept=ranks[key[2]] < num_aux)
+    return rows
+
+
 class _SupportCache:
-    """Support mask, size and reference alignment, loaded once per support for its N images."""
+    """Support mask, size, reference alignment and appearance descriptors, loaded once per
+    support for its N images."""
 
     def __init__(self):
-        self._cache: dict[int, tuple[np.ndarray, float]] = {}
+        self._cache: dict[int, tuple[np.ndarray, float, SupportAppearance]] = {}
 
-    def _get(self, sample) -> tuple[np.ndarray, float]:
+    def _get(self, sample) -> tuple[np.ndarray, float, SupportAppearance]:
         if id(sample) not in self._cache:
             if len(self._cache) > 64:
                 self._cache.clear()
             mask = np.asarray(sample.load_mask())
             image = sample.load_image().convert("RGB")
             check_same_size(sample, image.size, mask)  # names the image and the mask file
-            self._cache[id(sample)] = (mask, reference_alignment(image, mask))
+            self._cache[id(sample)] = (mask, reference_alignment(image, mask), SupportAppearance(image, mask))
         return self._cache[id(sample)]
 
     def size(self, sample) -> tuple[int, int]:
@@ -367,12 +419,14 @@ class _SupportCache:
         return mask.shape[1], mask.shape[0]
 
     def finish_row(self, row: dict, aux: Image.Image, sample) -> dict:
-        """Add size and drift (against the support mask, relative to the support photo)."""
-        mask, expected = self._get(sample)
+        """Add size, drift (edge alignment with the support mask, relative to the support photo)
+        and appearance (against the support's object); rank and kept follow (see ``_ranked``)."""
+        mask, expected, look = self._get(sample)
         if aux.size != (mask.shape[1], mask.shape[0]):
             aux = aux.resize((mask.shape[1], mask.shape[0]), Image.BICUBIC)
         row.update(width=aux.width, height=aux.height,
-                   drift=drift_from_alignment(edge_alignment(aux, mask), expected))
+                   drift=drift_from_alignment(edge_alignment(aux, mask), expected), appearance=look.score(aux),
+                   rank=int(row.get("aux_index", 0)), kept=True)
         return row
 
     def clear(self):
@@ -406,4 +460,5 @@ def summarize(table: pd.DataFrame) -> dict:
     """Small JSON-able summary of a generation table (for CLI output / orchestration)."""
     return {"images": int(len(table)), "supports": int(table[["support_name", "class_id"]].drop_duplicates().shape[0]),
             "mean_drift": float(table["drift"].mean()) if len(table) else math.nan,
+            "mean_appearance_kept": float(table.loc[table["kept"], "appearance"].mean()) if len(table) else math.nan,
             "model_ids": json.loads(table["model_ids"].iloc[0]) if len(table) else None}

@@ -129,7 +129,3 @@ def save_sd_folder(out_dir: str | Path, vae, text_encoder, tokenizer, unet, sche
                                    scheduler=scheduler, safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
     pipe.save_pretrained(out_dir)
-
-
-def parameter_count(module: torch.nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())

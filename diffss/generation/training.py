@@ -72,7 +72,7 @@ class GeneratorTrainConfig(JsonConfig):
     split: str = "train"
     conditions: tuple[str, ...] = ("seg",)
     base_model: str | None = None
-    hed_model: str | None = None  # hub id or folder of HED weights (None: lllyasviel/Annotators), or "random"
+    hed_model: str | None = None  # hub id or folder of HED weights (None: lllyasviel/Annotators), "random" or "sobel"
     resolution: int = 512
     steps: int = 1000
     batch_size: int = 4

@@ -1,0 +1,246 @@
+"""Support-guided generation (strength), the appearance score and keep-best-M selection."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from diffss.data import AuxiliarySupports, build_demo_dataset, load_dataset  # noqa: E402
+from diffss.data.demo import render_in_mask  # noqa: E402
+from diffss.generation import AuxiliaryGenerator, GenerationConfig, build_tiny_diffusion, generate_auxiliary  # noqa: E402
+from diffss.generation.appearance import appearance_score, select_best  # noqa: E402
+from diffss.generation.demo_generator import base_supports, class_following, demo_generation_config  # noqa: E402
+from diffss.generation.oracle import demo_class_index  # noqa: E402
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> GenerationConfig:
+    return build_tiny_diffusion(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(scope="module")
+def demo_root(tmp_path_factory) -> Path:
+    return build_demo_dataset(tmp_path_factory.mktemp("demo"), seed=0, num_classes=20, per_class=2)
+
+
+def _controls(n: int, size: int = 64) -> tuple[list[Image.Image], list[Image.Image]]:
+    rng = np.random.default_rng(0)
+    controls = [Image.fromarray((rng.random((size, size, 3)) * 255).astype(np.uint8)) for _ in range(n)]
+    starts = [Image.fromarray((rng.random((size, size, 3)) * 255).astype(np.uint8)) for _ in range(n)]
+    return controls, starts
+
+
+def test_strength_one_is_text_to_image_and_guidance_shares_the_modules(tiny):
+    generator = AuxiliaryGenerator(tiny, "seg")
+    controls, starts = _controls(2)
+    seeds = [11, 12]
+    plain = generator.generate(controls, ["cat", "dog"], seeds)
+    # Strength 1 is the paper's text-to-image: init images are ignored, the pixels are the same bits.
+    assert np.array_equal(plain, generator.generate(controls, ["cat", "dog"], seeds, init_images=starts, strength=1.0))
+    assert getattr(generator, "_img2img", None) is None
+    guided = generator.generate(controls, ["cat", "dog"], seeds, init_images=starts, strength=0.5)
+    img2img = generator.img2img_pipeline()
+    # diffusers' ControlNet img2img pipeline over the same module objects: no second copy of weights.
+    for name in ("unet", "vae", "text_encoder", "controlnet"):
+        assert getattr(img2img, name) is getattr(generator.pipe, name)
+    assert guided.shape == plain.shape and np.abs(guided - plain).max() > 0.01
+    # Padded calls keep an item's bits independent of its neighbours, as for text-to-image.
+    alone = generator.generate(controls[1:], ["dog"], seeds[1:], init_images=starts[1:], strength=0.5, pad_to=2)
+    assert np.array_equal(alone[0], guided[1])
+    with pytest.raises(ValueError, match="init image"):
+        generator.generate(controls, ["cat", "dog"], seeds, strength=0.5)
+    with pytest.raises(ValueError, match="strength"):
+        generator.generate(controls, ["cat", "dog"], seeds, init_images=starts, strength=0.0)
+
+
+def test_strength_config_round_trips_and_validates():
+    cfg = GenerationConfig(strength=(0.5, 0.8), candidates=6)
+    assert GenerationConfig.from_json(cfg.to_json()) == cfg
+    assert [cfg.strength_of(c) for c in range(4)] == [0.5, 0.8, 0.5, 0.8]
+    assert cfg.num_candidates(4) == 6 and GenerationConfig().num_candidates(4) == 4
+    assert GenerationConfig().output_signature()["strength"] == 1.0  # folders of earlier runs read as strength 1
+    with pytest.raises(ValueError, match="strength"):
+        GenerationConfig(strength=1.5)
+    with pytest.raises(ValueError, match="candidates"):
+        GenerationConfig(candidates=2).num_candidates(4)
+
+
+def test_small_strength_keeps_the_support_and_its_class_large_strength_does_not(tmp_path, demo_root):
+    """The shipped demo generator on fold 0 base-class supports: strength 0.3 stays close to
+    the support and paints its own class, not another; strength 1 (the paper's) strays and,
+    with this generator, paints another class's colours more than its own."""
+    samples = base_supports(demo_root, fold=0, count=8)
+    base = demo_generation_config(device="cpu")
+    generator = AuxiliaryGenerator(dataclasses.replace(base, strength=1.0), "seg")
+    scores = {}
+    for strength in (0.3, 1.0):
+        cfg = dataclasses.replace(base, strength=strength)
+        generator.config = cfg
+        scores[strength] = class_following(cfg, samples, tmp_path / "conditions", "seg", generator=generator)
+    near, far = scores[0.3], scores[1.0]
+    assert near["difference"] < 20 < far["difference"]
+    assert near["margin"] > 0.2 and near["margin"] > far["margin"] + 0.2
+    assert near["appearance"] > far["appearance"] + 0.2
+
+
+def test_default_demo_generation_paints_the_supports_class_not_another(tmp_path, demo_root):
+    """The shipped default (support-guided) beats a class-blind generator's level: its own-class
+    contrast exceeds the contrast of the other classes of the support's group by > 0.2 (a
+    generator painting a wrong class in the mask scores a negative margin)."""
+    samples = base_supports(demo_root, fold=0, count=8)
+    cfg = demo_generation_config(device="cpu")
+    assert cfg.strength_of(0) < 1.0
+    scores = class_following(cfg, samples, tmp_path / "conditions", "seg")
+    assert scores["own"] >= 0.2 and scores["margin"] > 0.2, scores
+
+
+def test_appearance_ranks_oracle_above_a_random_generator(demo_root, tiny):
+    samples = load_dataset(name="demo", root=str(demo_root), fold=0, split="train").samples[:10]
+    generator = AuxiliaryGenerator(tiny, "seg")
+    rng = np.random.default_rng(0)
+    oracle, other, random_gen = [], [], []
+    for i, sample in enumerate(samples):
+        image, mask = sample.load_image().convert("RGB"), np.asarray(sample.load_mask())
+        k = demo_class_index(sample.class_name)
+        oracle.append(appearance_score(render_in_mask(k, mask == 1, rng), image, mask))
+        other.append(appearance_score(render_in_mask((k + 1) % 20, mask == 1, rng), image, mask))
+        control = Image.fromarray((mask * 255).astype(np.uint8)).convert("RGB").resize((64, 64))
+        painted = generator.generate([control], [sample.class_name], [i])[0]
+        random_gen.append(appearance_score(Image.fromarray((painted * 255).astype(np.uint8)).resize(image.size),
+                                           image, mask))
+    assert np.mean(oracle) > np.mean(random_gen) + 0.1
+    assert np.mean(oracle) > np.mean(other) + 0.1
+    assert appearance_score(image, image, mask) > 0.8  # the support itself
+
+
+def test_select_best_is_deterministic_with_ties():
+    assert select_best({0: 0.1, 1: 0.5, 2: 0.5, 3: float("nan")}, 2) == {1: 0, 2: 1, 0: 2, 3: 3}
+
+
+def test_keep_best_m_of_n_is_deterministic_and_resumable(tmp_path, demo_root, tiny):
+    samples = load_dataset(name="demo", root=str(demo_root), fold=0, split="train").samples[:3]
+    cfg = GenerationConfig(**{**tiny.to_dict(), "strength": (0.5, 1.0), "candidates": 4, "hed_model": "random"})
+    generator = AuxiliaryGenerator(cfg, "seg")
+    table = generate_auxiliary(samples, "seg", tmp_path / "a", cfg, num_aux=2, dataset_name="demo",
+                               generator=generator, progress=False)
+    assert len(table) == 3 * 4 and table["kept"].sum() == 3 * 2
+    assert set(table["strength"]) == {0.5, 1.0}
+    for _, group in table.groupby(["support_name", "class_id"]):
+        assert sorted(group["rank"]) == [0, 1, 2, 3]
+        best = group.sort_values(["appearance", "aux_index"], ascending=[False, True]).head(2)
+        assert set(best["aux_index"]) == set(group.loc[group["kept"], "aux_index"])
+    root = tmp_path / "a" / "demo" / "seg"
+    aux = AuxiliarySupports.from_table(root / "auxiliary.parquet")
+    first = samples[0]
+    kept = table[(table.support_name == first.name) & table.kept].sort_values("rank")
+    assert aux.for_support(first.name, first.class_id) == [root / p for p in kept["path"]]
+
+    # A killed run: one candidate image and the table lost. The rerun paints only that image and
+    # ends with the same table and bytes as the uninterrupted run.
+    before = {p: p.read_bytes() for p in root.rglob("*.png")}
+    victim = root / table["path"].iloc[1]
+    victim.unlink()
+    (root / "auxiliary.parquet").unlink()
+    made = generator.images_generated
+    again = generate_auxiliary(samples, "seg", tmp_path / "a", cfg, num_aux=2, dataset_name="demo",
+                               generator=generator, progress=False)
+    assert generator.images_generated == made + 1
+    pd.testing.assert_frame_equal(again, table)
+    assert {p: p.read_bytes() for p in root.rglob("*.png")} == before
+    # Another folder, from scratch: the same selection.
+    other = generate_auxiliary(samples, "seg", tmp_path / "b", cfg, num_aux=2, dataset_name="demo",
+                               generator=generator, progress=False)
+    pd.testing.assert_frame_equal(other, table)
+
+
+def test_sobel_soft_edges_mark_boundaries_and_feed_hed_and_scribble(tmp_path, demo_root):
+    from diffss.conditions import SOBEL_EDGES, SobelEdgeConditioner, build_conditions, condition_path
+
+    step = np.zeros((64, 64, 3), np.uint8)
+    step[:, 32:] = 200
+    edges = SobelEdgeConditioner().soft_edges([step, step[:, ::-1]])
+    assert edges.shape == (2, 64, 64) and edges.dtype == np.uint8
+    assert edges[0][:, 31:33].min() == 255 and edges[0][:, 30:34].min() > 64 and edges[0][:, :20].max() == 0 and edges[0][:, 44:].max() == 0
+    assert np.array_equal(edges[1], edges[0][:, ::-1])
+    with pytest.raises(ValueError, match="same-size"):
+        SobelEdgeConditioner().soft_edges([step, step[:32]])
+    samples = load_dataset(name="demo", root=str(demo_root), fold=0, split="train").samples[:2]
+    build_conditions(samples, ["hed", "scribble"], tmp_path / "c", resolution=64, hed=SOBEL_EDGES, progress=False)
+    for kind in ("hed", "scribble"):
+        for s in samples:
+            with Image.open(condition_path(tmp_path / "c", kind, s.class_id, s.name)) as im:
+                assert np.asarray(im.convert("L")).max() > 0  # the object's outline is there
+
+
+def test_class_token_lowers_its_loss_and_round_trips_through_load_textual_inversion(tmp_path, demo_root, tiny):
+    from diffss.generation.class_tokens import learn_token, load_token, save_token
+
+    sample = load_dataset(name="demo", root=str(demo_root), fold=0, split="train").samples[0]
+    generator = AuxiliaryGenerator(tiny, "seg")
+    vocabulary = len(generator.pipe.tokenizer)
+    embedding, losses = learn_token(generator.pipe, [sample.load_image()], [np.asarray(sample.load_mask())],
+                                    "<striped-thing>", sample.class_name, steps=40, learning_rate=5e-2, seed=0,
+                                    resolution=64)
+    assert losses["loss_after"] < losses["loss_before"], losses
+    assert len(generator.pipe.tokenizer) == vocabulary  # learning leaves the loaded pipeline as it was
+    path = save_token(tmp_path / "tok.safetensors", "<striped-thing>", embedding)
+    assert load_token(generator.pipe, path) == "<striped-thing>"  # diffusers' load_textual_inversion
+    token_id = generator.pipe.tokenizer.convert_tokens_to_ids("<striped-thing>")
+    table = generator.pipe.text_encoder.get_input_embeddings().weight
+    assert torch.equal(table[token_id].float(), embedding[0])
+
+    # In a generation run: one token per support, saved beside the images and named in the prompt.
+    cfg = GenerationConfig(**{**tiny.to_dict(), "token_steps": 2, "strength": 0.5})
+    table = generate_auxiliary([sample], "seg", tmp_path / "aux", cfg, num_aux=1, dataset_name="demo",
+                               progress=False)
+    tokens = list((tmp_path / "aux" / "demo" / "seg" / "tokens").glob("*.safetensors"))
+    assert len(tokens) == 1 and table["prompt"].iloc[0].startswith("a real shot photo of <diffss-")
+
+
+def test_new_scene_start_keeps_the_object_and_draws_a_new_scene_per_seed():
+    from diffss.generation.starts import start_image
+
+    rng = np.random.default_rng(0)
+    support = Image.fromarray((rng.random((64, 64, 3)) * 255).astype(np.uint8))
+    mask = np.zeros((64, 64), np.uint8)
+    mask[16:48, 20:44] = 1
+    assert start_image(support, mask, "support", 3) is support
+    a, b = (np.asarray(start_image(support, mask, "new_scene", s), np.float32) for s in (3, 4))
+    original = np.asarray(support, np.float32)
+    assert np.array_equal(a, np.asarray(start_image(support, mask, "new_scene", 3), np.float32))  # seeded
+    outer = np.ones((64, 64), bool)
+    outer[12:52, 16:48] = False  # well away from the object and its kept rim
+    # Inside the object only the light changes (a gain within 1 +- 0.2 per pixel); outside is new.
+    ratio = a[mask == 1] / np.maximum(original[mask == 1], 1)
+    assert np.median(np.abs(ratio - 1)) < 0.2
+    assert np.abs(a[outer] - original[outer]).mean() > 40 and np.abs(a[outer] - b[outer]).mean() > 5
+    with pytest.raises(ValueError, match="start"):
+        start_image(support, mask, "elsewhere", 0)
+
+
+def test_generator_probe_command_writes_its_sweep(tmp_path, demo_root):
+    from diffss.cli import main as cli_main
+
+    assert cli_main(["generator-probe", "--root", str(demo_root), "--output", str(tmp_path), "--supports", "6",
+                     "--strengths", "0.5", "1.0", "--steps", "4"]) == 0
+    table = pd.read_csv(tmp_path / "generator_probe.csv")
+    assert list(table["strength"]) == [0.5, 1.0] and set(table["steps"]) == {4}
+    guided, paper = table.iloc[0], table.iloc[1]
+    assert guided["margin"] > paper["margin"] and guided["difference"] < paper["difference"]
