@@ -27,8 +27,8 @@ from dagster._core.instance.ref import InstanceRef
 import pytest
 import yaml
 
-from diffss.experiment import FOLDS, ExperimentConfig, tiny_generation
-from orchestration.assets import code_version
+from diffss.experiment import FOLDS, ExperimentConfig, index_raw_data, tiny_generation
+from orchestration.code_versions import code_version
 from orchestration.definitions import build_definitions, defs
 from orchestration.demo import main as demo_main
 from orchestration.demo import materialize_fold, print_report
@@ -108,31 +108,70 @@ def test_definitions_load_with_one_partitioning_a_condition_factory_and_pools():
     assert {job.name for job in defs.get_repository_def().get_all_jobs()} >= {"fold", "retrain", "refresh_supports"}
 
 
-def test_code_versions_follow_the_library_source_and_the_settings(tmp_path, monkeypatch):
-    def versions(settings) -> dict[str, str]:
-        graph = build_definitions(settings).resolve_asset_graph()
-        return {k.to_user_string(): graph.get(k).code_version for k in graph.get_all_asset_keys()}
+def _record_every_asset(definitions: dg.Definitions, instance: dg.DagsterInstance, partition: str) -> None:
+    """A materialisation of every asset as Dagster records one (its code version, a data version,
+    its inputs' data versions), without running anything."""
+    graph = definitions.resolve_asset_graph()
+    for key in graph.toposorted_asset_keys:
+        node = graph.get(key)
+        tags = {"dagster/code_version": node.code_version, "dagster/data_version": f"v-{key.to_python_identifier()}"}
+        tags.update({f"dagster/input_data_version/{p.to_user_string()}": f"v-{p.to_python_identifier()}" for p in node.parent_keys})
+        instance.report_runless_asset_event(dg.AssetMaterialization(
+            asset_key=key, partition=partition if node.is_partitioned else None, tags=tags))
 
-    base = versions(small_settings(tmp_path))
-    assert base == versions(small_settings(tmp_path))  # a hash, stable across loads (and clones)
-    steps = versions(small_settings(tmp_path, train={"steps": 5, "image_size": 64}))
-    assert {k for k in base if base[k] != steps[k]} == {"baseline/checkpoint", "seg/checkpoint", "scribble/checkpoint"}
+
+def test_code_versions_follow_the_code_each_asset_imports_and_its_settings(tmp_path, monkeypatch):
+    """Editing a library module makes exactly the assets whose entry points import it Unsynced
+    (cause: code version changed) in the provenance Dagster recorded, and no others."""
+    import orchestration.code_versions
+    from orchestration.lineage import unsynced
+
+    def changed(settings) -> dict[str, str]:
+        causes = unsynced(build_definitions(settings), instance, "demo_fold0")
+        assert all(c == "code version changed" or c.startswith("upstream: ") for c in causes.values()), causes
+        return {k.to_user_string() for k, c in causes.items() if c == "code version changed"}
+
+    settings = small_settings(tmp_path)
+    instance = dg.DagsterInstance.ephemeral()
+    _record_every_asset(build_definitions(settings), instance, "demo_fold0")
+    assert changed(settings) == set()  # a hash, stable across loads (and clones)
+    checkpoints = {"baseline/checkpoint", "seg/checkpoint", "scribble/checkpoint"}
+    assert changed(small_settings(tmp_path, train={"steps": 5, "image_size": 64})) == checkpoints
     # A runtime-only field (where or how fast) does not change what an asset makes.
-    device = versions(small_settings(tmp_path, train={"steps": 4, "image_size": 64, "device": "cuda:1"}))
-    assert device == base
-    # Editing the training code (a copy of the library, so nothing real changes) makes checkpoints Unsynced.
-    import orchestration.assets
+    assert changed(small_settings(tmp_path, train={"steps": 4, "image_size": 64, "device": "cuda:1"})) == set()
 
+    # Edits to a copy of the library (so nothing real changes).
     library = tmp_path / "diffss"
-    shutil.copytree(orchestration.assets.LIBRARY, library, ignore=shutil.ignore_patterns("__pycache__"))
-    monkeypatch.setattr(orchestration.assets, "LIBRARY", library)
-    assert versions(small_settings(tmp_path)) == base
-    (library / "train.py").write_text((library / "train.py").read_text() + "\n# a change\n")
-    edited = versions(small_settings(tmp_path))
-    assert {k for k in base if base[k] != edited[k]} == {
-        "baseline/checkpoint", "seg/checkpoint", "scribble/checkpoint", "baseline/evaluation", "seg/evaluation",
-        "scribble/evaluation", "seg/xshot_study", "scribble/xshot_study"}
-    assert code_version(["diffss.train"], {"a": 1}) != code_version(["diffss.train"], {"a": 2})
+    shutil.copytree(orchestration.code_versions.LIBRARY, library, ignore=shutil.ignore_patterns("__pycache__"))
+    monkeypatch.setattr(orchestration.code_versions, "LIBRARY", library)
+    every = {k.to_user_string() for k in build_definitions(settings).resolve_asset_graph().get_all_asset_keys()}
+    evaluations = {"baseline/evaluation", "seg/evaluation", "scribble/evaluation", "seg/xshot_study", "scribble/xshot_study"}
+    with_supports = {f"{c}/{stage}" for c in ("seg", "scribble") for stage in (
+        "control_conditions", "auxiliary_supports", "checkpoint", "evaluation", "xshot_study")}
+    expected = {
+        # the evaluation protocol is part of the settings every stage reads (experiment/config.py imports it)
+        "protocol.py": every - {"dvc_snapshot"},
+        "experiment/training.py": checkpoints | evaluations,
+        "experiment/results.py": {"evaluation_table", "onnx_segmenter"},
+        "export/triton.py": {"evaluation_table", "onnx_segmenter"},  # results.py imports diffss.export
+        "generation/run.py": {"diffusion_models"} | with_supports,
+        "conditions/hed.py": {"diffusion_models"} | with_supports,
+        "versioning.py": {"raw_dataset", "fold_splits", "dvc_snapshot"},
+        "models/pretrained/small_demo.safetensors": every - {"dvc_snapshot"},  # package data counts
+        "cli.py": set(),  # no asset runs the command line
+    }
+    for name, assets in expected.items():
+        path = library / name
+        original = path.read_bytes()
+        path.write_bytes(original + b"\n# an edit\n")
+        try:
+            assert changed(settings) == assets, name
+        finally:
+            path.write_bytes(original)
+    assert changed(settings) == set()
+    assert code_version([index_raw_data], {"a": 1}) != code_version([index_raw_data], {"a": 2})
+    with pytest.raises(ValueError, match="not a function or module of diffss"):
+        code_version([json.dumps], {})
 
 
 def test_bam_trains_its_base_learner_per_fold_then_the_meta_learner_on_it(tmp_path):
