@@ -14,6 +14,7 @@ exactly the assets whose entry points reach it Unsynced in Dagster.
 """
 
 import base64
+import functools
 import io
 import time
 from pathlib import Path
@@ -28,7 +29,24 @@ from diffss.versioning import data_version, file_md5, publish_data
 from orchestration.code_versions import code_version
 from orchestration.resources import DvcResource, TrackerResource
 
-FOLD_PARTITIONS = dg.StaticPartitionsDefinition(list(FOLDS))
+
+
+def configured_folds(settings: ExperimentConfig) -> dict[str, ex.Fold]:
+    """The folds of the datasets the settings configure (``dataset_roots``; none: the demo)."""
+    datasets = sorted(settings.dataset_roots) or ["demo"]
+    return {key: fold for key, fold in FOLDS.items() if fold.dataset in datasets}
+
+
+@functools.cache
+def _partitions(keys: tuple[str, ...]) -> dg.StaticPartitionsDefinition:
+    return dg.StaticPartitionsDefinition(list(keys))
+
+
+def fold_partitions(settings: ExperimentConfig) -> dg.StaticPartitionsDefinition:
+    """One partition per configured fold (``<dataset>_fold<k>``), one definition for every asset."""
+    return _partitions(tuple(configured_folds(settings)))
+
+
 # GPU steps share the `gpu` pool (dagster.yaml: one at a time per GPU); on Kubernetes each gets a pod with one GPU.
 GPU = {"pool": "gpu", "op_tags": {"dagster-k8s/config": {
     "container_config": {"resources": {"limits": {"nvidia.com/gpu": "1"}, "requests": {"cpu": "4", "memory": "24Gi"}}},
@@ -114,7 +132,7 @@ def build_assets(settings: ExperimentConfig) -> list[dg.AssetsDefinition]:
         models = ex.prepare_diffusion_models(experiment, out)
         return materialized(out, {"base_model": models.base_model, "controlnets": models.controlnets}, started)
 
-    @dg.asset(partitions_def=FOLD_PARTITIONS, group_name="data", kinds={"dataset"},
+    @dg.asset(partitions_def=fold_partitions(s), group_name="data", kinds={"dataset"},
               code_version=code_version([ex.index_raw_data], {"demo_images_per_class": s.demo_images_per_class}),
               description="The fold's raw benchmark (the demo is built on first use), every file decoded, and a "
               "manifest of their paths and md5s: its data version is their content.")
@@ -122,7 +140,7 @@ def build_assets(settings: ExperimentConfig) -> list[dg.AssetsDefinition]:
         started, out = time.monotonic(), folder(context, "raw_dataset")
         return materialized(out, ex.index_raw_data(experiment, fold_of(context), out), started)
 
-    @dg.asset(partitions_def=FOLD_PARTITIONS, group_name="data", kinds={"pandas"}, deps=[raw_dataset],
+    @dg.asset(partitions_def=fold_partitions(s), group_name="data", kinds={"pandas"}, deps=[raw_dataset],
               code_version=code_version([ex.write_fold_splits], plan),
               description="Base-class (train) and novel-class (test) samples, and the exact test episodes of every "
               "evaluation seed.")
@@ -133,7 +151,7 @@ def build_assets(settings: ExperimentConfig) -> list[dg.AssetsDefinition]:
     assets = [diffusion_models, raw_dataset, fold_splits]
     upstream_of_training = [raw_dataset]
     if s.uses_base_learner:
-        @dg.asset(partitions_def=FOLD_PARTITIONS, group_name="training", deps=[raw_dataset], **GPU,
+        @dg.asset(partitions_def=fold_partitions(s), group_name="training", deps=[raw_dataset], **GPU,
                   kinds={"pytorch", "safetensors"}, code_version=code_version(
                       [ex.train_base_learner], {**s.base_train.output_settings(), "pretrained": weights_identity(s.base_train.pretrained)}),
                   description="BAM's base learner: a PSPNet trained by semantic segmentation of the fold's base "
@@ -163,7 +181,7 @@ def build_assets(settings: ExperimentConfig) -> list[dg.AssetsDefinition]:
             xshots[condition] = xshot
             assets.append(xshot)
 
-    @dg.asset(partitions_def=FOLD_PARTITIONS, group_name="results", kinds={"pandas"},
+    @dg.asset(partitions_def=fold_partitions(s), group_name="results", kinds={"pandas"},
               deps=[fold_splits, *evaluations.values(), *xshots.values()],
               code_version=code_version([ex.results_table],
                                         {"conditions": s.conditions, "train_aux_shot": s.train_aux_shot}),
@@ -175,7 +193,7 @@ def build_assets(settings: ExperimentConfig) -> list[dg.AssetsDefinition]:
                                 {c: experiment.folder(fold, c, "xshot_study") for c in xshots}, out)
         return materialized(out, info, started)
 
-    @dg.asset(partitions_def=FOLD_PARTITIONS, group_name="results", kinds={"onnx"},
+    @dg.asset(partitions_def=fold_partitions(s), group_name="results", kinds={"onnx"},
               deps=[evaluation_table, *checkpoints.values()],
               code_version=code_version([ex.choose_checkpoint, ex.export_segmenter],
                                         {"source": s.export_source, "name": s.export_name, "image_size": s.evaluation.image_size}),
@@ -213,7 +231,7 @@ def condition_assets(s: ExperimentConfig, condition: str, plan: dict, raw_datase
     """``<condition>/control_conditions`` and ``<condition>/auxiliary_supports``."""
     gen = s.generation
 
-    @dg.asset(key=[condition, "control_conditions"], partitions_def=FOLD_PARTITIONS, group_name=condition, kinds={"pytorch"},
+    @dg.asset(key=[condition, "control_conditions"], partitions_def=fold_partitions(s), group_name=condition, kinds={"pytorch"},
               deps=[raw_dataset, fold_splits], **GPU, code_version=code_version([ex.draw_conditions], {
                   **plan, "resolution": gen.resolution, "hed_model": gen.hed_model if condition != "seg" else None}),
               description=f"ControlNet {condition} control images of every support that gets auxiliary images.")
@@ -241,7 +259,7 @@ def condition_assets(s: ExperimentConfig, condition: str, plan: dict, raw_datase
                                     config.only_redo), out, started
 
     if s.generation_shards == 1:
-        @dg.asset(key=key, partitions_def=FOLD_PARTITIONS, group_name=condition, kinds={"pytorch", "parquet"},
+        @dg.asset(key=key, partitions_def=fold_partitions(s), group_name=condition, kinds={"pytorch", "parquet"},
                   deps=[raw_dataset, control_conditions, models], **GPU, code_version=version, description=description)
         def auxiliary_supports(context, config: SupportsRun, experiment: dg.ResourceParam[ExperimentConfig]) -> dg.MaterializeResult:
             info, out, started = paint(context, config, experiment)
@@ -285,7 +303,7 @@ def sharded_supports(s: ExperimentConfig, condition: str, key: list[str], versio
     run_config = dg.ConfigMapping(config_schema=SupportsRun.to_config_schema(), config_fn=lambda c: {
         op.name: {"config": c} for op in (prepare, paint_shard, merge)})
 
-    @dg.graph_asset(key=key, partitions_def=FOLD_PARTITIONS, group_name=condition, kinds={"pytorch", "parquet"},
+    @dg.graph_asset(key=key, partitions_def=fold_partitions(s), group_name=condition, kinds={"pytorch", "parquet"},
                     code_version=version, description=description, config=run_config,
                     ins={name: dg.AssetIn(dep.key, dagster_type=dg.Nothing) for name, dep in zip(
                         ("raw_dataset", "control_conditions", "diffusion_models"), deps)})
@@ -309,7 +327,7 @@ def training_assets(s: ExperimentConfig, condition: str, inputs: list, supports)
     def table(experiment: ExperimentConfig, fold: ex.Fold) -> Path | None:
         return ex.auxiliary_table(experiment.folder(fold, condition, "auxiliary_supports"), fold, condition) if aux else None
 
-    @dg.asset(key=[condition, "checkpoint"], partitions_def=FOLD_PARTITIONS, group_name=condition, deps=upstream, **GPU,
+    @dg.asset(key=[condition, "checkpoint"], partitions_def=fold_partitions(s), group_name=condition, deps=upstream, **GPU,
               kinds={"pytorch", "safetensors"}, code_version=code_version([ex.train_checkpoint, *reads_table], training),
               description="Few-shot segmenter trained episodically on the fold's base classes " + (
                   f"with `train_aux_shot` {condition} auxiliary supports added to each episode (DifFSS)." if aux
@@ -326,7 +344,7 @@ def training_assets(s: ExperimentConfig, condition: str, inputs: list, supports)
             info["wandb_run"] = run.run_id or "disabled"
         return materialized(out, info, started)
 
-    @dg.asset(key=[condition, "evaluation"], partitions_def=FOLD_PARTITIONS, group_name=condition, kinds={"pytorch"},
+    @dg.asset(key=[condition, "evaluation"], partitions_def=fold_partitions(s), group_name=condition, kinds={"pytorch"},
               deps=[checkpoint, *upstream], **GPU, code_version=code_version([ex.evaluate_checkpoint, *reads_table], evaluation),
               description="mIoU / FB-IoU on the fold's fixed test episodes" + (
                   f", with `eval_aux_shot` {condition} auxiliary supports per episode." if aux else ", real supports only."))
@@ -343,7 +361,7 @@ def training_assets(s: ExperimentConfig, condition: str, inputs: list, supports)
     if not aux:
         return checkpoint, evaluation_asset, None
 
-    @dg.asset(key=[condition, "xshot_study"], partitions_def=FOLD_PARTITIONS, group_name=condition, kinds={"pytorch"},
+    @dg.asset(key=[condition, "xshot_study"], partitions_def=fold_partitions(s), group_name=condition, kinds={"pytorch"},
               deps=[checkpoint, *upstream], **GPU,
               code_version=code_version([ex.xshot_study, *reads_table], {**evaluation, "xshot_shots": s.xshot_shots}),
               description="The X-shot study: mIoU as the number of auxiliary images per episode grows (`xshot_shots`).")

@@ -13,6 +13,7 @@ import dagster as dg
 
 from diffss import experiment as ex
 from diffss.experiment import BASELINE, FOLDS, ExperimentConfig
+from orchestration.assets import configured_folds
 
 WEEKLY = "0 3 * * 1"  # Mondays 03:00 UTC
 LISTED = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".txt"}
@@ -39,7 +40,8 @@ def build_automation(settings: ExperimentConfig):
 
     def active_folds() -> list[str]:
         """Folds whose raw data has been indexed here (their manifest exists)."""
-        return [key for key, fold in FOLDS.items() if (settings.folder(fold, "raw_dataset", "manifest.json")).is_file()]
+        return [key for key, fold in configured_folds(settings).items()
+                if (settings.folder(fold, "raw_dataset", "manifest.json")).is_file()]
 
     @dg.schedule(cron_schedule=WEEKLY, job=retrain_job, execution_timezone="UTC",
                  description="Weekly: retrain every checkpoint of every indexed fold from scratch and re-evaluate.")

@@ -28,6 +28,7 @@ import dagster as dg
 import pandas as pd
 
 from diffss.experiment import FOLDS, LEARNED_DEMO, TINY, ExperimentConfig
+from orchestration.assets import configured_folds
 from orchestration.definitions import build_definitions
 from orchestration.lineage import SNAPSHOT, import_lineage, out_of_date
 from orchestration.resources import DvcResource, TrackerResource
@@ -66,8 +67,9 @@ def materialize_fold(settings: ExperimentConfig, partition: str = DEMO_FOLD, ins
                      publish: bool = True, tracker: TrackerResource | None = None, dvc: DvcResource | None = None,
                      log=print) -> dict[str, Any]:
     """Bring ``partition`` up to date in one run; returns what was restored, reused and run."""
-    if partition not in FOLDS:
-        raise ValueError(f"--partition: {partition!r} is not a fold; choose from {sorted(FOLDS)}")
+    folds = configured_folds(settings)
+    if partition not in folds:
+        raise ValueError(f"--partition: {partition!r} is not a fold of the configured dataset(s); choose from {sorted(folds)}")
     settings.check_paths(FOLDS[partition])
     dvc = dvc or DvcResource()
     defs = build_definitions(settings, tracker=tracker, dvc=dvc, executor="in_process")
