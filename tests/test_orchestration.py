@@ -516,11 +516,26 @@ def test_example_settings_load_and_name_their_missing_folders():
 # ----------------------------------------------------------------------------- deployment configs
 
 
+def _assert_valid_config(schema, value) -> None:
+    """``value`` passes the config ``schema``, checked by Dagster's public validation (the config of
+    a one-op job); an invalid value raises DagsterInvalidConfigError naming the fields."""
+    @dg.op(config_schema=schema, name="holder")
+    def holder():
+        pass
+
+    @dg.job(name="schema_check")
+    def schema_check():
+        holder()
+
+    dg.validate_run_config(schema_check, {"ops": {"holder": {"config": value}}})
+
+
 def test_instance_configs_are_valid(tmp_path, monkeypatch):
-    """The local dagster.yaml loads as an instance; the Kubernetes one passes dagster-k8s's own schema."""
-    from dagster._config import process_config
-    from dagster_k8s import K8sRunLauncher, k8s_job_executor
+    """The local dagster.yaml loads as an instance; the Kubernetes one's storage, run launcher and
+    executor pass dagster-postgres's and dagster-k8s's own schemas."""
+    from dagster_k8s import K8sRunLauncher
     from dagster_k8s.job import UserDefinedDagsterK8sConfig
+    from dagster_postgres import DagsterPostgresStorage
 
     from orchestration.assets import GPU
 
@@ -530,20 +545,18 @@ def test_instance_configs_are_valid(tmp_path, monkeypatch):
         assert instance.get_concurrency_config().pool_config.default_pool_limit == 1
         assert type(instance.run_coordinator).__name__ == "QueuedRunCoordinator"
 
-    from dagster._core.instance.config import dagster_instance_config_schema
-
     for name in ("DAGSTER_PG_HOST", "DAGSTER_PG_USER", "DAGSTER_PG_PASSWORD", "DAGSTER_PG_DB", "DAGSTER_K8S_INSTANCE_CONFIG_MAP",
                  "DAGSTER_K8S_PG_PASSWORD_SECRET"):  # what the pods provide
         monkeypatch.setenv(name, "x")
     k8s = yaml.safe_load((REPO / "deploy/dagster/dagster.yaml").read_text())
-    instance_checked = process_config(dagster_instance_config_schema(), k8s)
-    assert instance_checked.success, instance_checked.errors
+    _assert_valid_config(DagsterPostgresStorage.config_type(), k8s["storage"]["postgres"])
     assert k8s["run_launcher"]["class"] == "K8sRunLauncher"
-    launcher = process_config(K8sRunLauncher.config_type(), k8s["run_launcher"]["config"])
-    assert launcher.success, launcher.errors
+    _assert_valid_config(K8sRunLauncher.config_type(), k8s["run_launcher"]["config"])
+    with pytest.raises(dg.DagsterInvalidConfigError, match="job_namespace"):  # the check can fail
+        _assert_valid_config(K8sRunLauncher.config_type(), {**k8s["run_launcher"]["config"], "job_namespace": 3})
     execution = yaml.safe_load((REPO / "deploy/dagster/run_config_k8s.yaml").read_text())["execution"]["config"]
-    checked = process_config(k8s_job_executor.config_schema.config_type, execution)
-    assert checked.success, checked.errors
+    k8s_job = build_definitions(small_settings(tmp_path / "data"), executor="k8s").resolve_job_def("fold")
+    dg.validate_run_config(k8s_job, {"execution": {"config": execution}})
     steps = {key.to_python_identifier() for key in defs.resolve_asset_graph().get_all_asset_keys()}
     assert set(execution["per_step_k8s_config"]) <= steps  # overrides name real step keys
     gpu = UserDefinedDagsterK8sConfig.from_dict(GPU["op_tags"]["dagster-k8s/config"])
@@ -646,12 +659,9 @@ def test_production_instance_on_postgres_queues_the_scheduled_retrain_under_its_
         subprocess.run([str(DAGSTER_BIN / "dagster"), "schedule", "start", "weekly_retrain", *workspace],
                        cwd=REPO, env=env, check=True, capture_output=True, timeout=300)
         with dg.DagsterInstance.get() as instance:
-            from dagster._core.scheduler.instigation import ScheduleInstigatorData
-
             (state,) = [s for s in instance.all_instigator_state() if s.name == "weekly_retrain"]
             last_week = time.time() - 8 * 24 * 3600  # the schedule was on last Monday 03:00: the daemon catches up
-            instance.update_instigator_state(state.with_data(ScheduleInstigatorData(state.instigator_data.cron_schedule,
-                                                                                    start_timestamp=last_week)))
+            instance.update_instigator_state(state.with_data(state.instigator_data._replace(start_timestamp=last_week)))
         daemon = subprocess.Popen([str(DAGSTER_BIN / "dagster-daemon"), "run", *workspace], cwd=REPO, env=env,
                                   stdout=(tmp_path / "daemon.log").open("w"), stderr=subprocess.STDOUT, start_new_session=True)
         try:
