@@ -1,7 +1,8 @@
 """The asset graph of one experiment, built from its settings: every asset is one call into
 ``diffss.experiment``, writes one folder and reports that folder's DVC hash as its data version.
 
-Per fold (partition ``<dataset>_fold<k>``): ``raw_dataset`` -> ``fold_splits``; for each condition
+Per fold (partition ``<dataset>_fold<k>``, the folds of the configured dataset): ``raw_files`` (an
+observable source asset: the raw files by content) -> ``raw_dataset`` -> ``fold_splits``; for each condition
 ``c`` of the settings ``c/control_conditions`` -> ``c/auxiliary_supports`` -> ``c/checkpoint`` ->
 ``c/evaluation`` and ``c/xshot_study``; ``baseline/checkpoint`` -> ``baseline/evaluation`` (real
 supports only, a condition of its own); then ``evaluation_table`` -> ``onnx_segmenter``. Shared by
@@ -29,6 +30,9 @@ from diffss.versioning import data_version, file_md5, publish_data
 from orchestration.code_versions import code_version
 from orchestration.resources import DvcResource, TrackerResource
 
+
+
+RAW_FILES = dg.AssetKey("raw_files")
 
 
 def configured_folds(settings: ExperimentConfig) -> dict[str, ex.Fold]:
@@ -132,7 +136,15 @@ def build_assets(settings: ExperimentConfig) -> list[dg.AssetsDefinition]:
         models = ex.prepare_diffusion_models(experiment, out)
         return materialized(out, {"base_model": models.base_model, "controlnets": models.controlnets}, started)
 
-    @dg.asset(partitions_def=fold_partitions(s), group_name="data", kinds={"dataset"},
+    @dg.observable_source_asset(key=RAW_FILES, partitions_def=fold_partitions(s), group_name="data",
+                                description="The raw files each fold reads, observed: one data version per fold, "
+                                "the hash of their relative paths and md5s (the observe_raw_files job; the demo's "
+                                "are built on first observation). A new version makes raw_dataset Unsynced.")
+    def raw_files(context) -> dg.DataVersionsByPartition:
+        versions = {key: ex.raw_data_version(s, fold) for key, fold in configured_folds(s).items()}
+        return dg.DataVersionsByPartition({key: dg.DataVersion(v) for key, v in versions.items() if v is not None})
+
+    @dg.asset(partitions_def=fold_partitions(s), group_name="data", kinds={"dataset"}, deps=[raw_files],
               code_version=code_version([ex.index_raw_data], {"demo_images_per_class": s.demo_images_per_class}),
               description="The fold's raw benchmark (the demo is built on first use), every file decoded, and a "
               "manifest of their paths and md5s: its data version is their content.")
@@ -148,7 +160,7 @@ def build_assets(settings: ExperimentConfig) -> list[dg.AssetsDefinition]:
         started, out = time.monotonic(), folder(context, "fold_splits")
         return materialized(out, ex.write_fold_splits(experiment, fold_of(context), out), started)
 
-    assets = [diffusion_models, raw_dataset, fold_splits]
+    assets = [raw_files, diffusion_models, raw_dataset, fold_splits]
     upstream_of_training = [raw_dataset]
     if s.uses_base_learner:
         @dg.asset(partitions_def=fold_partitions(s), group_name="training", deps=[raw_dataset], **GPU,

@@ -88,7 +88,8 @@ def test_definitions_load_with_one_partitioning_a_condition_factory_and_pools():
     dg.Definitions.validate_loadable(defs)
     graph = defs.resolve_asset_graph()
     parents = {k.to_user_string(): {p.to_user_string() for p in graph.get(k).parent_keys} for k in graph.get_all_asset_keys()}
-    assert parents["fold_splits"] == {"raw_dataset"}
+    assert parents["fold_splits"] == {"raw_dataset"} and parents["raw_dataset"] == {"raw_files"}
+    assert not graph.get(dg.AssetKey("raw_files")).is_materializable  # observed, not made
     assert parents["seg/auxiliary_supports"] == {"seg/control_conditions", "raw_dataset", "diffusion_models"}
     assert parents["seg/checkpoint"] == {"raw_dataset", "seg/auxiliary_supports"}
     assert parents["baseline/checkpoint"] == {"raw_dataset"}  # real supports only: a condition of its own
@@ -114,6 +115,10 @@ def _record_every_asset(definitions: dg.Definitions, instance: dg.DagsterInstanc
     graph = definitions.resolve_asset_graph()
     for key in graph.toposorted_asset_keys:
         node = graph.get(key)
+        if not node.is_materializable:  # the observed raw files
+            instance.report_runless_asset_event(dg.AssetObservation(
+                asset_key=key, partition=partition, tags={"dagster/data_version": f"v-{key.to_python_identifier()}"}))
+            continue
         tags = {"dagster/code_version": node.code_version, "dagster/data_version": f"v-{key.to_python_identifier()}"}
         tags.update({f"dagster/input_data_version/{p.to_user_string()}": f"v-{p.to_python_identifier()}" for p in node.parent_keys})
         instance.report_runless_asset_event(dg.AssetMaterialization(
@@ -144,7 +149,8 @@ def test_code_versions_follow_the_code_each_asset_imports_and_its_settings(tmp_p
     library = tmp_path / "diffss"
     shutil.copytree(orchestration.code_versions.LIBRARY, library, ignore=shutil.ignore_patterns("__pycache__"))
     monkeypatch.setattr(orchestration.code_versions, "LIBRARY", library)
-    every = {k.to_user_string() for k in build_definitions(settings).resolve_asset_graph().get_all_asset_keys()}
+    graph = build_definitions(settings).resolve_asset_graph()
+    every = {k.to_user_string() for k in graph.get_all_asset_keys() if graph.get(k).is_materializable}
     evaluations = {"baseline/evaluation", "seg/evaluation", "scribble/evaluation", "seg/xshot_study", "scribble/xshot_study"}
     with_supports = {f"{c}/{stage}" for c in ("seg", "scribble") for stage in (
         "control_conditions", "auxiliary_supports", "checkpoint", "evaluation", "xshot_study")}
@@ -225,7 +231,8 @@ def test_executor_is_chosen_by_environment(monkeypatch):
 @pytest.mark.timeout(1800)
 def test_one_fold_is_one_run_of_the_whole_graph(demo_run):
     tmp, settings, instance, summary = demo_run
-    names = {k.to_user_string() for k in build_definitions(settings).resolve_asset_graph().get_all_asset_keys()}
+    graph = build_definitions(settings).resolve_asset_graph()
+    names = {k.to_user_string() for k in graph.get_all_asset_keys() if graph.get(k).is_materializable}
     assert summary["reused"] == 0 and set(summary["materialised"]) == names and summary["check_errors"] == []
     runs = instance.get_runs()
     assert len(runs) == 1 and runs[0].tags["dagster/partition"] == "demo_fold0"
@@ -440,13 +447,19 @@ def test_sensor_fires_on_new_raw_data_only_and_makes_supports_for_the_new_sample
     instance = dg.DagsterInstance.ephemeral()
     assert job.execute_in_process(partition_key="demo_fold0", instance=instance, asset_selection=[dg.AssetKey("raw_dataset")]).success
     sensor = definitions.get_sensor_def("raw_data_sensor")
+    observe = definitions.resolve_job_def("observe_raw_files")
 
     def tick(cursor=None):
+        """Observe raw_files (what the observe_raw_files schedule runs), then one sensor tick."""
+        assert observe.execute_in_process(instance=instance, partition_key="demo_fold0").success
         with dg.build_sensor_context(cursor=cursor, instance=instance) as context:
             return sensor(context)
 
     first = tick()
     assert not first.run_requests and first.cursor  # nothing new since the index
+    observed = instance.fetch_observations(dg.AssetRecordsFilter(asset_key=dg.AssetKey("raw_files"),
+                                                                 asset_partitions=["demo_fold1"]), limit=1).records
+    assert observed  # one data version per configured fold
     root = tmp_path / "data" / "raw" / "demo"
     # same bytes, new mtimes (what `dvc pull` does in another clone): not new data
     for path in root.rglob("*.png"):

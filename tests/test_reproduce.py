@@ -120,7 +120,7 @@ def test_a_fresh_instance_on_the_clone_recomputes_nothing(published, monkeypatch
     # Dagster's own view: the origin's data and code versions, and every asset partition up to date.
     graph = build_definitions(small_settings()).resolve_asset_graph()
     assert unsynced(build_definitions(small_settings()), instance, FOLD) == {}
-    for key in graph.get_all_asset_keys():
+    for key in [k for k in graph.get_all_asset_keys() if graph.get(k).is_materializable]:
         ours = instance.get_latest_materialization_event(key).asset_materialization.tags
         theirs = origin_instance.get_latest_materialization_event(key).asset_materialization.tags
         assert ours["dagster/data_version"] == theirs["dagster/data_version"], key
