@@ -5,9 +5,10 @@ instance (the event log), which another clone does not have. Before ``dvc add``,
 writes them to ``data/lineage.json`` (:func:`export_lineage`: only entries whose folder still
 hashes to the recorded data version; no run ids, times or paths). In a fresh instance,
 :func:`import_lineage` reports each entry whose folder hashes to its data version as a runless
-materialisation with those same tags: Dagster's stale-status logic then sees what the origin saw
-(FRESH, or Unsynced where this checkout's code or settings differ), and :func:`out_of_date`
-selects what to run from Dagster's own verdict.
+materialisation with those same tags: the provenance Dagster records (:class:`dagster.DataProvenance`)
+is then what the origin recorded, and :func:`unsynced` reads from it, with Dagster's public API and
+Dagster's staleness rules, what is up to date (or Unsynced where this checkout's code or settings
+differ, or the observed raw files changed); :func:`out_of_date` selects what to run from it.
 """
 
 from __future__ import annotations
