@@ -10,6 +10,7 @@ file changes, and the training / generation / export code is never called.
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import subprocess
@@ -18,6 +19,7 @@ from pathlib import Path
 import dagster as dg
 import pytest
 
+from diffss import experiment as ex
 from diffss.experiment import ExperimentConfig
 from diffss.versioning import data_version, dvc_executable, file_md5, published_version
 from orchestration.definitions import build_definitions
@@ -98,9 +100,10 @@ def test_dvc_pull_restores_data_byte_identical_with_its_lineage(published):
     assert "~/.cache/diffss/dvc-remote" in (clone / ".dvc" / "config").read_text()  # committed, not machine-specific
 
 
-def _refuse(name):
+def _refuse(function):
+    @functools.wraps(function)  # the same module and name: code versions follow the real function's module
     def refuse(*args, **kwargs):
-        raise AssertionError(f"{name} was called: an up-to-date asset was recomputed")
+        raise AssertionError(f"{function.__name__} was called: an up-to-date asset was recomputed")
     return refuse
 
 
@@ -108,7 +111,7 @@ def test_a_fresh_instance_on_the_clone_recomputes_nothing(published, monkeypatch
     _, clone, origin_instance = published
     for name in ("index_raw_data", "write_fold_splits", "prepare_diffusion_models", "draw_conditions", "generate_supports",
                  "train_checkpoint", "evaluate_checkpoint", "xshot_study", "results_table", "export_segmenter"):
-        monkeypatch.setattr(f"diffss.experiment.{name}", _refuse(name))
+        monkeypatch.setattr(f"diffss.experiment.{name}", _refuse(getattr(ex, name)))
     before = snapshot(clone / "data")
     instance = dg.DagsterInstance.ephemeral()  # a new machine: no run history at all
 
