@@ -2,7 +2,7 @@
 ``diffss.experiment``, writes one folder and reports that folder's DVC hash as its data version.
 
 Per fold (partition ``<dataset>_fold<k>``, the folds of the configured dataset): ``raw_files`` (an
-observable source asset: the raw files by content) -> ``raw_dataset`` -> ``fold_splits``; for each condition
+observable source asset, one for all folds: the raw files by content) -> ``raw_dataset`` -> ``fold_splits``; for each condition
 ``c`` of the settings ``c/control_conditions`` -> ``c/auxiliary_supports`` -> ``c/checkpoint`` ->
 ``c/evaluation`` and ``c/xshot_study``; ``baseline/checkpoint`` -> ``baseline/evaluation`` (real
 supports only, a condition of its own); then ``evaluation_table`` -> ``onnx_segmenter``. Shared by
@@ -16,7 +16,9 @@ exactly the assets whose entry points reach it Unsynced in Dagster.
 
 import base64
 import functools
+import hashlib
 import io
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -39,6 +41,13 @@ def configured_folds(settings: ExperimentConfig) -> dict[str, ex.Fold]:
     """The folds of the datasets the settings configure (``dataset_roots``; none: the demo)."""
     datasets = sorted(settings.dataset_roots) or ["demo"]
     return {key: fold for key, fold in FOLDS.items() if fold.dataset in datasets}
+
+
+def raw_files_version(settings: ExperimentConfig) -> str:
+    """One content hash of the raw files every configured fold reads (``none`` while none exists)."""
+    versions = {key: ex.raw_data_version(settings, fold) for key, fold in configured_folds(settings).items()}
+    present = {key: v for key, v in versions.items() if v is not None}
+    return hashlib.sha256(json.dumps(present, sort_keys=True).encode()).hexdigest()[:16] if present else "none"
 
 
 @functools.cache
@@ -136,13 +145,14 @@ def build_assets(settings: ExperimentConfig) -> list[dg.AssetsDefinition]:
         models = ex.prepare_diffusion_models(experiment, out)
         return materialized(out, {"base_model": models.base_model, "controlnets": models.controlnets}, started)
 
-    @dg.observable_source_asset(key=RAW_FILES, partitions_def=fold_partitions(s), group_name="data",
-                                description="The raw files each fold reads, observed: one data version per fold, "
-                                "the hash of their relative paths and md5s (the observe_raw_files job; the demo's "
-                                "are built on first observation). A new version makes raw_dataset Unsynced.")
-    def raw_files(context) -> dg.DataVersionsByPartition:
-        versions = {key: ex.raw_data_version(s, fold) for key, fold in configured_folds(s).items()}
-        return dg.DataVersionsByPartition({key: dg.DataVersion(v) for key, v in versions.items() if v is not None})
+    # Unpartitioned: Dagster records a partitioned input's version from materialisations only, so
+    # an observed source feeding a partitioned asset is one version for all its folds.
+    @dg.observable_source_asset(key=RAW_FILES, group_name="data",
+                                description="The raw files the configured folds read, observed: the hash of their "
+                                "relative paths and md5s (the observe_raw_files job; the demo's are built on first "
+                                "observation). A new version makes raw_dataset Unsynced.")
+    def raw_files(context) -> dg.DataVersion:
+        return dg.DataVersion(raw_files_version(s))
 
     @dg.asset(partitions_def=fold_partitions(s), group_name="data", kinds={"dataset"}, deps=[raw_files],
               code_version=code_version([ex.index_raw_data], {"demo_images_per_class": s.demo_images_per_class}),

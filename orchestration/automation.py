@@ -72,17 +72,16 @@ def build_automation(settings: ExperimentConfig):
         folds = active_folds()
         if not folds:
             return dg.SkipReason(f"no fold under {settings.data_root} has been indexed yet")
+        records = context.instance.fetch_observations(RAW_FILES, limit=1).records
+        if not records:
+            return dg.SkipReason("raw_files has not been observed yet (observe_raw_files)")
+        version = records[0].asset_observation.tags.get("dagster/data_version")
         cursor = json.loads(context.cursor) if context.cursor else {}
-        seen, requests = dict(cursor), []
+        if cursor.get("version") in (None, version):  # first sight, or nothing new since the last tick
+            return dg.SensorResult(skip_reason="raw data unchanged since the last observation",
+                                   cursor=json.dumps({"version": version}))
+        requests = []
         for key in folds:
-            records = context.instance.fetch_observations(
-                dg.AssetRecordsFilter(asset_key=RAW_FILES, asset_partitions=[key]), limit=1).records
-            if not records:
-                continue
-            version = records[0].asset_observation.tags.get("dagster/data_version")
-            seen[key] = version
-            if cursor.get(key) in (None, version):  # first sight, or nothing new since the last tick
-                continue
             fold = FOLDS[key]
             manifest = json.loads(settings.folder(fold, "raw_dataset", "manifest.json").read_text())
             changed = ex.changed_samples(settings, fold, manifest)
@@ -97,7 +96,7 @@ def build_automation(settings: ExperimentConfig):
                 run_key=f"raw-{key}-{version}", partition_key=key, tags={"diffss/trigger": "raw_data_sensor"},
                 run_config={"ops": {op_name(c, stage): redo for c in settings.conditions
                                     for stage in ("control_conditions", "auxiliary_supports")}}))
-        new_cursor = json.dumps(seen, sort_keys=True)
+        new_cursor = json.dumps({"version": version})
         if not requests:
             return dg.SensorResult(skip_reason="raw data unchanged since the last observation", cursor=new_cursor)
         return dg.SensorResult(run_requests=requests, cursor=new_cursor)

@@ -27,9 +27,8 @@ from typing import Any, Sequence
 import dagster as dg
 import pandas as pd
 
-from diffss import experiment as ex
 from diffss.experiment import FOLDS, LEARNED_DEMO, TINY, ExperimentConfig
-from orchestration.assets import RAW_FILES, configured_folds
+from orchestration.assets import RAW_FILES, configured_folds, raw_files_version
 from orchestration.definitions import build_definitions
 from orchestration.lineage import SNAPSHOT, import_lineage, out_of_date
 from orchestration.resources import DvcResource, TrackerResource
@@ -64,15 +63,14 @@ def first_error(result: dg.ExecuteInProcessResult) -> str:
     return "run failed"
 
 
-def observe_raw_files(settings: ExperimentConfig, partition: str, instance: dg.DagsterInstance) -> str | None:
-    """Observe the fold's raw files (the data version the ``raw_files`` source asset reports) and
-    record it in the instance when it is new, without a run: Dagster then sees raw_dataset as
-    Unsynced exactly when the files it indexed changed."""
-    version = ex.raw_data_version(settings, FOLDS[partition])
-    latest = instance.fetch_observations(dg.AssetRecordsFilter(asset_key=RAW_FILES, asset_partitions=[partition]), limit=1).records
-    if version is not None and (not latest or latest[0].asset_observation.tags.get("dagster/data_version") != version):
-        instance.report_runless_asset_event(dg.AssetObservation(
-            asset_key=RAW_FILES, partition=partition, tags={"dagster/data_version": version}))
+def observe_raw_files(settings: ExperimentConfig, instance: dg.DagsterInstance) -> str:
+    """Observe the raw files (the data version the ``raw_files`` source asset reports) and record
+    it in the instance when it is new, without a run: Dagster then sees raw_dataset as Unsynced
+    exactly when the files it indexed changed."""
+    version = raw_files_version(settings)
+    latest = instance.fetch_observations(RAW_FILES, limit=1).records
+    if not latest or latest[0].asset_observation.tags.get("dagster/data_version") != version:
+        instance.report_runless_asset_event(dg.AssetObservation(asset_key=RAW_FILES, tags={"dagster/data_version": version}))
     return version
 
 
@@ -90,7 +88,7 @@ def materialize_fold(settings: ExperimentConfig, partition: str = DEMO_FOLD, ins
     restored = import_lineage(instance, settings.data_root, dvc.repo_root if publish else None)
     if restored:
         log(f"[demo] restored from data/lineage.json (the data DVC versions): {len(restored)} asset partitions")
-    observe_raw_files(settings, partition, instance)
+    observe_raw_files(settings, instance)
     selection = [key for key in out_of_date(defs, instance, partition) if publish or key != SNAPSHOT]
     graph = defs.resolve_asset_graph()
     total = len([k for k in graph.get_all_asset_keys() if graph.get(k).is_materializable and (publish or k != SNAPSHOT)])

@@ -134,7 +134,8 @@ def unsynced(defs: dg.Definitions, instance: dg.DagsterInstance, partition: str)
     (:class:`dagster.DataProvenance`: the code version it ran and its inputs' data versions):
     ``missing``, ``code version changed``, ``input changed: <asset>``, or ``upstream: <asset>``
     (an input that is itself unsynced). These are the rules of Dagster's own stale status; an input
-    Dagster recorded no version for is not compared."""
+    Dagster recorded no version for, or whose version this instance does not know (a source not
+    observed yet), is not compared."""
     graph = defs.resolve_asset_graph()
     causes: dict[dg.AssetKey, str] = {}
     for key in graph.toposorted_asset_keys:
@@ -156,7 +157,7 @@ def unsynced(defs: dg.Definitions, instance: dg.DagsterInstance, partition: str)
                     break
                 recorded = provenance.input_data_versions.get(parent)
                 current = _data_version(instance, parent, parent_partition)
-                if recorded is not None and (current is None or recorded.value != current):
+                if recorded is not None and current is not None and recorded.value != current:
                     causes[key] = f"input changed: {parent.to_user_string()}"
                     break
     return causes
