@@ -134,7 +134,8 @@ def prepare_supports(settings: ExperimentConfig, fold: Fold, condition: str, mod
 
     folder = auxiliary_table(out, fold, condition).parent
     saved = folder / "generation_config.json"
-    if saved.is_file() and GenerationConfig.from_json(saved).output_signature() != models.output_signature():
+    # the folder records its models by identity (diffss/generation/identity.py): compare like with like
+    if saved.is_file() and GenerationConfig.from_json(saved).recorded().output_signature() != models.recorded().output_signature():
         shutil.rmtree(folder)
     plan = plan_auxiliary(settings, fold, redo, only_redo)
     for samples, count in plan.values():
