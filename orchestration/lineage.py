@@ -13,6 +13,7 @@ differ, or the observed raw files changed); :func:`out_of_date` selects what to 
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -128,6 +129,12 @@ def _data_version(instance: dg.DagsterInstance, key: dg.AssetKey, partition: str
     return observations[0].asset_observation.tags.get("dagster/data_version") if observations else None
 
 
+def _same_version(recorded: str, current: str) -> bool:
+    """Dagster records an unpartitioned input's data version as is, and a partitioned input's as
+    the sha256 of its partitions' versions joined (one partition here: sha256 of the version)."""
+    return recorded == current or recorded == hashlib.sha256(current.encode()).hexdigest()
+
+
 def unsynced(defs: dg.Definitions, instance: dg.DagsterInstance, partition: str) -> dict[dg.AssetKey, str]:
     """The materialisable assets of ``partition`` (and the shared ones) whose latest materialisation
     does not match the definitions, with the cause, read from the provenance Dagster recorded
@@ -157,7 +164,7 @@ def unsynced(defs: dg.Definitions, instance: dg.DagsterInstance, partition: str)
                     break
                 recorded = provenance.input_data_versions.get(parent)
                 current = _data_version(instance, parent, parent_partition)
-                if recorded is not None and current is not None and recorded.value != current:
+                if recorded is not None and current is not None and not _same_version(recorded.value, current):
                     causes[key] = f"input changed: {parent.to_user_string()}"
                     break
     return causes
