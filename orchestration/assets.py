@@ -1,59 +1,70 @@
 """The asset graph of one experiment, built from its settings: every asset is one call into
 ``diffss.experiment``, writes one folder and reports that folder's DVC hash as its data version.
 
-Per fold (partition ``<dataset>_fold<k>``): ``raw_dataset`` -> ``fold_splits``; for each condition
+Per fold (partition ``<dataset>_fold<k>``, the folds of the configured dataset): ``raw_files`` (an
+observable source asset, one for all folds: the raw files by content) -> ``raw_dataset`` -> ``fold_splits``; for each condition
 ``c`` of the settings ``c/control_conditions`` -> ``c/auxiliary_supports`` -> ``c/checkpoint`` ->
 ``c/evaluation`` and ``c/xshot_study``; ``baseline/checkpoint`` -> ``baseline/evaluation`` (real
 supports only, a condition of its own); then ``evaluation_table`` -> ``onnx_segmenter``. Shared by
 every fold: ``diffusion_models`` (upstream of generation) and ``dvc_snapshot`` (last).
 
-Code versions are not hand-edited: each is the hash of the library source the asset runs and of
-the settings that determine its output (:func:`code_version`), so editing ``diffss/train.py`` or a
-training setting makes the checkpoints Unsynced in Dagster, and nothing else.
+Code versions are derived, not listed: each asset names the library functions it calls, and
+:func:`orchestration.code_versions.code_version` hashes the modules those import, transitively
+(grimp's import graph), with the settings that determine its output. Editing a module makes
+exactly the assets whose entry points reach it Unsynced in Dagster.
 """
 
 import base64
+import functools
 import hashlib
 import io
 import json
 import time
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import dagster as dg
 import pandas as pd
 
-import diffss
 from diffss import experiment as ex
 from diffss.experiment import BASELINE, FOLDS, ExperimentConfig
-from diffss.versioning import data_version, file_md5
+from diffss.versioning import data_version, file_md5, publish_data
+from orchestration.code_versions import code_version
 from orchestration.resources import DvcResource, TrackerResource
 
-FOLD_PARTITIONS = dg.StaticPartitionsDefinition(list(FOLDS))
+
+
+RAW_FILES = dg.AssetKey("raw_files")
+
+
+def configured_folds(settings: ExperimentConfig) -> dict[str, ex.Fold]:
+    """The folds of the datasets the settings configure (``dataset_roots``; none: the demo)."""
+    datasets = sorted(settings.dataset_roots) or ["demo"]
+    return {key: fold for key, fold in FOLDS.items() if fold.dataset in datasets}
+
+
+def raw_files_version(settings: ExperimentConfig) -> str:
+    """One content hash of the raw files every configured fold reads (``none`` while none exists)."""
+    versions = {key: ex.raw_data_version(settings, fold) for key, fold in configured_folds(settings).items()}
+    present = {key: v for key, v in versions.items() if v is not None}
+    return hashlib.sha256(json.dumps(present, sort_keys=True).encode()).hexdigest()[:16] if present else "none"
+
+
+@functools.cache
+def _partitions(keys: tuple[str, ...]) -> dg.StaticPartitionsDefinition:
+    return dg.StaticPartitionsDefinition(list(keys))
+
+
+def fold_partitions(settings: ExperimentConfig) -> dg.StaticPartitionsDefinition:
+    """One partition per configured fold (``<dataset>_fold<k>``), one definition for every asset."""
+    return _partitions(tuple(configured_folds(settings)))
+
+
 # GPU steps share the `gpu` pool (dagster.yaml: one at a time per GPU); on Kubernetes each gets a pod with one GPU.
 GPU = {"pool": "gpu", "op_tags": {"dagster-k8s/config": {
     "container_config": {"resources": {"limits": {"nvidia.com/gpu": "1"}, "requests": {"cpu": "4", "memory": "24Gi"}}},
     "pod_spec_config": {"tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]}}}}
-LIBRARY = Path(diffss.__file__).parent
 PREVIEW_SIDE = 512  # inline pictures stay small: the event log row holds their base64 text
-
-
-def source_digest(modules: Iterable[str]) -> str:
-    """sha256 of the files of ``diffss`` modules or packages (``diffss.train``, ``diffss.data``)."""
-    digest = hashlib.sha256()
-    for module in sorted(modules):
-        path = LIBRARY.joinpath(*module.split(".")[1:])
-        files = sorted(p for p in path.rglob("*") if p.is_file() and "__pycache__" not in p.parts) if path.is_dir() \
-            else [path.with_suffix(".py")]
-        for file in files:
-            digest.update(file.relative_to(LIBRARY).as_posix().encode() + b"\0" + file.read_bytes())
-    return digest.hexdigest()
-
-
-def code_version(modules: Iterable[str], settings: dict[str, Any]) -> str:
-    """The library code an asset runs and the settings that decide its output, as one hash."""
-    payload = json.dumps(settings, sort_keys=True, default=str)
-    return hashlib.sha256((source_digest(modules) + payload).encode()).hexdigest()[:16]
 
 
 def weights_identity(path: str | None) -> str | None:
@@ -118,11 +129,6 @@ class TrainingRun(dg.Config):
 def build_assets(settings: ExperimentConfig) -> list[dg.AssetsDefinition]:
     """Every asset of the experiment ``settings`` describes (one set per condition)."""
     s = settings
-    # diffss.figures draws previews and loss curves beside the outputs; only the results table's
-    # plots are its product, so only its code version includes the plotting code.
-    data_code = ["diffss.data", "diffss.experiment.config", "diffss.experiment.data"]
-    support_code = ["diffss.conditions", "diffss.data", "diffss.experiment.config", "diffss.experiment.supports"]
-    train_code = ["diffss.train", "diffss.training", "diffss.models", "diffss.data", "diffss.experiment.config", "diffss.experiment.training"]
     plan = {"train_aux_shot": s.train_aux_shot, "true_shot": s.train.true_shot, "eval_aux_shot": s.eval_aux_shot,
             "xshot_shots": s.xshot_shots, "shot": s.evaluation.shot, "episodes": s.evaluation.episodes,
             "seeds": s.evaluation.seeds, "image_size": s.evaluation.image_size, "model": s.train.model}
@@ -134,7 +140,7 @@ def build_assets(settings: ExperimentConfig) -> list[dg.AssetsDefinition]:
         return s.folder(fold_of(context), *stage)
 
     @dg.asset(group_name="generation", kinds={"pytorch"}, code_version=code_version(
-        ["diffss.generation", "diffss.experiment.config", "diffss.experiment.supports"], s.generation.output_signature()),
+        [ex.prepare_diffusion_models], s.generation.output_signature()),
         description="The diffusion models auxiliary supports are painted with (Stable Diffusion 1.5 + ControlNet, "
         "from the hub or local folders; `tiny`: random tiny models built once, the demo's).")
     def diffusion_models(context, experiment: dg.ResourceParam[ExperimentConfig]) -> dg.MaterializeResult:
@@ -142,30 +148,37 @@ def build_assets(settings: ExperimentConfig) -> list[dg.AssetsDefinition]:
         models = ex.prepare_diffusion_models(experiment, out)
         return materialized(out, {"base_model": models.base_model, "controlnets": models.controlnets}, started)
 
-    @dg.asset(partitions_def=FOLD_PARTITIONS, group_name="data", kinds={"dataset"},
-              code_version=code_version(data_code, {"demo_images_per_class": s.demo_images_per_class}),
+    # Unpartitioned: Dagster records a partitioned input's version from materialisations only, so
+    # an observed source feeding a partitioned asset is one version for all its folds.
+    @dg.observable_source_asset(key=RAW_FILES, group_name="data",
+                                description="The raw files the configured folds read, observed: the hash of their "
+                                "relative paths and md5s (the observe_raw_files job; the demo's are built on first "
+                                "observation). A new version makes raw_dataset Unsynced.")
+    def raw_files(context) -> dg.DataVersion:
+        return dg.DataVersion(raw_files_version(s))
+
+    @dg.asset(partitions_def=fold_partitions(s), group_name="data", kinds={"dataset"}, deps=[raw_files],
+              code_version=code_version([ex.index_raw_data], {"demo_images_per_class": s.demo_images_per_class}),
               description="The fold's raw benchmark (the demo is built on first use), every file decoded, and a "
               "manifest of their paths and md5s: its data version is their content.")
     def raw_dataset(context, experiment: dg.ResourceParam[ExperimentConfig]) -> dg.MaterializeResult:
         started, out = time.monotonic(), folder(context, "raw_dataset")
         return materialized(out, ex.index_raw_data(experiment, fold_of(context), out), started)
 
-    @dg.asset(partitions_def=FOLD_PARTITIONS, group_name="data", kinds={"pandas"}, deps=[raw_dataset],
-              code_version=code_version(data_code, plan),
+    @dg.asset(partitions_def=fold_partitions(s), group_name="data", kinds={"pandas"}, deps=[raw_dataset],
+              code_version=code_version([ex.write_fold_splits], plan),
               description="Base-class (train) and novel-class (test) samples, and the exact test episodes of every "
               "evaluation seed.")
     def fold_splits(context, experiment: dg.ResourceParam[ExperimentConfig]) -> dg.MaterializeResult:
         started, out = time.monotonic(), folder(context, "fold_splits")
         return materialized(out, ex.write_fold_splits(experiment, fold_of(context), out), started)
 
-    assets = [diffusion_models, raw_dataset, fold_splits]
+    assets = [raw_files, diffusion_models, raw_dataset, fold_splits]
     upstream_of_training = [raw_dataset]
     if s.uses_base_learner:
-        @dg.asset(partitions_def=FOLD_PARTITIONS, group_name="training", deps=[raw_dataset], **GPU,
+        @dg.asset(partitions_def=fold_partitions(s), group_name="training", deps=[raw_dataset], **GPU,
                   kinds={"pytorch", "safetensors"}, code_version=code_version(
-                      ["diffss.train_base", "diffss.train", "diffss.training", "diffss.models", "diffss.data", "diffss.experiment.config",
-                       "diffss.experiment.training"],
-                      {**s.base_train.output_settings(), "pretrained": weights_identity(s.base_train.pretrained)}),
+                      [ex.train_base_learner], {**s.base_train.output_settings(), "pretrained": weights_identity(s.base_train.pretrained)}),
                   description="BAM's base learner: a PSPNet trained by semantic segmentation of the fold's base "
                   "classes, frozen while every meta learner of the fold trains on top of it.")
         def base_learner(context, config: TrainingRun, experiment: dg.ResourceParam[ExperimentConfig],
@@ -185,19 +198,18 @@ def build_assets(settings: ExperimentConfig) -> list[dg.AssetsDefinition]:
     for condition in [BASELINE, *s.conditions]:
         supports = None
         if condition != BASELINE:
-            conditions, supports = condition_assets(s, condition, plan, support_code, raw_dataset, fold_splits, diffusion_models)
+            conditions, supports = condition_assets(s, condition, plan, raw_dataset, fold_splits, diffusion_models)
             assets += [conditions, supports]
-        checkpoints[condition], evaluations[condition], xshot = training_assets(s, condition, train_code,
-                                                                                upstream_of_training, supports)
+        checkpoints[condition], evaluations[condition], xshot = training_assets(s, condition, upstream_of_training,
+                                                                                supports)
         assets += [checkpoints[condition], evaluations[condition]]
         if xshot is not None:
             xshots[condition] = xshot
             assets.append(xshot)
 
-    @dg.asset(partitions_def=FOLD_PARTITIONS, group_name="results", kinds={"pandas"},
+    @dg.asset(partitions_def=fold_partitions(s), group_name="results", kinds={"pandas"},
               deps=[fold_splits, *evaluations.values(), *xshots.values()],
-              code_version=code_version(["diffss.experiment.config", "diffss.experiment.results", "diffss.figures",
-                                         "diffss.reproduce"],
+              code_version=code_version([ex.results_table],
                                         {"conditions": s.conditions, "train_aux_shot": s.train_aux_shot}),
               description="The fold's results: mIoU / FB-IoU without and with auxiliary supports per condition, "
               "per-class IoU, the X-shot curves, and `diffss reproduce`'s table (paper_table: spreads, published numbers).")
@@ -207,9 +219,9 @@ def build_assets(settings: ExperimentConfig) -> list[dg.AssetsDefinition]:
                                 {c: experiment.folder(fold, c, "xshot_study") for c in xshots}, out)
         return materialized(out, info, started)
 
-    @dg.asset(partitions_def=FOLD_PARTITIONS, group_name="results", kinds={"onnx"},
+    @dg.asset(partitions_def=fold_partitions(s), group_name="results", kinds={"onnx"},
               deps=[evaluation_table, *checkpoints.values()],
-              code_version=code_version(["diffss.export", "diffss.models", "diffss.experiment.config", "diffss.experiment.results"],
+              code_version=code_version([ex.choose_checkpoint, ex.export_segmenter],
                                         {"source": s.export_source, "name": s.export_name, "image_size": s.evaluation.image_size}),
               description="The chosen checkpoint (`export_source`: best by mIoU, baseline or a condition) as a Triton / "
               "KServe model repository of ONNX graphs, with its PyTorch parity record.")
@@ -222,7 +234,7 @@ def build_assets(settings: ExperimentConfig) -> list[dg.AssetsDefinition]:
         return materialized(out, info, started)
 
     @dg.asset(group_name="results", kinds={"dvc"}, deps=[onnx_segmenter, evaluation_table], pool="dvc",
-              code_version=code_version(["diffss.versioning"], {}),
+              code_version=code_version([publish_data], {}),
               description="data/ snapshotted into data.dvc and pushed to the DVC remote, with the Dagster lineage "
               "of every asset in data/lineage.json so that a clone's `dvc pull` restores them as up to date.")
     def dvc_snapshot(context, experiment: dg.ResourceParam[ExperimentConfig], dvc: DvcResource) -> dg.MaterializeResult:
@@ -241,12 +253,12 @@ def build_assets(settings: ExperimentConfig) -> list[dg.AssetsDefinition]:
     return [*assets, evaluation_table, onnx_segmenter, dvc_snapshot]
 
 
-def condition_assets(s: ExperimentConfig, condition: str, plan: dict, code: list[str], raw_dataset, fold_splits, models):
+def condition_assets(s: ExperimentConfig, condition: str, plan: dict, raw_dataset, fold_splits, models):
     """``<condition>/control_conditions`` and ``<condition>/auxiliary_supports``."""
     gen = s.generation
 
-    @dg.asset(key=[condition, "control_conditions"], partitions_def=FOLD_PARTITIONS, group_name=condition, kinds={"pytorch"},
-              deps=[raw_dataset, fold_splits], **GPU, code_version=code_version(code, {
+    @dg.asset(key=[condition, "control_conditions"], partitions_def=fold_partitions(s), group_name=condition, kinds={"pytorch"},
+              deps=[raw_dataset, fold_splits], **GPU, code_version=code_version([ex.draw_conditions], {
                   **plan, "resolution": gen.resolution, "hed_model": gen.hed_model if condition != "seg" else None}),
               description=f"ControlNet {condition} control images of every support that gets auxiliary images.")
     def control_conditions(context, config: SupportsRun, experiment: dg.ResourceParam[ExperimentConfig]) -> dg.MaterializeResult:
@@ -256,7 +268,8 @@ def condition_assets(s: ExperimentConfig, condition: str, plan: dict, code: list
         return materialized(out, info, started)
 
     key = [condition, "auxiliary_supports"]
-    version = code_version([*code, "diffss.generation"], {**plan, **gen.output_signature()})
+    version = code_version([ex.prepare_supports, ex.generate_supports_shard, ex.generate_supports, ex.diffusion_models],
+                           {**plan, **gen.output_signature()})
     description = (f"DifFSS auxiliary supports painted from each support's {condition} condition, paired with its mask, "
                    "and their table (seed, prompt, models, size, drift).")
 
@@ -278,7 +291,7 @@ def condition_assets(s: ExperimentConfig, condition: str, plan: dict, code: list
                                        config.only_redo), **ray}, out, started
 
     if s.generation_shards == 1:
-        @dg.asset(key=key, partitions_def=FOLD_PARTITIONS, group_name=condition, kinds={"pytorch", "parquet"},
+        @dg.asset(key=key, partitions_def=fold_partitions(s), group_name=condition, kinds={"pytorch", "parquet"},
                   deps=[raw_dataset, control_conditions, models], **GPU, code_version=version, description=description)
         def auxiliary_supports(context, config: SupportsRun, experiment: dg.ResourceParam[ExperimentConfig]) -> dg.MaterializeResult:
             info, out, started = paint(context, config, experiment)
@@ -322,7 +335,7 @@ def sharded_supports(s: ExperimentConfig, condition: str, key: list[str], versio
     run_config = dg.ConfigMapping(config_schema=SupportsRun.to_config_schema(), config_fn=lambda c: {
         op.name: {"config": c} for op in (prepare, paint_shard, merge)})
 
-    @dg.graph_asset(key=key, partitions_def=FOLD_PARTITIONS, group_name=condition, kinds={"pytorch", "parquet"},
+    @dg.graph_asset(key=key, partitions_def=fold_partitions(s), group_name=condition, kinds={"pytorch", "parquet"},
                     code_version=version, description=description, config=run_config,
                     ins={name: dg.AssetIn(dep.key, dagster_type=dg.Nothing) for name, dep in zip(
                         ("raw_dataset", "control_conditions", "diffusion_models"), deps)})
@@ -333,7 +346,7 @@ def sharded_supports(s: ExperimentConfig, condition: str, key: list[str], versio
 
 
 
-def training_assets(s: ExperimentConfig, condition: str, code: list[str], inputs: list, supports):
+def training_assets(s: ExperimentConfig, condition: str, inputs: list, supports):
     """``<condition>/checkpoint``, ``<condition>/evaluation`` and (with auxiliary supports) ``<condition>/xshot_study``."""
     aux = condition != BASELINE
     training = {**s.train.output_settings(), "pretrained": weights_identity(s.train.pretrained),
@@ -341,12 +354,13 @@ def training_assets(s: ExperimentConfig, condition: str, code: list[str], inputs
     evaluation = {**s.evaluation.output_settings(), "eval_aux_shot": s.eval_aux_shot if aux else 0,
                   "max_drift": s.max_drift if aux else None}
     upstream = [*inputs, *([supports] if aux else [])]  # raw data (BAM: and the base learner)
+    reads_table = [ex.auxiliary_table] if aux else []  # table() below
 
     def table(experiment: ExperimentConfig, fold: ex.Fold) -> Path | None:
         return ex.auxiliary_table(experiment.folder(fold, condition, "auxiliary_supports"), fold, condition) if aux else None
 
-    @dg.asset(key=[condition, "checkpoint"], partitions_def=FOLD_PARTITIONS, group_name=condition, deps=upstream, **GPU,
-              kinds={"pytorch", "safetensors"}, code_version=code_version(code, training),
+    @dg.asset(key=[condition, "checkpoint"], partitions_def=fold_partitions(s), group_name=condition, deps=upstream, **GPU,
+              kinds={"pytorch", "safetensors"}, code_version=code_version([ex.train_checkpoint, *reads_table], training),
               description="Few-shot segmenter trained episodically on the fold's base classes " + (
                   f"with `train_aux_shot` {condition} auxiliary supports added to each episode (DifFSS)." if aux
                   else "with real supports only (the baseline)."))
@@ -363,8 +377,8 @@ def training_assets(s: ExperimentConfig, condition: str, code: list[str], inputs
             info["wandb_run"] = run.run_id or "disabled"
         return materialized(out, info, started)
 
-    @dg.asset(key=[condition, "evaluation"], partitions_def=FOLD_PARTITIONS, group_name=condition, kinds={"pytorch"},
-              deps=[checkpoint, *upstream], **GPU, code_version=code_version([*code, "diffss.metrics", "diffss.reproduce"], evaluation),
+    @dg.asset(key=[condition, "evaluation"], partitions_def=fold_partitions(s), group_name=condition, kinds={"pytorch"},
+              deps=[checkpoint, *upstream], **GPU, code_version=code_version([ex.evaluate_checkpoint, *reads_table], evaluation),
               description="mIoU / FB-IoU on the fold's fixed test episodes" + (
                   f", with `eval_aux_shot` {condition} auxiliary supports per episode." if aux else ", real supports only."))
     def evaluation_asset(context, experiment: dg.ResourceParam[ExperimentConfig], tracker: TrackerResource) -> dg.MaterializeResult:
@@ -380,9 +394,9 @@ def training_assets(s: ExperimentConfig, condition: str, code: list[str], inputs
     if not aux:
         return checkpoint, evaluation_asset, None
 
-    @dg.asset(key=[condition, "xshot_study"], partitions_def=FOLD_PARTITIONS, group_name=condition, kinds={"pytorch"},
+    @dg.asset(key=[condition, "xshot_study"], partitions_def=fold_partitions(s), group_name=condition, kinds={"pytorch"},
               deps=[checkpoint, *upstream], **GPU,
-              code_version=code_version([*code, "diffss.metrics"], {**evaluation, "xshot_shots": s.xshot_shots}),
+              code_version=code_version([ex.xshot_study, *reads_table], {**evaluation, "xshot_shots": s.xshot_shots}),
               description="The X-shot study: mIoU as the number of auxiliary images per episode grows (`xshot_shots`).")
     def xshot_study(context, experiment: dg.ResourceParam[ExperimentConfig], tracker: TrackerResource) -> dg.MaterializeResult:
         fold = FOLDS[context.partition_key]

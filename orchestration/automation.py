@@ -1,21 +1,22 @@
-"""Jobs, the weekly retrain schedule and the raw-data sensor.
+"""Jobs, the weekly retrain schedule, the raw-files observation and the raw-data sensor.
 
 Every per-fold asset has the same partitions, so one job run covers one fold end to end: ``fold``
 (everything, publishing last), ``retrain`` (the checkpoints and all that follows from them) and
 ``refresh_supports`` (raw data, conditions and auxiliary supports, what the sensor requests).
+``observe_raw_files`` runs the observation of the ``raw_files`` source asset (every 5 minutes once
+its schedule is started); ``raw_data_sensor`` reacts to a new observed data version of a fold.
 """
 
 import json
-import os
-from pathlib import Path
 
 import dagster as dg
 
 from diffss import experiment as ex
 from diffss.experiment import BASELINE, FOLDS, ExperimentConfig
+from orchestration.assets import RAW_FILES, configured_folds
 
 WEEKLY = "0 3 * * 1"  # Mondays 03:00 UTC
-LISTED = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".txt"}
+OBSERVE_EVERY = "*/5 * * * *"
 
 
 def op_name(*key: str) -> str:
@@ -39,7 +40,8 @@ def build_automation(settings: ExperimentConfig):
 
     def active_folds() -> list[str]:
         """Folds whose raw data has been indexed here (their manifest exists)."""
-        return [key for key, fold in FOLDS.items() if (settings.folder(fold, "raw_dataset", "manifest.json")).is_file()]
+        return [key for key, fold in configured_folds(settings).items()
+                if (settings.folder(fold, "raw_dataset", "manifest.json")).is_file()]
 
     @dg.schedule(cron_schedule=WEEKLY, job=retrain_job, execution_timezone="UTC",
                  description="Weekly: retrain every checkpoint of every indexed fold from scratch and re-evaluate.")
@@ -52,21 +54,35 @@ def build_automation(settings: ExperimentConfig):
         return [dg.RunRequest(run_key=f"retrain-{day}-{key}", partition_key=key, run_config=scratch,
                               tags={"diffss/trigger": "weekly_retrain"}) for key in folds]
 
+    observe_job = dg.define_asset_job(
+        "observe_raw_files", selection=dg.AssetSelection.assets(RAW_FILES),
+        description="Observe the raw files of every configured fold: one data version per fold, by content.")
+
+    @dg.schedule(cron_schedule=OBSERVE_EVERY, job=observe_job, execution_timezone="UTC",
+                 default_status=dg.DefaultScheduleStatus.STOPPED,
+                 description="Every 5 minutes: observe the raw files (what raw_data_sensor reacts to).")
+    def observe_raw_files_often(context: dg.ScheduleEvaluationContext):
+        return dg.RunRequest(tags={"diffss/trigger": "observe_raw_files"})
+
     @dg.sensor(job=supports_job, minimum_interval_seconds=60, default_status=dg.DefaultSensorStatus.STOPPED,
-               description="Watches the raw data of indexed folds (a listing hash as cursor); on new or changed files "
-               "it indexes the fold again and makes conditions and auxiliary supports for those supports only.")
+               description="Watches the observations of raw_files (cursor: the last observation seen); when an "
+               "indexed fold's raw files have a new data version, it indexes the fold again and makes conditions "
+               "and auxiliary supports for the new or changed supports only.")
     def raw_data_sensor(context: dg.SensorEvaluationContext):
         folds = active_folds()
         if not folds:
             return dg.SkipReason(f"no fold under {settings.data_root} has been indexed yet")
+        records = context.instance.fetch_observations(RAW_FILES, limit=1).records
+        if not records:
+            return dg.SkipReason("raw_files has not been observed yet (observe_raw_files)")
+        version = records[0].asset_observation.tags.get("dagster/data_version")
         cursor = json.loads(context.cursor) if context.cursor else {}
-        digests, requests = {}, []
+        if cursor.get("version") in (None, version):  # first sight, or nothing new since the last tick
+            return dg.SensorResult(skip_reason="raw data unchanged since the last observation",
+                                   cursor=json.dumps({"version": version}))
+        requests = []
         for key in folds:
             fold = FOLDS[key]
-            root = str(settings.dataset_root(fold.dataset))
-            digests.setdefault(root, listing_digest(Path(root)))
-            if cursor.get(root) == digests[root]:
-                continue
             manifest = json.loads(settings.folder(fold, "raw_dataset", "manifest.json").read_text())
             changed = ex.changed_samples(settings, fold, manifest)
             if not changed:
@@ -77,28 +93,12 @@ def build_automation(settings: ExperimentConfig):
             # episode support is looked at (existing images are kept, missing ones made).
             redo = {"config": {"redo_supports": names, "only_redo": "test" not in changed}}
             requests.append(dg.RunRequest(
-                run_key=f"raw-{key}-{digests[root]}", partition_key=key, tags={"diffss/trigger": "raw_data_sensor"},
+                run_key=f"raw-{key}-{version}", partition_key=key, tags={"diffss/trigger": "raw_data_sensor"},
                 run_config={"ops": {op_name(c, stage): redo for c in settings.conditions
                                     for stage in ("control_conditions", "auxiliary_supports")}}))
-        new_cursor = json.dumps({**cursor, **digests}, sort_keys=True)
+        new_cursor = json.dumps({"version": version})
         if not requests:
-            return dg.SensorResult(skip_reason="raw data unchanged since the last index", cursor=new_cursor)
+            return dg.SensorResult(skip_reason="raw data unchanged since the last observation", cursor=new_cursor)
         return dg.SensorResult(run_requests=requests, cursor=new_cursor)
 
-    return [fold_job, retrain_job, supports_job], [weekly_retrain], [raw_data_sensor]
-
-
-def listing_digest(root: Path) -> str:
-    """Hash of (path, size, mtime) of the image and list files under ``root``: cheap every tick,
-    different as soon as a file is added, removed or rewritten (then contents are compared)."""
-    import hashlib
-
-    listing = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        for name in sorted(filenames):
-            path = Path(dirpath) / name
-            if not name.startswith(".") and path.suffix.lower() in LISTED:
-                stat = path.stat()
-                listing.append((path.relative_to(root).as_posix(), stat.st_size, stat.st_mtime_ns))
-    return hashlib.sha256(json.dumps(listing).encode()).hexdigest()[:16]
+    return [fold_job, retrain_job, supports_job, observe_job], [weekly_retrain, observe_raw_files_often], [raw_data_sensor]

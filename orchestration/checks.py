@@ -14,7 +14,7 @@ import dagster as dg
 
 from diffss import experiment as ex
 from diffss.experiment import BASELINE, FOLDS, ExperimentConfig
-from orchestration.assets import FOLD_PARTITIONS
+from orchestration.assets import fold_partitions
 
 # Partitioned checks are a Dagster preview feature; what is used here (one result per partition,
 # run with the asset) is the documented behaviour.
@@ -22,10 +22,11 @@ warnings.filterwarnings("ignore", message=".*partitions_def on an AssetCheckSpec
 
 
 def build_checks(settings: ExperimentConfig) -> list[dg.AssetChecksDefinition]:
-    checks = [check for c in settings.conditions for check in supports_checks(c)]
-    checks += [coverage_check(c) for c in [BASELINE, *settings.conditions]]
+    partitions = fold_partitions(settings)
+    checks = [check for c in settings.conditions for check in supports_checks(c, partitions)]
+    checks += [coverage_check(c, partitions) for c in [BASELINE, *settings.conditions]]
 
-    @dg.asset_check(asset="evaluation_table", partitions_def=FOLD_PARTITIONS,
+    @dg.asset_check(asset="evaluation_table", partitions_def=partitions,
                     description="The results table has every test class of the fold for the baseline and every condition.")
     def table_covers_fold_classes(context, experiment: dg.ResourceParam[ExperimentConfig]) -> dg.AssetCheckResult:
         fold = FOLDS[context.partition_key]
@@ -34,7 +35,7 @@ def build_checks(settings: ExperimentConfig) -> list[dg.AssetChecksDefinition]:
         gaps = {m: g for m in [BASELINE, *experiment.conditions] if (g := ex.missing_classes(expected, per_class, m))}
         return dg.AssetCheckResult(passed=not gaps, metadata={"missing": dg.MetadataValue.json(gaps)})
 
-    @dg.asset_check(asset="onnx_segmenter", partitions_def=FOLD_PARTITIONS,
+    @dg.asset_check(asset="onnx_segmenter", partitions_def=partitions,
                     description="onnxruntime reproduces the PyTorch checkpoint (max |logit diff| and argmax agreement "
                     "within diffss.export's thresholds).")
     def onnx_parity(context, experiment: dg.ResourceParam[ExperimentConfig]) -> dg.AssetCheckResult:
@@ -43,7 +44,7 @@ def build_checks(settings: ExperimentConfig) -> list[dg.AssetChecksDefinition]:
             "max_abs_logit_diff": float(parity["max_abs_logit_diff"]), "argmax_agreement": float(parity["argmax_agreement"]),
             "thresholds": dg.MetadataValue.json(parity["thresholds"]), "source": parity["source"]})
 
-    @dg.asset_check(asset=dg.AssetKey([BASELINE, "evaluation"]), partitions_def=FOLD_PARTITIONS,
+    @dg.asset_check(asset=dg.AssetKey([BASELINE, "evaluation"]), partitions_def=partitions,
                     additional_deps=[dg.AssetKey([BASELINE, "checkpoint"])],
                     description="The benchmark needs its supports: the baseline with 5 real supports beats 1 by more "
                     "than supports_matter_margin mIoU points on the same episodes (a warning).")
@@ -77,14 +78,14 @@ def dataset_check() -> dg.AssetChecksDefinition:
     return dataset_is_usable
 
 
-def supports_checks(condition: str) -> list[dg.AssetChecksDefinition]:
+def supports_checks(condition: str, partitions: dg.PartitionsDefinition) -> list[dg.AssetChecksDefinition]:
     asset = dg.AssetKey([condition, "auxiliary_supports"])
 
     def table(context, experiment: ExperimentConfig):
         fold = FOLDS[context.partition_key]
         return fold, ex.auxiliary_table(experiment.folder(fold, condition, "auxiliary_supports"), fold, condition)
 
-    @dg.asset_check(asset=asset, partitions_def=FOLD_PARTITIONS,
+    @dg.asset_check(asset=asset, partitions_def=partitions,
                     description="Every support that needs auxiliary images has them, and each decodes at its support's size.")
     def auxiliary_images_complete(context, experiment: dg.ResourceParam[ExperimentConfig]) -> dg.AssetCheckResult:
         found = ex.auxiliary_problems(experiment, *table(context, experiment))
@@ -92,7 +93,7 @@ def supports_checks(condition: str) -> list[dg.AssetChecksDefinition]:
             "images": found["images"], "supports_short": dg.MetadataValue.json(found["short"][:10]),
             "bad_images": dg.MetadataValue.json(found["bad"][:10])})
 
-    @dg.asset_check(asset=asset, partitions_def=FOLD_PARTITIONS,
+    @dg.asset_check(asset=asset, partitions_def=partitions,
                     description="The share of images drifting more than drift_threshold stays under drifted_share_limit.")
     def drifted_share(context, experiment: dg.ResourceParam[ExperimentConfig]) -> dg.AssetCheckResult:
         measured = ex.drifted_share(experiment, table(context, experiment)[1])
@@ -103,8 +104,8 @@ def supports_checks(condition: str) -> list[dg.AssetChecksDefinition]:
     return [auxiliary_images_complete, drifted_share]
 
 
-def coverage_check(condition: str) -> dg.AssetChecksDefinition:
-    @dg.asset_check(asset=dg.AssetKey([condition, "evaluation"]), partitions_def=FOLD_PARTITIONS,
+def coverage_check(condition: str, partitions: dg.PartitionsDefinition) -> dg.AssetChecksDefinition:
+    @dg.asset_check(asset=dg.AssetKey([condition, "evaluation"]), partitions_def=partitions,
                     description="Every test class of the fold was evaluated.")
     def covers_fold_classes(context, experiment: dg.ResourceParam[ExperimentConfig]) -> dg.AssetCheckResult:
         fold = FOLDS[context.partition_key]

@@ -28,6 +28,7 @@ import dagster as dg
 import pandas as pd
 
 from diffss.experiment import FOLDS, LEARNED_DEMO, TINY, ExperimentConfig
+from orchestration.assets import RAW_FILES, configured_folds, raw_files_version
 from orchestration.definitions import build_definitions
 from orchestration.lineage import SNAPSHOT, import_lineage, out_of_date
 from orchestration.resources import DvcResource, TrackerResource
@@ -62,12 +63,24 @@ def first_error(result: dg.ExecuteInProcessResult) -> str:
     return "run failed"
 
 
+def observe_raw_files(settings: ExperimentConfig, instance: dg.DagsterInstance) -> str:
+    """Observe the raw files (the data version the ``raw_files`` source asset reports) and record
+    it in the instance when it is new, without a run: Dagster then sees raw_dataset as Unsynced
+    exactly when the files it indexed changed."""
+    version = raw_files_version(settings)
+    latest = instance.fetch_observations(RAW_FILES, limit=1).records
+    if not latest or latest[0].asset_observation.tags.get("dagster/data_version") != version:
+        instance.report_runless_asset_event(dg.AssetObservation(asset_key=RAW_FILES, tags={"dagster/data_version": version}))
+    return version
+
+
 def materialize_fold(settings: ExperimentConfig, partition: str = DEMO_FOLD, instance: dg.DagsterInstance | None = None,
                      publish: bool = True, tracker: TrackerResource | None = None, dvc: DvcResource | None = None,
                      log=print) -> dict[str, Any]:
     """Bring ``partition`` up to date in one run; returns what was restored, reused and run."""
-    if partition not in FOLDS:
-        raise ValueError(f"--partition: {partition!r} is not a fold; choose from {sorted(FOLDS)}")
+    folds = configured_folds(settings)
+    if partition not in folds:
+        raise ValueError(f"--partition: {partition!r} is not a fold of the configured dataset(s); choose from {sorted(folds)}")
     settings.check_paths(FOLDS[partition])
     dvc = dvc or DvcResource()
     defs = build_definitions(settings, tracker=tracker, dvc=dvc, executor="in_process")
@@ -75,9 +88,10 @@ def materialize_fold(settings: ExperimentConfig, partition: str = DEMO_FOLD, ins
     restored = import_lineage(instance, settings.data_root, dvc.repo_root if publish else None)
     if restored:
         log(f"[demo] restored from data/lineage.json (the data DVC versions): {len(restored)} asset partitions")
+    observe_raw_files(settings, instance)
     selection = [key for key in out_of_date(defs, instance, partition) if publish or key != SNAPSHOT]
     graph = defs.resolve_asset_graph()
-    total = len([k for k in graph.get_all_asset_keys() if publish or k != SNAPSHOT])
+    total = len([k for k in graph.get_all_asset_keys() if graph.get(k).is_materializable and (publish or k != SNAPSHOT)])
     summary: dict[str, Any] = {"partition": partition, "restored": restored, "materialised": [k.to_user_string() for k in selection],
                                "reused": total - len(selection), "total": total, "run_id": None, "check_errors": [],
                                "check_warnings": []}

@@ -5,13 +5,15 @@ instance (the event log), which another clone does not have. Before ``dvc add``,
 writes them to ``data/lineage.json`` (:func:`export_lineage`: only entries whose folder still
 hashes to the recorded data version; no run ids, times or paths). In a fresh instance,
 :func:`import_lineage` reports each entry whose folder hashes to its data version as a runless
-materialisation with those same tags: Dagster's stale-status logic then sees what the origin saw
-(FRESH, or Unsynced where this checkout's code or settings differ), and :func:`out_of_date`
-selects what to run from Dagster's own verdict.
+materialisation with those same tags: the provenance Dagster records (:class:`dagster.DataProvenance`)
+is then what the origin recorded, and :func:`unsynced` reads from it, with Dagster's public API and
+Dagster's staleness rules, what is up to date (or Unsynced where this checkout's code or settings
+differ, or the observed raw files changed); :func:`out_of_date` selects what to run from it.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -117,22 +119,68 @@ def import_lineage(instance: dg.DagsterInstance, data_root: str | Path, repo_roo
     return reported
 
 
-def out_of_date(defs: dg.Definitions, instance: dg.DagsterInstance, partition: str) -> list[dg.AssetKey]:
-    """The assets of ``partition`` (and the shared ones) that Dagster sees as missing or Unsynced,
-    and everything downstream of them (their outputs will change), in graph order."""
-    from dagster._core.definitions.data_version import CachingStaleStatusResolver, StaleStatus
-    from dagster._core.loader import LoadingContextForTest
+def _data_version(instance: dg.DagsterInstance, key: dg.AssetKey, partition: str | None) -> str | None:
+    """The data version the latest materialisation (an observation, for a source asset) reported."""
+    record = _latest(instance, key, partition)
+    if record is not None:
+        return (record.asset_materialization.tags or {}).get("dagster/data_version")
+    observations = instance.fetch_observations(
+        dg.AssetRecordsFilter(asset_key=key, asset_partitions=[partition] if partition else None), limit=1).records
+    return observations[0].asset_observation.tags.get("dagster/data_version") if observations else None
 
+
+def _same_version(recorded: str, current: str) -> bool:
+    """Dagster records an unpartitioned input's data version as is, and a partitioned input's as
+    the sha256 of its partitions' versions joined (one partition here: sha256 of the version)."""
+    return recorded == current or recorded == hashlib.sha256(current.encode()).hexdigest()
+
+
+def unsynced(defs: dg.Definitions, instance: dg.DagsterInstance, partition: str) -> dict[dg.AssetKey, str]:
+    """The materialisable assets of ``partition`` (and the shared ones) whose latest materialisation
+    does not match the definitions, with the cause, read from the provenance Dagster recorded
+    (:class:`dagster.DataProvenance`: the code version it ran and its inputs' data versions):
+    ``missing``, ``code version changed``, ``input changed: <asset>``, or ``upstream: <asset>``
+    (an input that is itself unsynced). These are the rules of Dagster's own stale status; an input
+    Dagster recorded no version for, or whose version this instance does not know (a source not
+    observed yet), is not compared."""
     graph = defs.resolve_asset_graph()
-    resolver = CachingStaleStatusResolver(instance, graph, LoadingContextForTest(instance))
-    keys = graph.toposorted_asset_keys
-    selected: set[dg.AssetKey] = set()
-    for key in keys:
+    causes: dict[dg.AssetKey, str] = {}
+    for key in graph.toposorted_asset_keys:
         node = graph.get(key)
-        stale = resolver.get_status(key, partition if node.is_partitioned else None) != StaleStatus.FRESH
-        if stale or selected & set(node.parent_keys):
+        if not node.is_materializable:
+            continue
+        record = _latest(instance, key, partition if node.is_partitioned else None)
+        provenance = dg.DataProvenance.from_tags(record.asset_materialization.tags or {}) if record else None
+        if record is None:
+            causes[key] = "missing"
+        elif provenance is None or provenance.code_version != node.code_version:
+            causes[key] = "code version changed"
+        else:
+            for parent in sorted(node.parent_keys, key=lambda k: k.to_user_string()):
+                # an unpartitioned asset reads its partitioned inputs' latest materialisations
+                parent_partition = partition if graph.get(parent).is_partitioned and node.is_partitioned else None
+                if parent in causes:
+                    causes[key] = f"upstream: {parent.to_user_string()}"
+                    break
+                recorded = provenance.input_data_versions.get(parent)
+                current = _data_version(instance, parent, parent_partition)
+                if recorded is not None and current is not None and not _same_version(recorded.value, current):
+                    causes[key] = f"input changed: {parent.to_user_string()}"
+                    break
+    return causes
+
+
+def out_of_date(defs: dg.Definitions, instance: dg.DagsterInstance, partition: str) -> list[dg.AssetKey]:
+    """The assets of ``partition`` (and the shared ones) that are missing or Unsynced
+    (:func:`unsynced`), and everything downstream of them (their outputs will change), in graph order."""
+    graph = defs.resolve_asset_graph()
+    stale = unsynced(defs, instance, partition)
+    selected: set[dg.AssetKey] = set()
+    for key in graph.toposorted_asset_keys:
+        node = graph.get(key)
+        if node.is_materializable and (key in stale or selected & set(node.parent_keys)):
             selected.add(key)
-    return [key for key in keys if key in selected]
+    return [key for key in graph.toposorted_asset_keys if key in selected]
 
 
 def main() -> int:

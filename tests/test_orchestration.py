@@ -23,12 +23,11 @@ from pathlib import Path
 
 import dagster as dg
 import pandas as pd
-from dagster._core.instance.ref import InstanceRef
 import pytest
 import yaml
 
-from diffss.experiment import FOLDS, ExperimentConfig, tiny_generation
-from orchestration.assets import code_version
+from diffss.experiment import FOLDS, ExperimentConfig, index_raw_data, tiny_generation
+from orchestration.code_versions import code_version
 from orchestration.definitions import build_definitions, defs
 from orchestration.demo import main as demo_main
 from orchestration.demo import materialize_fold, print_report
@@ -89,7 +88,8 @@ def test_definitions_load_with_one_partitioning_a_condition_factory_and_pools():
     dg.Definitions.validate_loadable(defs)
     graph = defs.resolve_asset_graph()
     parents = {k.to_user_string(): {p.to_user_string() for p in graph.get(k).parent_keys} for k in graph.get_all_asset_keys()}
-    assert parents["fold_splits"] == {"raw_dataset"}
+    assert parents["fold_splits"] == {"raw_dataset"} and parents["raw_dataset"] == {"raw_files"}
+    assert not graph.get(dg.AssetKey("raw_files")).is_materializable  # observed, not made
     assert parents["seg/auxiliary_supports"] == {"seg/control_conditions", "raw_dataset", "diffusion_models"}
     assert parents["seg/checkpoint"] == {"raw_dataset", "seg/auxiliary_supports"}
     assert parents["baseline/checkpoint"] == {"raw_dataset"}  # real supports only: a condition of its own
@@ -98,7 +98,8 @@ def test_definitions_load_with_one_partitioning_a_condition_factory_and_pools():
     assert parents["dvc_snapshot"] == {"onnx_segmenter", "evaluation_table"}
     # every per-fold asset has the one partitioning: one fold is one run, keys are not parsed
     partitioned = {graph.get(k).partitions_def for k in graph.get_all_asset_keys() if graph.get(k).is_partitioned}
-    assert len(partitioned) == 1 and set(partitioned.pop().get_partition_keys()) == set(FOLDS)
+    # the folds of the configured dataset (the demo's four), not every fold diffss knows
+    assert len(partitioned) == 1 and partitioned.pop().get_partition_keys() == [f"demo_fold{k}" for k in range(4)]
     assert not graph.get(dg.AssetKey("diffusion_models")).is_partitioned
     pools = {name: defs.resolve_assets_def(dg.AssetKey.from_user_string(name)).op.pool
              for name in ("seg/auxiliary_supports", "baseline/checkpoint", "dvc_snapshot", "fold_splits")}
@@ -108,31 +109,77 @@ def test_definitions_load_with_one_partitioning_a_condition_factory_and_pools():
     assert {job.name for job in defs.get_repository_def().get_all_jobs()} >= {"fold", "retrain", "refresh_supports"}
 
 
-def test_code_versions_follow_the_library_source_and_the_settings(tmp_path, monkeypatch):
-    def versions(settings) -> dict[str, str]:
-        graph = build_definitions(settings).resolve_asset_graph()
-        return {k.to_user_string(): graph.get(k).code_version for k in graph.get_all_asset_keys()}
+def _record_every_asset(definitions: dg.Definitions, instance: dg.DagsterInstance, partition: str) -> None:
+    """A materialisation of every asset as Dagster records one (its code version, a data version,
+    its inputs' data versions), without running anything."""
+    graph = definitions.resolve_asset_graph()
+    for key in graph.toposorted_asset_keys:
+        node = graph.get(key)
+        if not node.is_materializable:  # the observed raw files
+            instance.report_runless_asset_event(dg.AssetObservation(
+                asset_key=key, tags={"dagster/data_version": f"v-{key.to_python_identifier()}"}))
+            continue
+        tags = {"dagster/code_version": node.code_version, "dagster/data_version": f"v-{key.to_python_identifier()}"}
+        tags.update({f"dagster/input_data_version/{p.to_user_string()}": f"v-{p.to_python_identifier()}" for p in node.parent_keys})
+        instance.report_runless_asset_event(dg.AssetMaterialization(
+            asset_key=key, partition=partition if node.is_partitioned else None, tags=tags))
 
-    base = versions(small_settings(tmp_path))
-    assert base == versions(small_settings(tmp_path))  # a hash, stable across loads (and clones)
-    steps = versions(small_settings(tmp_path, train={"steps": 5, "image_size": 64}))
-    assert {k for k in base if base[k] != steps[k]} == {"baseline/checkpoint", "seg/checkpoint", "scribble/checkpoint"}
+
+def test_code_versions_follow_the_code_each_asset_imports_and_its_settings(tmp_path, monkeypatch):
+    """Editing a library module makes exactly the assets whose entry points import it Unsynced
+    (cause: code version changed) in the provenance Dagster recorded, and no others."""
+    import orchestration.code_versions
+    from orchestration.lineage import unsynced
+
+    def changed(settings) -> dict[str, str]:
+        causes = unsynced(build_definitions(settings), instance, "demo_fold0")
+        assert all(c == "code version changed" or c.startswith("upstream: ") for c in causes.values()), causes
+        return {k.to_user_string() for k, c in causes.items() if c == "code version changed"}
+
+    settings = small_settings(tmp_path)
+    instance = dg.DagsterInstance.ephemeral()
+    _record_every_asset(build_definitions(settings), instance, "demo_fold0")
+    assert changed(settings) == set()  # a hash, stable across loads (and clones)
+    checkpoints = {"baseline/checkpoint", "seg/checkpoint", "scribble/checkpoint"}
+    assert changed(small_settings(tmp_path, train={"steps": 5, "image_size": 64})) == checkpoints
     # A runtime-only field (where or how fast) does not change what an asset makes.
-    device = versions(small_settings(tmp_path, train={"steps": 4, "image_size": 64, "device": "cuda:1"}))
-    assert device == base
-    # Editing the training code (a copy of the library, so nothing real changes) makes checkpoints Unsynced.
-    import orchestration.assets
+    assert changed(small_settings(tmp_path, train={"steps": 4, "image_size": 64, "device": "cuda:1"})) == set()
 
+    # Edits to a copy of the library (so nothing real changes).
     library = tmp_path / "diffss"
-    shutil.copytree(orchestration.assets.LIBRARY, library, ignore=shutil.ignore_patterns("__pycache__"))
-    monkeypatch.setattr(orchestration.assets, "LIBRARY", library)
-    assert versions(small_settings(tmp_path)) == base
-    (library / "train.py").write_text((library / "train.py").read_text() + "\n# a change\n")
-    edited = versions(small_settings(tmp_path))
-    assert {k for k in base if base[k] != edited[k]} == {
-        "baseline/checkpoint", "seg/checkpoint", "scribble/checkpoint", "baseline/evaluation", "seg/evaluation",
-        "scribble/evaluation", "seg/xshot_study", "scribble/xshot_study"}
-    assert code_version(["diffss.train"], {"a": 1}) != code_version(["diffss.train"], {"a": 2})
+    shutil.copytree(orchestration.code_versions.LIBRARY, library, ignore=shutil.ignore_patterns("__pycache__"))
+    monkeypatch.setattr(orchestration.code_versions, "LIBRARY", library)
+    graph = build_definitions(settings).resolve_asset_graph()
+    every = {k.to_user_string() for k in graph.get_all_asset_keys() if graph.get(k).is_materializable}
+    evaluations = {"baseline/evaluation", "seg/evaluation", "scribble/evaluation", "seg/xshot_study", "scribble/xshot_study"}
+    with_supports = {f"{c}/{stage}" for c in ("seg", "scribble") for stage in (
+        "control_conditions", "auxiliary_supports", "checkpoint", "evaluation", "xshot_study")}
+    expected = {
+        # the evaluation protocol is part of the settings every stage reads (experiment/config.py imports it)
+        "protocol.py": every - {"dvc_snapshot"},
+        "experiment/training.py": checkpoints | evaluations,
+        "experiment/results.py": {"evaluation_table", "onnx_segmenter"},
+        "export/triton.py": {"evaluation_table", "onnx_segmenter"},  # results.py imports diffss.export
+        "generation/run.py": {"diffusion_models"} | with_supports,
+        "conditions/hed.py": {"diffusion_models"} | with_supports,
+        "experiment/data.py": {"raw_dataset", "fold_splits"},
+        # data versions, and the identity of generation's models (generation/config.py -> identity.py)
+        "versioning.py": every,
+        "models/pretrained/small_demo.safetensors": every - {"dvc_snapshot"},  # package data counts
+        "cli.py": set(),  # no asset runs the command line
+    }
+    for name, assets in expected.items():
+        path = library / name
+        original = path.read_bytes()
+        path.write_bytes(original + b"\n# an edit\n")
+        try:
+            assert changed(settings) == assets, name
+        finally:
+            path.write_bytes(original)
+    assert changed(settings) == set()
+    assert code_version([index_raw_data], {"a": 1}) != code_version([index_raw_data], {"a": 2})
+    with pytest.raises(ValueError, match="not a function or module of diffss"):
+        code_version([json.dumps], {})
 
 
 def test_bam_trains_its_base_learner_per_fold_then_the_meta_learner_on_it(tmp_path):
@@ -184,7 +231,8 @@ def test_executor_is_chosen_by_environment(monkeypatch):
 @pytest.mark.timeout(1800)
 def test_one_fold_is_one_run_of_the_whole_graph(demo_run):
     tmp, settings, instance, summary = demo_run
-    names = {k.to_user_string() for k in build_definitions(settings).resolve_asset_graph().get_all_asset_keys()}
+    graph = build_definitions(settings).resolve_asset_graph()
+    names = {k.to_user_string() for k in graph.get_all_asset_keys() if graph.get(k).is_materializable}
     assert summary["reused"] == 0 and set(summary["materialised"]) == names and summary["check_errors"] == []
     runs = instance.get_runs()
     assert len(runs) == 1 and runs[0].tags["dagster/partition"] == "demo_fold0"
@@ -294,7 +342,7 @@ def test_dagster_asset_materialize_select_on_the_demo_partition(tmp_path, monkey
     assert any((fold / "seg" / "control_conditions" / "seg").rglob("*.png"))
     assert not (fold / "seg" / "auxiliary_supports").exists()  # only what was selected
     monkeypatch.setenv("DAGSTER_HOME", str(home))  # dagster.yaml reads it
-    with dg.DagsterInstance.from_ref(InstanceRef.from_dir(str(home))) as instance:
+    with dg.DagsterInstance.get() as instance:
         done = {r.asset_entry.asset_key.to_user_string() for r in instance.get_asset_records()}
     assert done == {"raw_dataset", "fold_splits", "seg/control_conditions"}
 
@@ -317,7 +365,7 @@ def test_generation_fans_out_to_shards_run_by_the_multiprocess_executor(tmp_path
                             capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     monkeypatch.setenv("DAGSTER_HOME", str(home))
-    with dg.DagsterInstance.from_ref(InstanceRef.from_dir(str(home))) as instance:
+    with dg.DagsterInstance.get() as instance:
         starts = instance.get_records_for_run(
             instance.get_runs()[0].run_id, of_type=dg.DagsterEventType.STEP_START).records
         pids = {r.event_log_entry.step_key: r.event_log_entry.dagster_event.pid for r in starts}
@@ -347,8 +395,8 @@ def test_generation_fans_out_to_shards_run_by_the_multiprocess_executor(tmp_path
     assert images and images == sorted(p.relative_to(out) for p in out.rglob("*.png") if p.name != "grid.png")
     assert all((sharded / p).read_bytes() == (out / p).read_bytes() for p in images)
     tables = [pd.read_parquet(ex.auxiliary_table(folder, fold, "seg")) for folder in (sharded, out)]
-    # model_ids name the tiny models' folders, which differ between the two data roots
-    pd.testing.assert_frame_equal(*[t.drop(columns="model_ids") for t in tables])
+    # model_ids name the tiny models by content: the same in both data roots
+    pd.testing.assert_frame_equal(*tables)
 
 
 def _free_port() -> int:
@@ -399,13 +447,17 @@ def test_sensor_fires_on_new_raw_data_only_and_makes_supports_for_the_new_sample
     instance = dg.DagsterInstance.ephemeral()
     assert job.execute_in_process(partition_key="demo_fold0", instance=instance, asset_selection=[dg.AssetKey("raw_dataset")]).success
     sensor = definitions.get_sensor_def("raw_data_sensor")
+    observe = definitions.resolve_job_def("observe_raw_files")
 
     def tick(cursor=None):
+        """Observe raw_files (what the observe_raw_files schedule runs), then one sensor tick."""
+        assert observe.execute_in_process(instance=instance).success
         with dg.build_sensor_context(cursor=cursor, instance=instance) as context:
             return sensor(context)
 
     first = tick()
     assert not first.run_requests and first.cursor  # nothing new since the index
+    assert instance.fetch_observations(dg.AssetKey("raw_files"), limit=1).records  # observed by Dagster's job
     root = tmp_path / "data" / "raw" / "demo"
     # same bytes, new mtimes (what `dvc pull` does in another clone): not new data
     for path in root.rglob("*.png"):
@@ -469,39 +521,53 @@ def test_example_settings_load_and_name_their_missing_folders():
         settings.check_paths(FOLDS["pascal5i_fold0"])
     graph = build_definitions(settings).resolve_asset_graph()
     assert graph.get(dg.AssetKey(["hed", "checkpoint"])).code_version
+    assert graph.get(dg.AssetKey("raw_dataset")).partitions_def.get_partition_keys() == [f"pascal5i_fold{k}" for k in range(4)]
 
 
 # ----------------------------------------------------------------------------- deployment configs
 
 
+def _assert_valid_config(schema, value) -> None:
+    """``value`` passes the config ``schema``, checked by Dagster's public validation (the config of
+    a one-op job); an invalid value raises DagsterInvalidConfigError naming the fields."""
+    @dg.op(config_schema=schema, name="holder")
+    def holder():
+        pass
+
+    @dg.job(name="schema_check")
+    def schema_check():
+        holder()
+
+    dg.validate_run_config(schema_check, {"ops": {"holder": {"config": value}}})
+
+
 def test_instance_configs_are_valid(tmp_path, monkeypatch):
-    """The local dagster.yaml loads as an instance; the Kubernetes one passes dagster-k8s's own schema."""
-    from dagster._config import process_config
-    from dagster_k8s import K8sRunLauncher, k8s_job_executor
+    """The local dagster.yaml loads as an instance; the Kubernetes one's storage, run launcher and
+    executor pass dagster-postgres's and dagster-k8s's own schemas."""
+    from dagster_k8s import K8sRunLauncher
     from dagster_k8s.job import UserDefinedDagsterK8sConfig
+    from dagster_postgres import DagsterPostgresStorage
 
     from orchestration.assets import GPU
 
     monkeypatch.setenv("DAGSTER_HOME", str(tmp_path))
     shutil.copyfile(REPO / "dagster.yaml", tmp_path / "dagster.yaml")
-    with dg.DagsterInstance.from_ref(InstanceRef.from_dir(str(tmp_path))) as instance:
+    with dg.DagsterInstance.get() as instance:
         assert instance.get_concurrency_config().pool_config.default_pool_limit == 1
         assert type(instance.run_coordinator).__name__ == "QueuedRunCoordinator"
-
-    from dagster._core.instance.config import dagster_instance_config_schema
 
     for name in ("DAGSTER_PG_HOST", "DAGSTER_PG_USER", "DAGSTER_PG_PASSWORD", "DAGSTER_PG_DB", "DAGSTER_K8S_INSTANCE_CONFIG_MAP",
                  "DAGSTER_K8S_PG_PASSWORD_SECRET"):  # what the pods provide
         monkeypatch.setenv(name, "x")
     k8s = yaml.safe_load((REPO / "deploy/dagster/dagster.yaml").read_text())
-    instance_checked = process_config(dagster_instance_config_schema(), k8s)
-    assert instance_checked.success, instance_checked.errors
+    _assert_valid_config(DagsterPostgresStorage.config_type(), k8s["storage"]["postgres"])
     assert k8s["run_launcher"]["class"] == "K8sRunLauncher"
-    launcher = process_config(K8sRunLauncher.config_type(), k8s["run_launcher"]["config"])
-    assert launcher.success, launcher.errors
+    _assert_valid_config(K8sRunLauncher.config_type(), k8s["run_launcher"]["config"])
+    with pytest.raises(dg.DagsterInvalidConfigError, match="job_namespace"):  # the check can fail
+        _assert_valid_config(K8sRunLauncher.config_type(), {**k8s["run_launcher"]["config"], "job_namespace": 3})
     execution = yaml.safe_load((REPO / "deploy/dagster/run_config_k8s.yaml").read_text())["execution"]["config"]
-    checked = process_config(k8s_job_executor.config_schema.config_type, execution)
-    assert checked.success, checked.errors
+    k8s_job = build_definitions(small_settings(tmp_path / "data"), executor="k8s").resolve_job_def("fold")
+    dg.validate_run_config(k8s_job, {"execution": {"config": execution}})
     steps = {key.to_python_identifier() for key in defs.resolve_asset_graph().get_all_asset_keys()}
     assert set(execution["per_step_k8s_config"]) <= steps  # overrides name real step keys
     gpu = UserDefinedDagsterK8sConfig.from_dict(GPU["op_tags"]["dagster-k8s/config"])
@@ -604,12 +670,9 @@ def test_production_instance_on_postgres_queues_the_scheduled_retrain_under_its_
         subprocess.run([str(DAGSTER_BIN / "dagster"), "schedule", "start", "weekly_retrain", *workspace],
                        cwd=REPO, env=env, check=True, capture_output=True, timeout=300)
         with dg.DagsterInstance.get() as instance:
-            from dagster._core.scheduler.instigation import ScheduleInstigatorData
-
             (state,) = [s for s in instance.all_instigator_state() if s.name == "weekly_retrain"]
             last_week = time.time() - 8 * 24 * 3600  # the schedule was on last Monday 03:00: the daemon catches up
-            instance.update_instigator_state(state.with_data(ScheduleInstigatorData(state.instigator_data.cron_schedule,
-                                                                                    start_timestamp=last_week)))
+            instance.update_instigator_state(state.with_data(state.instigator_data._replace(start_timestamp=last_week)))
         daemon = subprocess.Popen([str(DAGSTER_BIN / "dagster-daemon"), "run", *workspace], cwd=REPO, env=env,
                                   stdout=(tmp_path / "daemon.log").open("w"), stderr=subprocess.STDOUT, start_new_session=True)
         try:

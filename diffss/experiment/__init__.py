@@ -24,7 +24,9 @@ from diffss.experiment.config import (
     BASELINE, CONDITIONS, DATASET_FOLDS, FOLDS, LEARNED_DEMO, RANDOM_HED, TINY, ExperimentConfig, Fold, tiny_generation,
     learned_demo_generation, load_split, test_episodes,
 )
-from diffss.experiment.data import changed_samples, fold_test_classes, index_raw_data, raw_manifest, write_fold_splits
+from diffss.experiment.data import (
+    changed_samples, fold_test_classes, index_raw_data, raw_data_version, raw_manifest, write_fold_splits,
+)
 from diffss.experiment.results import choose_checkpoint, export_segmenter, onnx_parity, results_table
 from diffss.experiment.supports import (
     auxiliary_problems, auxiliary_table, diffusion_models, draw_conditions, drifted_share, generate_supports,
@@ -38,6 +40,6 @@ __all__ = [
     "BASELINE", "CONDITIONS", "DATASET_FOLDS", "FOLDS", "LEARNED_DEMO", "RANDOM_HED", "TINY", "ExperimentConfig", "Fold",
     "auxiliary_problems", "auxiliary_table", "changed_samples", "choose_checkpoint", "tiny_generation", "diffusion_models",
     "draw_conditions", "drifted_share", "evaluate_checkpoint", "export_segmenter", "fold_test_classes", "generate_supports", "generate_supports_shard",
-    "index_raw_data", "learned_demo_generation", "load_split", "test_episodes", "missing_classes", "onnx_parity", "plan_auxiliary", "prepare_diffusion_models", "prepare_supports", "raw_manifest", "real_shot_gain",
+    "index_raw_data", "learned_demo_generation", "load_split", "test_episodes", "missing_classes", "onnx_parity", "plan_auxiliary", "prepare_diffusion_models", "prepare_supports", "raw_data_version", "raw_manifest", "real_shot_gain",
     "results_table", "train_base_learner", "train_checkpoint", "write_fold_splits", "xshot_study",
 ]

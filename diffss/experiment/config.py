@@ -63,7 +63,7 @@ def tiny_generation() -> GenerationConfig:
 def learned_demo_generation() -> GenerationConfig:
     """The learned demo generator (diffss/generation/pretrained/demo, trained on the demo world's
     pretraining pool) with its own sampling settings, on CPU: the demo's default."""
-    from diffss.generation.demo_generator import demo_generation_config
+    from diffss.generation.shipped import demo_generation_config
 
     shipped = demo_generation_config()
     return dataclasses.replace(shipped, base_model=LEARNED_DEMO, controlnets={}, supports_per_call=8, device="cpu",

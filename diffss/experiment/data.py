@@ -24,6 +24,23 @@ def raw_manifest(settings: ExperimentConfig, fold: Fold) -> dict[str, str]:
     return {p.relative_to(root).as_posix(): file_md5(p) for p in sorted(files)}
 
 
+def raw_data_version(settings: ExperimentConfig, fold: Fold) -> str | None:
+    """The content of the raw files the fold reads, as one hash (their relative paths and md5s, so
+    neither mtimes nor the folder's location count); None while the dataset's folder is missing.
+    The demo's raw data is made, not found: built here first if missing (same seed, same bytes)."""
+    import hashlib
+
+    from diffss.data import build_demo_dataset
+
+    root = settings.dataset_root(fold.dataset)
+    if fold.dataset == "demo":
+        build_demo_dataset(root, per_class=settings.demo_images_per_class)
+    if not root.is_dir():
+        return None
+    manifest = json.dumps(raw_manifest(settings, fold), sort_keys=True)
+    return hashlib.sha256(manifest.encode()).hexdigest()[:16]
+
+
 def index_raw_data(settings: ExperimentConfig, fold: Fold, out: Path) -> dict[str, Any]:
     """Locate (the demo: build) the fold's raw data, decode every file, and write its manifest
     (relative paths and md5s: its content, nothing machine-specific) and a preview."""

@@ -27,11 +27,11 @@ def prepare_diffusion_models(settings: ExperimentConfig, out: Path) -> Generatio
         with file_lock(out / ".build.lock"):  # folds starting together build it once
             build_tiny_diffusion(out)
     elif settings.generation.base_model == LEARNED_DEMO:  # the shipped weights' digests are its identity
-        from diffss.generation.demo_generator import weights_digest
+        from diffss.generation.shipped import weights_digest
 
         write_json(fresh(out) / "models.json", {**settings.generation.output_signature(), "weights": weights_digest()})
-    else:
-        write_json(fresh(out) / "models.json", settings.generation.output_signature())
+    else:  # the models by identity (content hash or hub id), so the record is the same in every clone
+        write_json(fresh(out) / "models.json", settings.generation.recorded().output_signature())
     return diffusion_models(settings, out)
 
 
@@ -39,7 +39,7 @@ def diffusion_models(settings: ExperimentConfig, out: Path) -> GenerationConfig:
     """The generation settings with concrete models (``tiny``: the set :func:`prepare_diffusion_models`
     built; ``demo``: the shipped learned demo generator)."""
     if settings.generation.base_model == LEARNED_DEMO:
-        from diffss.generation.demo_generator import PRETRAINED_DIR
+        from diffss.generation.shipped import PRETRAINED_DIR
 
         return dataclasses.replace(settings.generation, base_model=str(PRETRAINED_DIR / "sd"),
                                    controlnets={c: str(PRETRAINED_DIR / "controlnet") for c in CONDITIONS})
@@ -136,7 +136,8 @@ def prepare_supports(settings: ExperimentConfig, fold: Fold, condition: str, mod
 
     folder = auxiliary_table(out, fold, condition).parent
     saved = folder / "generation_config.json"
-    if saved.is_file() and GenerationConfig.from_json(saved).output_signature() != models.output_signature():
+    # the folder records its models by identity (diffss/generation/identity.py): compare like with like
+    if saved.is_file() and GenerationConfig.from_json(saved).recorded().output_signature() != models.recorded().output_signature():
         shutil.rmtree(folder)
     plan = plan_auxiliary(settings, fold, redo, only_redo)
     for samples, count in plan.values():

@@ -125,8 +125,19 @@ class GenerationConfig:
         return self.prompt_template.format(class_name=str(class_name).replace("_", " ")) + self.quality_suffix
 
     def model_ids(self, kinds) -> str:
-        return json.dumps({"base": self.base_model, "controlnet": {k: self.controlnets[k] for k in kinds}},
-                          sort_keys=True)
+        """The models that paint ``kinds``, by identity (content hash or hub id, never a path)."""
+        from diffss.generation.identity import model_identity
+
+        return json.dumps({"base": model_identity(self.base_model),
+                           "controlnet": {k: model_identity(self.controlnets[k]) for k in kinds}}, sort_keys=True)
+
+    def recorded(self) -> "GenerationConfig":
+        """These settings as recorded beside their images: the models by identity, so the record
+        (and every hash of it) is the same wherever the weights or the data live."""
+        from diffss.generation.identity import model_identity
+
+        return dataclasses.replace(self, base_model=model_identity(self.base_model),
+                                   controlnets={k: model_identity(v) for k, v in self.controlnets.items()})
 
     def output_signature(self) -> dict:
         return {name: getattr(self, name) for name in self.OUTPUT_FIELDS}

@@ -22,10 +22,10 @@ from PIL import Image
 
 from diffss.generation.config import GenerationConfig
 from diffss.conditions.build import SOBEL_EDGES
+from diffss.generation.shipped import PRETRAINED_DIR, demo_generation_config, weights_digest  # noqa: F401 (re-exported)
 from diffss.generation.training import BASE_UNET_DIR, GeneratorTrainConfig, train_generator
 
 POOL_SEED = 1_000_003  # the FSS demo data uses data_seed 0 (and small ones in tests): never this
-PRETRAINED_DIR = Path(__file__).parent / "pretrained" / "demo"
 CONDITIONS = ("seg", "hed", "scribble")
 
 #: Settings of the shipped weights. Chosen on base classes only (see docs/demo.md).
@@ -121,29 +121,6 @@ def export_generator(sd_dir: str | os.PathLike, controlnet_dir: str | os.PathLik
     shutil.rmtree(out, ignore_errors=True)
     os.replace(tmp, out)
     return demo_generation_config(out)
-
-
-def demo_generation_config(weights_dir: str | os.PathLike | None = None, **overrides) -> GenerationConfig:
-    """The GenerationConfig of a demo generator folder, model paths made absolute; ``overrides``
-    replace fields (e.g. device, seed, supports_per_call)."""
-    weights_dir = Path(weights_dir or PRETRAINED_DIR).resolve()
-    path = weights_dir / "generation_config.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist: train the demo generator with "
-                                "`diffss train-generator --preset demo` or restore the shipped weights")
-    config = GenerationConfig.from_json(path)
-    config = dataclasses.replace(config, base_model=str(weights_dir / config.base_model),
-                                 controlnets={k: str(weights_dir / v) for k, v in config.controlnets.items()})
-    return dataclasses.replace(config, **overrides)
-
-
-def weights_digest(weights_dir: str | os.PathLike | None = None) -> dict[str, str]:
-    """SHA-256 of every weights file of a demo generator folder (relative path -> hex digest)."""
-    import hashlib
-
-    root = Path(weights_dir or PRETRAINED_DIR)
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*.safetensors"))}
 
 
 def class_in_mask_contrast(config: GenerationConfig, samples, conditions_dir: str | os.PathLike,

@@ -84,11 +84,11 @@ def _check_config(root: Path, config: GenerationConfig, overwrite: bool) -> None
     path = root / CONFIG_NAME
     if path.is_file() and not overwrite:
         try:
-            previous = GenerationConfig.from_json(path).output_signature()
+            previous = GenerationConfig.from_json(path).recorded().output_signature()
         except ValueError as exc:
             raise ValueError(f"{path}: cannot read the settings of earlier images ({exc}); "
                              "pass overwrite=True to regenerate") from None
-        current = config.output_signature()
+        current = config.recorded().output_signature()
         changed = sorted(k for k in current if previous.get(k) != current[k])
         if changed:
             raise ValueError(f"{path}: images here were made with different {changed}; use another "
@@ -260,7 +260,7 @@ def generate_shard(samples: Sequence, condition: str | Sequence[str], out_dir: s
     everyones = {key_of(s, k) for s in everyone for k in range(num_candidates)}
     with lock:
         _check_config(root, config, overwrite)
-        config.to_json(root / CONFIG_NAME)
+        config.recorded().to_json(root / CONFIG_NAME)  # models by identity, not by path
         # Temporaries of a killed run; a shard touches only its own supports' folders, where
         # no other shard writes, and the table's, which is only written under the lock.
         if shard is None:

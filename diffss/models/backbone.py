@@ -31,6 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .weights import load_official_checkpoint
+
 BACKBONES = ("resnet50", "resnet18", "resnet50_deepstem", "resnet101_deepstem", "small")
 # The small backbone pretrained on the demo world's pretraining pool (`diffss pretrain-backbone`).
 SMALL_DEMO_WEIGHTS = Path(__file__).parent / "pretrained" / "small_demo.safetensors"
@@ -166,8 +168,6 @@ def _torchvision_resnet(factory, weights, **kw):
 
 
 def _read_weights(path: Path) -> dict[str, torch.Tensor]:
-    from .official import load_official_checkpoint
-
     if not path.is_file():
         raise FileNotFoundError(f"pretrained backbone weights not found: {path}")
     return load_official_checkpoint(path)
