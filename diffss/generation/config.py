@@ -136,7 +136,9 @@ class GenerationConfig:
         (and every hash of it) is the same wherever the weights or the data live."""
         from diffss.generation.identity import model_identity
 
-        return dataclasses.replace(self, base_model=model_identity(self.base_model),
+        # "random" and "sobel" name built-in edge detectors, not weights (diffss.conditions.build).
+        hed = self.hed_model if self.hed_model in ("random", "sobel") else model_identity(self.hed_model)
+        return dataclasses.replace(self, base_model=model_identity(self.base_model), hed_model=hed,
                                    controlnets={k: model_identity(v) for k, v in self.controlnets.items()})
 
     def output_signature(self) -> dict:
