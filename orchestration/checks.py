@@ -59,11 +59,11 @@ def build_checks(settings: ExperimentConfig) -> list[dg.AssetChecksDefinition]:
         return dg.AssetCheckResult(passed=measured["gain"] > measured["margin"], severity=dg.AssetCheckSeverity.WARN,
                                    metadata=measured)
 
-    return [*checks, table_covers_fold_classes, onnx_parity, supports_matter, dataset_check()]
+    return [*checks, table_covers_fold_classes, onnx_parity, supports_matter, dataset_check(partitions)]
 
 
-def dataset_check() -> dg.AssetChecksDefinition:
-    @dg.asset_check(asset="raw_dataset", partitions_def=FOLD_PARTITIONS,
+def dataset_check(partitions: dg.StaticPartitionsDefinition) -> dg.AssetChecksDefinition:
+    @dg.asset_check(asset="raw_dataset", partitions_def=partitions,
                     description="`diffss datasets check` on the fold: layout, image/mask pairing, mask values (sampled), "
                     "class presence, counts against the published ones (those are warnings in the metadata).")
     def dataset_is_usable(context, experiment: dg.ResourceParam[ExperimentConfig]) -> dg.AssetCheckResult:
