@@ -22,12 +22,7 @@ from diffss.generation.demo_generator import base_supports, class_following, dem
 from diffss.generation.oracle import demo_class_index  # noqa: E402
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models, one thread, restored after
 
 
 @pytest.fixture(scope="module")
