@@ -18,7 +18,6 @@ from pydantic import ConfigDict, Field, ValidationError, model_validator
 from pydantic.dataclasses import dataclass
 
 from diffss.atomic import atomic_path, write_text_atomic
-from diffss.conditions.build import RANDOM_HED, SOBEL_EDGES  # GenerationConfig.hed_model sentinels
 from diffss.generation.config import GenerationConfig
 from diffss.protocol import EvalProtocol
 from diffss.train import EvalConfig, TrainConfig
@@ -32,6 +31,10 @@ CONDITIONS = ("seg", "hed", "scribble")
 BASELINE = "baseline"  # the real-supports-only segmenter, a condition of its own
 TINY = "tiny"  # GenerationConfig.base_model: build tiny random SD + ControlNet models (tests, plumbing)
 LEARNED_DEMO = "demo"  # GenerationConfig.base_model: the learned demo generator shipped in the package
+# GenerationConfig.hed_model names of the built-in edge detectors (diffss.conditions.build): written
+# out here, since importing the conditions package would put its code in every asset's version.
+RANDOM_HED = "random"  # a random-weight HED network (tests)
+SOBEL_EDGES = "sobel"  # the classical soft-edge detector (the demo)
 Condition = Literal["seg", "hed", "scribble"]
 Fraction = Annotated[float, Field(ge=0, le=1)]
 NonNegativeInt = Annotated[int, Field(ge=0)]
