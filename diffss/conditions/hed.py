@@ -78,6 +78,15 @@ def scribble_from_hed(restricted_hed: np.ndarray, mask: np.ndarray, threshold: i
     return np.where(strokes, 255, 0).astype(np.uint8)
 
 
+def same_size_rgb(images: Sequence[Image.Image | np.ndarray]) -> list[np.ndarray]:
+    """``images`` as HxWx3 arrays, or a ValueError unless they share one size (a soft-edge batch)."""
+    arrays = [np.asarray(im.convert("RGB") if isinstance(im, Image.Image) else im) for im in images]
+    shapes = {a.shape for a in arrays}
+    if arrays and (len(shapes) != 1 or len(arrays[0].shape) != 3 or arrays[0].shape[2] != 3):
+        raise ValueError(f"soft_edges needs same-size HxWx3 images, got shapes {sorted(shapes)}")
+    return arrays
+
+
 class HedConditioner:
     """Batched HED soft-edge detection with controlnet-aux's network.
 
@@ -113,12 +122,9 @@ class HedConditioner:
     @torch.no_grad()
     def soft_edges(self, images: Sequence[Image.Image | np.ndarray]) -> np.ndarray:
         """``[B,H,W]`` uint8 soft-edge maps of same-size RGB images."""
-        arrays = [np.asarray(im.convert("RGB") if isinstance(im, Image.Image) else im) for im in images]
+        arrays = same_size_rgb(images)
         if not arrays:
             return np.zeros((0, 0, 0), dtype=np.uint8)
-        shapes = {a.shape for a in arrays}
-        if len(shapes) != 1 or len(arrays[0].shape) != 3 or arrays[0].shape[2] != 3:
-            raise ValueError(f"soft_edges needs same-size HxWx3 images, got shapes {sorted(shapes)}")
         h, w = arrays[0].shape[:2]
         out = []
         for start in range(0, len(arrays), self.batch_size):
@@ -146,12 +152,9 @@ class SobelEdgeConditioner:
 
     def soft_edges(self, images: Sequence[Image.Image | np.ndarray]) -> np.ndarray:
         """``[B,H,W]`` uint8 soft-edge maps of same-size RGB images."""
-        arrays = [np.asarray(im.convert("RGB") if isinstance(im, Image.Image) else im) for im in images]
+        arrays = same_size_rgb(images)
         if not arrays:
             return np.zeros((0, 0, 0), dtype=np.uint8)
-        shapes = {a.shape for a in arrays}
-        if len(shapes) != 1 or len(arrays[0].shape) != 3 or arrays[0].shape[2] != 3:
-            raise ValueError(f"soft_edges needs same-size HxWx3 images, got shapes {sorted(shapes)}")
         out = []
         for array in arrays:
             grey = cv2.cvtColor(np.ascontiguousarray(array, dtype=np.uint8), cv2.COLOR_RGB2GRAY).astype(np.float32)
