@@ -278,13 +278,7 @@ def train(config: TrainConfig, tracker: Any = None, progress: bool = True) -> Pa
         torch.manual_seed(config.seed * 1_000_003 + step)
         with global_batch(part):
             loss = loss_of(batch, device)
-        if world.distributed:  # this rank's pixel-mean, weighted to its part of the batch's mean
-            loss = loss * _rank_weight(batch["query_mask"], part.share, world)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        scheduler.step()
-        return float(world.sum(loss.detach()) / world.size), scheduler.get_last_lr()[0]
+        return world.step(loss, batch["query_mask"], part, optimizer, scheduler, IGNORE_INDEX)
 
     def save(step: int) -> None:
         # Model and state go into one step folder that is renamed into place: both or neither.
@@ -298,14 +292,6 @@ def train(config: TrainConfig, tracker: Any = None, progress: bool = True) -> Pa
               desc=f"train {config.model}/{config.dataset} fold {config.fold}")
     world.close()
     return out
-
-
-def _rank_weight(labels: torch.Tensor, share: float, world: World) -> torch.Tensor:
-    """N x (this rank's counted pixels / the batch's): DDP averages the N ranks' gradients, so the
-    result is the gradient of the pixel-mean over the whole batch, as in one process."""
-    counted = (labels != IGNORE_INDEX).sum().double() if share > 0 else torch.zeros((), dtype=torch.float64)
-    total = world.sum(counted)
-    return (world.size * counted / total.clamp(min=1)).float()
 
 
 @torch.no_grad()

@@ -22,7 +22,7 @@ from pydantic.dataclasses import dataclass
 
 from diffss.data.semantic import load_semantic_dataset
 from diffss.models import PSPNet, poly_lr_schedule
-from diffss.train import _STRICT, IGNORE_INDEX, NonNegativeInt, PositiveInt, _rank_weight, seed_everything
+from diffss.train import _STRICT, IGNORE_INDEX, NonNegativeInt, PositiveInt, seed_everything
 from diffss.training.config import JsonConfig
 from diffss.training.distributed import World, global_batch, make_global_batch
 from diffss.training.loop import STATE_NAME, TrainingRun, epoch_batches, run_steps
@@ -110,13 +110,7 @@ def train_base(config: BaseTrainConfig, tracker: Any = None, progress: bool = Tr
             logits = net(batch["image"].to(device))
         labels = batch["label"].to(device)
         loss = F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX)
-        if world.distributed:
-            loss = loss * _rank_weight(labels, part.share, world)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        scheduler.step()
-        return float(world.sum(loss.detach()) / world.size), scheduler.get_last_lr()[0]
+        return world.step(loss, labels, part, optimizer, scheduler, IGNORE_INDEX)
 
     def save(step: int) -> None:
         # weights and state in one step folder, committed by one rename (the old layout wrote the

@@ -101,6 +101,25 @@ class World:
         dist.all_reduce(total)
         return total
 
+    def step(self, loss: torch.Tensor, labels: torch.Tensor, part: "BatchPart", optimizer, scheduler,
+             ignore_index: int) -> tuple[float, float]:
+        """One update from this rank's pixel-mean ``loss`` over ``labels`` (pixels equal to
+        ``ignore_index`` not counted); returns (the batch's mean loss, the learning rate).
+
+        Under DDP the loss is first weighted by N x (this rank's counted pixels / the batch's):
+        DDP averages the N ranks' gradients, so the result is the gradient of the pixel-mean over
+        the whole batch, as in one process."""
+        if self.distributed:
+            share = part.share
+            counted = ((labels != ignore_index).sum().double() if share > 0
+                       else torch.zeros((), dtype=torch.float64, device=labels.device))
+            loss = loss * (self.size * counted / self.sum(counted).clamp(min=1)).float()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        return float(self.sum(loss.detach()) / self.size), scheduler.get_last_lr()[0]
+
     def wrap(self, model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
         """``model`` in DistributedDataParallel (itself when single-process)."""
         if not self.distributed:
