@@ -300,7 +300,7 @@ def _study_config(args: argparse.Namespace):
     from diffss.studies import StudyConfig
 
     values = {k: getattr(args, k) for k in ("root", "output_dir", "fold", "seeds", "steps", "image_size", "batch_size",
-                                            "episodes", "device") if getattr(args, k) is not None}
+                                            "episodes", "device", "pretrained") if getattr(args, k, None) is not None}
     for name in ("xshot", "paper_aux_shot", "train_aux_shot", "eval_aux_shot", "real_shots"):
         if getattr(args, name, None) is not None:
             values[name] = getattr(args, name)
@@ -370,6 +370,7 @@ def _study_options(p: argparse.ArgumentParser) -> None:
     for flag in ("--steps", "--image-size", "--batch-size", "--episodes"):
         p.add_argument(flag, type=int, default=None)
     p.add_argument("--device", default=None)
+    p.add_argument("--pretrained", default=None, help="small-backbone weights (default: demo, the shipped file)")
 
 
 def cmd_demo_data(args: argparse.Namespace) -> int:
