@@ -287,7 +287,7 @@ def _plan(device: torch.device, batches: list[int], compile_models: bool) -> lis
 
 
 def _write(report: dict, out: Path) -> None:
-    from diffss.atomic import write_text_atomic
+    from diffss.core.atomic import write_text_atomic
 
     write_text_atomic(out, json.dumps(report, indent=2, sort_keys=True, default=str) + "\n")
 

@@ -13,7 +13,7 @@ import sys
 import time
 from pathlib import Path
 
-from diffss.atomic import write_text_atomic
+from diffss.core.atomic import write_text_atomic
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results" / "latest.json"

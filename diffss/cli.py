@@ -141,7 +141,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     print(f"mIoU {result.miou:.2f}  FB-IoU {result.fbiou:.2f}")
     print(f"classes: {overlap.note()}")
     if args.output:
-        from diffss.atomic import atomic_path
+        from diffss.core.atomic import atomic_path
 
         with atomic_path(args.output) as tmp:
             result.per_class.to_csv(tmp, index=False)
@@ -339,7 +339,7 @@ def cmd_generator_probe(args: argparse.Namespace) -> int:
 
     import pandas as pd
 
-    from diffss.atomic import atomic_path
+    from diffss.core.atomic import atomic_path
     from diffss.generation import AuxiliaryGenerator
     from diffss.generation.demo_generator import base_supports, class_following, demo_generation_config
 

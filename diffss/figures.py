@@ -15,7 +15,7 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
-from diffss.atomic import write_bytes_atomic
+from diffss.core.atomic import write_bytes_atomic
 
 
 def save_png(image: Image.Image, path: str | Path) -> Path:

@@ -22,7 +22,7 @@ from typing import Any
 
 from huggingface_hub import ModelCard, ModelHubMixin, snapshot_download
 
-from diffss.atomic import write_text_atomic
+from diffss.core.atomic import write_text_atomic
 
 TRAIN_CONFIG = "train_config.json"
 EVALUATION = "evaluation.md"

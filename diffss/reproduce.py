@@ -29,7 +29,7 @@ from typing import Any, Callable
 import numpy as np
 import pandas as pd
 
-from diffss.atomic import atomic_path, write_text_atomic
+from diffss.core.atomic import atomic_path, write_text_atomic
 
 COUNT_COLUMNS = ("fg_inter", "fg_union", "bg_inter", "bg_union")
 

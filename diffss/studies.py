@@ -25,7 +25,7 @@ from typing import Any, Mapping
 import numpy as np
 import pandas as pd
 
-from diffss.atomic import atomic_path, write_text_atomic
+from diffss.core.atomic import atomic_path, write_text_atomic
 
 NONE = "none"
 

@@ -30,9 +30,9 @@ from diffss.data.episodes import AUX_PAIRING
 from diffss.metrics import FewShotMeter
 from diffss.models import MODEL_REGISTRY, FewShotSegmenter, build_model, load_model, poly_lr_schedule, segmentation_loss
 from diffss.protocol import FAMILIES, SCORE_AT, EvalProtocol, protocol_for, scored_prediction
-from diffss.training.config import JsonConfig
-from diffss.training.distributed import World, global_batch, make_global_batch
-from diffss.training.loop import CHECKPOINTS, STATE_NAME, TrainingRun, epoch_batches, run_steps  # noqa: F401 - CHECKPOINTS re-exported
+from diffss.core.config import JsonConfig
+from diffss.core.distributed import World, global_batch, make_global_batch
+from diffss.core.loop import CHECKPOINTS, STATE_NAME, TrainingRun, epoch_batches, run_steps  # noqa: F401 - CHECKPOINTS re-exported
 
 IGNORE_INDEX = 255
 log = logging.getLogger(__name__)
@@ -205,12 +205,12 @@ def train(config: TrainConfig, tracker: Any = None, progress: bool = True) -> Pa
     seconds, naming the file). ``output_dir`` then holds ``train_config.json``, ``history.csv``,
     the latest model as ``config.json`` + ``model.safetensors`` (``load_model(output_dir)``) and
     ``checkpoints/step-*/``: atomic checkpoints (model, optimizer/scheduler/step state, manifest;
-    see :mod:`diffss.training`). Rerunning with the same ``output_dir`` resumes from the newest
+    see :mod:`diffss.core`). Rerunning with the same ``output_dir`` resumes from the newest
     verified checkpoint and, because episode sampling and shuffling are functions of
     (seed, epoch), continues on exactly the batches an uninterrupted run would have seen.
 
     Under ``torchrun --nproc-per-node N`` the run is data-parallel (see
-    :mod:`diffss.training.distributed`): each rank trains on its part of every batch of
+    :mod:`diffss.core.distributed`): each rank trains on its part of every batch of
     ``batch_size`` episodes, rank 0 writes; ``tracker`` is used by rank 0 only.
     """
     options = _model_options(config)  # a missing BAM base learner fails before anything is written

@@ -6,7 +6,7 @@ momentum, the head (PPM + classifier) at ``head_lr_factor`` x the backbone's lea
 decay (power 0.9). Images are resized to ``image_size`` (random horizontal flips; BAM's random
 scale/rotate/crop are left out). The output folder holds the PSPNet (``config.json`` +
 ``model.safetensors``, :meth:`diffss.models.PSPNet.from_pretrained`), ``base_train_config.json``,
-``history.csv`` and ``checkpoints/`` (:mod:`diffss.training`); a rerun with the same folder resumes
+``history.csv`` and ``checkpoints/`` (:mod:`diffss.core`); a rerun with the same folder resumes
 exactly.
 """
 
@@ -23,9 +23,9 @@ from pydantic.dataclasses import dataclass
 from diffss.data.semantic import load_semantic_dataset
 from diffss.models import PSPNet, poly_lr_schedule
 from diffss.train import _STRICT, IGNORE_INDEX, NonNegativeInt, PositiveInt, seed_everything
-from diffss.training.config import JsonConfig
-from diffss.training.distributed import World, global_batch, make_global_batch
-from diffss.training.loop import STATE_NAME, TrainingRun, epoch_batches, run_steps
+from diffss.core.config import JsonConfig
+from diffss.core.distributed import World, global_batch, make_global_batch
+from diffss.core.loop import STATE_NAME, TrainingRun, epoch_batches, run_steps
 
 
 @dataclass(config=_STRICT)
@@ -57,7 +57,7 @@ class BaseTrainConfig(JsonConfig):
 def train_base(config: BaseTrainConfig, tracker: Any = None, progress: bool = True) -> Path:
     """Train the base learner; returns its folder (pass it as ``TrainConfig.base_learner``).
 
-    The folder is a training run of :mod:`diffss.training` (``checkpoints/step-*`` atomic step
+    The folder is a training run of :mod:`diffss.core` (``checkpoints/step-*`` atomic step
     folders, the newest one's PSPNet published at the top, ``history.csv``); every image is
     checked before the first write. Under ``torchrun`` the run is data-parallel, as ``train``'s.
     A folder of the old layout (one ``trainer_state.pt`` holding weights and state) resumes from

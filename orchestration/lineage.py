@@ -20,7 +20,7 @@ from typing import Any
 
 import dagster as dg
 
-from diffss.atomic import write_text_atomic
+from diffss.core.atomic import write_text_atomic
 from diffss.versioning import data_version, published_version
 
 LINEAGE_FILE = "lineage.json"

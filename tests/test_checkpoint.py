@@ -1,4 +1,4 @@
-"""Atomic checkpoints (diffss.training.checkpoint) and training resume after a kill at the worst moment."""
+"""Atomic checkpoints (diffss.core.checkpoint) and training resume after a kill at the worst moment."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from diffss.training.checkpoint import CheckpointDir, CheckpointError
+from diffss.core.checkpoint import CheckpointDir, CheckpointError
 from diffss.data import build_demo_dataset
 from diffss.models import load_model
 from diffss.train import TrainConfig, train

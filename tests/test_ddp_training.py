@@ -17,9 +17,9 @@ import torch
 
 from diffss.data import build_demo_dataset
 from diffss.models import PSPNet, load_model
-from diffss.training.checkpoint import CheckpointDir
-from diffss.training.distributed import World
-from diffss.training.loop import epoch_order
+from diffss.core.checkpoint import CheckpointDir
+from diffss.core.distributed import World
+from diffss.core.loop import epoch_order
 
 ROOT = Path(__file__).resolve().parents[1]
 # All-reduce adds the two ranks' float32 gradients in another order than one process's backward

@@ -113,7 +113,7 @@ def test_resume_after_a_kill_ends_with_the_uninterrupted_weights(trained, pool, 
 
 
 def _final_state(run: Path) -> dict:
-    from diffss.training.checkpoint import CheckpointDir
+    from diffss.core.checkpoint import CheckpointDir
 
     return CheckpointDir(run / "checkpoints").latest().load("trainer_state.pt", weights_only=False)
 

@@ -30,7 +30,7 @@ def test_the_tree_keeps_the_import_contract():
     ("diffss/data/samples.py", "import diffss.models.base", "diffss stages import only the stages before them"),
     ("diffss/generation/drift.py", "from diffss.export import graphs", "diffss stages import only the stages before them"),
     ("diffss/metrics.py", "import dagster", "the library never imports its orchestrator"),
-    ("diffss/atomic.py", "import orchestration", "the library never imports its orchestrator"),
+    ("diffss/core/atomic.py", "import orchestration", "the library never imports its orchestrator"),
     ("diffss/models/weights.py", "from diffss.models import official", "no import circles"),
 ])
 def test_a_planted_violation_breaks_the_contract(tmp_path, module, line, contract):

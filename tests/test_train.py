@@ -125,7 +125,7 @@ def test_hsnet_trains_its_learner_with_adam(demo_root, tmp_path):
     out = train(config, progress=False)
     history = pd.read_csv(out / "history.csv")
     assert len(history) == 3 and np.isfinite(history["loss"]).all() and (history["lr"] == config.lr).all()
-    from diffss.training.checkpoint import CheckpointDir
+    from diffss.core.checkpoint import CheckpointDir
     from diffss.train import CHECKPOINTS, STATE_NAME
 
     state = CheckpointDir(out / CHECKPOINTS).latest().load(STATE_NAME, weights_only=False)

@@ -1,4 +1,4 @@
-"""The one training core (diffss.training) under every trainer: configs round-trip JSON, old
+"""The one training core (diffss.core) under every trainer: configs round-trip JSON, old
 checkpoint layouts load (or are refused with how to go on), bad data fails before the first
 write, the shipped weights are not overwritten by default, and every command that trains survives
 SIGKILL at random moments: rerun until it finishes, it ends with the uninterrupted run's weights."""
@@ -25,8 +25,8 @@ from diffss.generation.training import GeneratorTrainConfig
 from diffss.models import PSPNet, load_model
 from diffss.train import EvalConfig, TrainConfig, train
 from diffss.train_base import BaseTrainConfig, train_base
-from diffss.training.checkpoint import CheckpointDir
-from diffss.training.config import JsonConfig
+from diffss.core.checkpoint import CheckpointDir
+from diffss.core.config import JsonConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZE = 64

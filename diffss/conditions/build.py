@@ -18,7 +18,7 @@ import pandas as pd
 from PIL import Image
 from tqdm.auto import tqdm
 
-from diffss.atomic import atomic_path
+from diffss.core.atomic import atomic_path
 from diffss.conditions.files import is_valid_image, remove_stale_temporaries, safe_name, save_png_atomic
 from diffss.conditions.hed import HedConditioner, SobelEdgeConditioner, restrict_to_mask, scribble_from_hed
 from diffss.conditions.seg import seg_condition

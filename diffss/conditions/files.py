@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from diffss.atomic import atomic_path, remove_stale_temporaries  # noqa: F401 - re-exported
+from diffss.core.atomic import atomic_path, remove_stale_temporaries  # noqa: F401 - re-exported
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
 

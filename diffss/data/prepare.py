@@ -36,7 +36,7 @@ from typing import Callable
 import numpy as np
 from PIL import Image
 
-from diffss.atomic import atomic_path, remove_stale_temporaries
+from diffss.core.atomic import atomic_path, remove_stale_temporaries
 
 from . import pascal
 from .samples import IGNORE, DatasetError, describe_values, open_image

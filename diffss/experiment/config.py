@@ -17,7 +17,7 @@ import yaml
 from pydantic import ConfigDict, Field, ValidationError, model_validator
 from pydantic.dataclasses import dataclass
 
-from diffss.atomic import atomic_path, write_text_atomic
+from diffss.core.atomic import atomic_path, write_text_atomic
 from diffss.generation.config import GenerationConfig
 from diffss.protocol import EvalProtocol
 from diffss.train import EvalConfig, TrainConfig

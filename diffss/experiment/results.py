@@ -8,7 +8,7 @@ from typing import Any
 
 import pandas as pd
 
-from diffss.atomic import write_text_atomic
+from diffss.core.atomic import write_text_atomic
 from diffss.experiment.config import BASELINE, ExperimentConfig, Fold, fresh, write_csv, write_json
 
 

@@ -41,7 +41,7 @@ from serving_contract import (
     SUPPORT_MASK_AXES,
     SUPPORT_MASKS,
 )
-from diffss.atomic import atomic_path
+from diffss.core.atomic import atomic_path
 from diffss.export.optimize import reduce_max_over_last_axis
 
 # The TorchScript-based exporter: it writes the requested opset exactly (17 to 20) with named

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from serving_contract import LOGITS, QUERY, SUPPORT_IMAGES, SUPPORT_MASKS, model_dir_name
-from diffss.atomic import write_text_atomic
+from diffss.core.atomic import write_text_atomic
 from diffss.export.graphs import sample_episode
 from diffss.export.triton import find_model_file
 

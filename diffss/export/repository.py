@@ -24,7 +24,7 @@ from serving_contract import (
     MODEL_FILE,
     model_dir_name,
 )
-from diffss.atomic import write_text_atomic
+from diffss.core.atomic import write_text_atomic
 from diffss.export.graphs import export_graphs
 from diffss.export.parity import default_cases, measure_parity, record_parity
 from diffss.export.quantize import DEFAULT_MAX_MIOU_DROP, QUANTIZE_MODES, QuantizeData, quantize_int8

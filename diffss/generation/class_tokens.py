@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from diffss.atomic import atomic_path
+from diffss.core.atomic import atomic_path
 
 
 def token_name(class_id: int, support_name: str) -> str:

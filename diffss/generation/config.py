@@ -158,7 +158,7 @@ class GenerationConfig:
     def to_json(self, path: str | os.PathLike | None = None) -> str:
         text = json.dumps(self.to_dict(), indent=2, sort_keys=True)
         if path is not None:
-            from diffss.atomic import write_text_atomic
+            from diffss.core.atomic import write_text_atomic
 
             write_text_atomic(path, text + "\n")
         return text

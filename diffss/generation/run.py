@@ -39,7 +39,7 @@ from filelock import FileLock
 from PIL import Image
 from tqdm.auto import tqdm
 
-from diffss.atomic import atomic_path
+from diffss.core.atomic import atomic_path
 from diffss.conditions import (
     build_conditions,
     condition_path,

@@ -19,7 +19,7 @@ prompt with some probability (classifier-free guidance), AdamW, gradient clippin
 (autocast; a gradient scaler for fp16) and gradient accumulation.
 
 Exact resume: the random draws of step ``s`` (examples, noise, timesteps, dropped prompts, drawn
-conditions) come from a generator seeded by (seed, s), and checkpoints (:mod:`diffss.training`)
+conditions) come from a generator seeded by (seed, s), and checkpoints (:mod:`diffss.core`)
 hold the exported model, the trainable weights, optimizer and scaler state in one atomically
 committed step folder, so a run stopped at any point and restarted ends with the weights of an
 uninterrupted run.
@@ -44,13 +44,13 @@ import torch.nn.functional as F
 from diffss.conditions.build import RANDOM_HED  # noqa: F401 - re-exported for configs
 from diffss.generation.config import GenerationConfig
 from diffss.generation.small_sd import SmallSDSizes
-from diffss.training.config import JsonConfig
-from diffss.training.loop import TrainingRun, run_steps
+from diffss.core.config import JsonConfig
+from diffss.core.loop import TrainingRun, run_steps
 
 log = logging.getLogger(__name__)
 
 STAGES = ("autoencoder", "text-to-image", "controlnet")
-LEGACY_STATE_NAME = "training_state.pt"  # the layout before diffss.training: one state file beside the model
+LEGACY_STATE_NAME = "training_state.pt"  # the layout before diffss.core: one state file beside the model
 CONFIG_NAME = "train_config.json"
 MIXED_PRECISION = {"no": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -391,7 +391,7 @@ def train_generator(config: GeneratorTrainConfig, progress: bool = True,
                     callback: Callable[[int, float], None] | None = None) -> Path:
     """Run (or resume) one stage into ``config.output_dir``; returns that folder.
 
-    The folder is a training run of :mod:`diffss.training`: ``checkpoints/step-*`` (the exported
+    The folder is a training run of :mod:`diffss.core`: ``checkpoints/step-*`` (the exported
     model and the trainer state, committed together), the newest checkpoint's ``from_pretrained``
     folder (an ``AutoencoderTiny``, a Stable Diffusion layout or a ``ControlNetModel``) published
     at the top, ``train_config.json``, ``history.csv`` and, for ControlNets, the ``conditions/``

@@ -29,9 +29,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from diffss.atomic import atomic_path
-from diffss.training.config import JsonConfig
-from diffss.training.loop import TrainingRun, run_steps
+from diffss.core.atomic import atomic_path
+from diffss.core.config import JsonConfig
+from diffss.core.loop import TrainingRun, run_steps
 
 
 def _pool_tensors(samples: list, size: int, masks: bool) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, list[str]]:
@@ -88,7 +88,7 @@ def pretrain_small_backbone(samples: list, output: str | os.PathLike, steps: int
     masks are not read), ``"mask"`` teaches each image's class channel its mask. Returns the loss
     history summary.
 
-    The run is a :mod:`diffss.training` run in ``run_dir`` (default ``<output>.run`` beside it):
+    The run is a :mod:`diffss.core` run in ``run_dir`` (default ``<output>.run`` beside it):
     checkpoints every ``checkpoint_every`` steps hold the backbone, the head, the optimizer and
     the sampling generator's state, so a rerun after a kill resumes and ends with the weights of
     an uninterrupted run."""

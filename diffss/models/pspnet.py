@@ -22,7 +22,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from diffss.atomic import atomic_path, write_text_atomic
+from diffss.core.atomic import atomic_path, write_text_atomic
 
 from .backbone import build_backbone
 from .base import CONFIG_NAME, WEIGHTS_NAME, AdaptiveAvgPool, resize_to

@@ -3,7 +3,7 @@
 ``torchrun`` starts N processes and sets ``RANK`` / ``WORLD_SIZE`` / ``LOCAL_RANK`` /
 ``MASTER_ADDR`` / ``MASTER_PORT``; :meth:`World.from_environment` joins the process group (NCCL
 on CUDA, gloo on CPU). Each rank trains on its part of every global batch (see
-:func:`diffss.training.loop.epoch_batches`) through :class:`~torch.nn.parallel.DistributedDataParallel`,
+:func:`diffss.core.loop.epoch_batches`) through :class:`~torch.nn.parallel.DistributedDataParallel`,
 which averages the gradients; the trainers weight each rank's loss by its share of the batch, so
 the averaged gradient is the gradient of the whole batch's loss, as one process computes it.
 Rank 0 alone writes checkpoints, the published model, history and the tracking run.

@@ -2,11 +2,11 @@
 
 A run's folder holds ``<config_name>`` (the config, written before the first step),
 ``checkpoints/step-XXXXXXXX/`` (atomic checkpoints: the model files and ``trainer_state.pt``,
-see :mod:`diffss.training.checkpoint`), the newest checkpoint's model files published at the top
+see :mod:`diffss.core.checkpoint`), the newest checkpoint's model files published at the top
 (hard links, each placed by an atomic rename, weights before the ``.json`` that marks them
 whole) and ``history.csv``. Rerunning into the same folder with the same settings resumes from the
 newest checkpoint that verifies; a larger ``steps`` continues a finished run; other settings are
-refused (:func:`diffss.training.config.check_same_run`).
+refused (:func:`diffss.core.config.check_same_run`).
 
 Exact resume rests on two rules the trainers follow: every random draw of step ``s`` comes from
 generators seeded by (seed, s) or (seed, epoch), never from state carried across steps, and the
@@ -25,10 +25,10 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from diffss.atomic import atomic_path, remove_stale_temporaries, write_text_atomic
-from diffss.training.checkpoint import Checkpoint, CheckpointDir, CheckpointError
-from diffss.training.config import JsonConfig, check_same_run
-from diffss.training.distributed import BatchPart, World
+from diffss.core.atomic import atomic_path, remove_stale_temporaries, write_text_atomic
+from diffss.core.checkpoint import Checkpoint, CheckpointDir, CheckpointError
+from diffss.core.config import JsonConfig, check_same_run
+from diffss.core.distributed import BatchPart, World
 
 log = logging.getLogger(__name__)
 
@@ -179,7 +179,7 @@ def epoch_batches(dataset, batch_size: int, seed: int, start_step: int, num_work
     uninterrupted one would have seen. Under ``torchrun`` each global batch of ``batch_size`` is
     split into one contiguous part per rank (a distributed sampler over episodes: each rank sees
     different ones, an epoch covers the set once). Yields (this rank's batch, its
-    :class:`~diffss.training.distributed.BatchPart`)."""
+    :class:`~diffss.core.distributed.BatchPart`)."""
     world = world or World.single()
     batches_per_epoch = math.ceil(len(dataset) / batch_size)
     step = start_step

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from diffss.atomic import atomic_path, remove_stale_temporaries
+from diffss.core.atomic import atomic_path, remove_stale_temporaries
 
 log = logging.getLogger(__name__)
 
