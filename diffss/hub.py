@@ -101,7 +101,7 @@ class HubSegmenter(ModelHubMixin, library_name="diffss", tags=["few-shot-segment
         if evaluation is not None and Path(evaluation).is_file():
             evaluation = Path(evaluation).read_text()
         if data_version is None:
-            from diffss.versioning import published_version
+            from diffss.mlops.versioning import published_version
 
             data_version = published_version(".")
         return cls(load_model(folder), train_config=_read_json(folder / TRAIN_CONFIG),

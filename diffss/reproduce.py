@@ -231,7 +231,7 @@ def _training_aux_shot(checkpoint: Path) -> int | None:
 
 
 def _cell_settings(cfg: ReproduceConfig, checkpoint: Path, eval_config) -> dict[str, Any]:
-    from diffss.versioning import data_version
+    from diffss.mlops.versioning import data_version
 
     weights = Path(checkpoint) / "model.safetensors"
     settings = {"checkpoint": str(checkpoint), "weights": data_version(weights) if weights.is_file() else None,

@@ -28,7 +28,7 @@ import pandas as pd
 
 from diffss import experiment as ex
 from diffss.experiment import BASELINE, FOLDS, ExperimentConfig
-from diffss.versioning import data_version, file_md5, publish_data
+from diffss.mlops.versioning import data_version, file_md5, publish_data
 from orchestration.code_versions import code_version
 from orchestration.resources import DvcResource, TrackerResource
 

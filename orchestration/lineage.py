@@ -21,7 +21,7 @@ from typing import Any
 import dagster as dg
 
 from diffss.core.atomic import write_text_atomic
-from diffss.versioning import data_version, published_version
+from diffss.mlops.versioning import data_version, published_version
 
 LINEAGE_FILE = "lineage.json"
 SNAPSHOT = dg.AssetKey("dvc_snapshot")

@@ -28,25 +28,25 @@ def experiment_resource(settings: ExperimentConfig) -> dg.ResourceDefinition:
 
 
 class TrackerResource(dg.ConfigurableResource):
-    """W&B runs through ``diffss.tracking``: ``offline`` (``wandb sync`` later), ``online``, or
+    """W&B runs through ``diffss.mlops.tracking``: ``offline`` (``wandb sync`` later), ``online``, or
     ``disabled`` (W&B's own off switch); unset: ``WANDB_MODE``, else online when ``WANDB_API_KEY`` is
     set, else offline. Runs go under ``<dir>/wandb/`` (default ``WANDB_DIR``, else the checkout), one
     per training, evaluation, X-shot study and export, grouped by fold."""
 
     project: str = "diffss"
-    mode: str | None = None  # checked by diffss.tracking.resolve_mode
+    mode: str | None = None  # checked by diffss.mlops.tracking.resolve_mode
     dir: str | None = None
     tags: list[str] = ["dagster"]
 
     def start(self, name: str, job_type: str, config: Any = None, group: str | None = None):
-        from diffss.tracking import RunTracker
+        from diffss.mlops.tracking import RunTracker
 
         return RunTracker.start(project=self.project, name=name, job_type=job_type, config=config, group=group,
                                 dir=self.dir, mode=self.mode, tags=list(self.tags))
 
 
 class DvcResource(dg.ConfigurableResource):
-    """``data/`` versioned with DVC through ``diffss.versioning`` (the DVC command line).
+    """``data/`` versioned with DVC through ``diffss.mlops.versioning`` (the DVC command line).
     ``repo_root``: the git/DVC repository holding the data root; ``remote``: a remote name, path or
     URL (None: ``DIFFSS_DVC_REMOTE``, else the repository's default remote)."""
 
@@ -60,6 +60,6 @@ class DvcResource(dg.ConfigurableResource):
         return data.relative_to(root).as_posix()
 
     def publish(self, data_root: str | os.PathLike) -> dict[str, Any]:
-        from diffss.versioning import publish_data
+        from diffss.mlops.versioning import publish_data
 
         return publish_data(self.repo_root, data_dir=self.data_dir(data_root), remote=self.remote)

@@ -75,7 +75,7 @@ def _metadata(instance: dg.DagsterInstance, key: str) -> dict:
 
 
 def _snapshot(root: Path) -> dict[str, tuple[str, int]]:
-    from diffss.versioning import file_md5
+    from diffss.mlops.versioning import file_md5
 
     return {p.relative_to(root).as_posix(): (file_md5(p, memo=False), p.stat().st_mtime_ns)
             for p in sorted(root.rglob("*")) if p.is_file()}
@@ -164,7 +164,7 @@ def test_code_versions_follow_the_code_each_asset_imports_and_its_settings(tmp_p
         "conditions/hed.py": {"diffusion_models"} | with_supports,
         "experiment/data.py": {"raw_dataset", "fold_splits"},
         # data versions, and the identity of generation's models (generation/config.py -> identity.py)
-        "versioning.py": every,
+        "mlops/versioning.py": every,
         "models/pretrained/small_demo.safetensors": every - {"dvc_snapshot"},  # package data counts
         "cli.py": set(),  # no asset runs the command line
     }
@@ -246,7 +246,7 @@ def test_one_fold_is_one_run_of_the_whole_graph(demo_run):
         assert list(pd.read_csv(fold / condition / "xshot_study" / "xshot.csv")["aux_shot"]) == [0, 1, 2]
     assert (fold / "onnx_segmenter" / "parity.json").is_file()
     # published: data.dvc, and the lineage a clone restores from
-    from diffss.versioning import data_version, published_version
+    from diffss.mlops.versioning import data_version, published_version
 
     assert published_version(tmp) == data_version(tmp / "data")
     lineage = json.loads((tmp / "data" / "lineage.json").read_text())
@@ -254,7 +254,7 @@ def test_one_fold_is_one_run_of_the_whole_graph(demo_run):
         (n, None if n == "diffusion_models" else "demo_fold0") for n in names - {"dvc_snapshot"}}
     assert lineage["dvc_snapshot"]["inputs"] == ["evaluation_table", "onnx_segmenter"]
     # W&B offline runs: training, evaluation, X-shot and export, read back with wandb's reader
-    from diffss.tracking import read_offline_run
+    from diffss.mlops.tracking import read_offline_run
 
     runs_dirs = sorted((tmp / "wandb" / "wandb").glob("offline-run-*"))
     assert len(runs_dirs) == 3 + 3 + 2 + 1

@@ -21,7 +21,7 @@ import pytest
 
 from diffss import experiment as ex
 from diffss.experiment import ExperimentConfig
-from diffss.versioning import data_version, dvc_executable, file_md5, published_version
+from diffss.mlops.versioning import data_version, dvc_executable, file_md5, published_version
 from orchestration.definitions import build_definitions
 from orchestration.demo import materialize_fold
 from orchestration.lineage import out_of_date, unsynced

@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from diffss.tracking import RunTracker, read_offline_run, resolve_mode, start_tracker
+from diffss.mlops.tracking import RunTracker, read_offline_run, resolve_mode, start_tracker
 
 
 @pytest.fixture(autouse=True)
@@ -157,7 +157,7 @@ def test_reading_a_folder_that_is_not_a_run_names_it(tmp_path):
 
 OFFLINE_RUN = """
 import sys
-from diffss.tracking import RunTracker
+from diffss.mlops.tracking import RunTracker
 with RunTracker.start(project="p", name="no-network", dir=sys.argv[1], mode="offline") as tracker:
     tracker.log({"loss": 1.0}, step=0)
     tracker.update_summary({"miou": 1.0})

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from diffss import versioning
-from diffss.versioning import (
+from diffss.mlops import versioning
+from diffss.mlops.versioning import (
     CorruptCacheError,
     MissingDataError,
     RemoteUnavailableError,

@@ -17,7 +17,7 @@ def sample_files(samples) -> list[Path]:
 
 def raw_manifest(settings: ExperimentConfig, fold: Fold) -> dict[str, str]:
     """``{file path relative to the dataset root: md5}`` of every image and mask the fold reads."""
-    from diffss.versioning import file_md5
+    from diffss.mlops.versioning import file_md5
 
     root = settings.dataset_root(fold.dataset)
     files = {p for split in ("train", "test") for p in sample_files(load_split(settings, fold, split).samples)}
@@ -73,7 +73,7 @@ def index_raw_data(settings: ExperimentConfig, fold: Fold, out: Path) -> dict[st
 def changed_samples(settings: ExperimentConfig, fold: Fold, manifest: dict[str, str]) -> dict[str, list[str]]:
     """Samples per split whose image or mask is new or differs by content from ``manifest``
     (a file with new mtimes but the same bytes, e.g. restored by ``dvc pull``, is not)."""
-    from diffss.versioning import file_md5
+    from diffss.mlops.versioning import file_md5
 
     root = settings.dataset_root(fold.dataset)
     changed: dict[str, list[str]] = {}

@@ -6,7 +6,7 @@ differ only by where they live, and so every hash built on them (DVC, Dagster da
 :func:`model_identity` names a model by what it is instead:
 
 - a local folder or file: ``md5:<hash>``, the DVC-style content hash of its files (relative
-  paths and md5s, :func:`diffss.versioning.data_version`), so the same weights anywhere are one
+  paths and md5s, :func:`diffss.mlops.versioning.data_version`), so the same weights anywhere are one
   identity, and other weights under the same path are another;
 - a hub id: ``hub:<id>``, with ``@<commit>`` when the local Hugging Face cache knows which
   revision ``main`` resolved to (read offline from the cache's ``refs/main``).
@@ -33,7 +33,7 @@ def hub_revision(repo_id: str) -> str | None:
 def model_identity(path_or_id: str | os.PathLike) -> str:
     """``md5:<content hash>`` of a local model folder or file, ``hub:<id>[@<commit>]`` of a hub id;
     an identity (or a name that is neither, which no pipeline can load) is returned unchanged."""
-    from diffss.versioning import data_version
+    from diffss.mlops.versioning import data_version
 
     text = str(path_or_id)
     if text.startswith(IDENTITY_PREFIXES):
