@@ -129,7 +129,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from diffss.train import EvalConfig, evaluate
 
     config = _config_from_args(EvalConfig, args)
-    from diffss.class_overlap import check_trained_classes
+    from diffss.evaluation.class_overlap import check_trained_classes
 
     overlap = check_trained_classes(args.checkpoint, config.dataset, config.root, config.fold,
                                     allow=args.allow_trained_classes)

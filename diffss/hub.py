@@ -66,7 +66,7 @@ model = HubSegmenter.from_pretrained("{{ repo_id }}").segmenter  # or a local co
 
 
 def _protocol_text(model: str, dataset: str | None) -> str:
-    from diffss.protocol import protocol_for
+    from diffss.evaluation.protocol import protocol_for
 
     if not dataset:
         return "unknown dataset"

@@ -2,17 +2,17 @@
 
 For every fold, 1-shot and 5-shot, without and (given an auxiliary set) with auxiliary supports,
 the fold's checkpoint is scored with the published protocol of its model
-(:func:`diffss.protocol.protocol_for`: episodes, seeds, resolution, where it is scored). Each
+(:func:`diffss.evaluation.protocol.protocol_for`: episodes, seeds, resolution, where it is scored). Each
 number comes with two spreads:
 
 - **seed std**: the standard deviation of mIoU / FB-IoU over the protocol's seeds (BAM: 5; PFENet
   and HSNet test one seed, so it is empty there);
 - **95% interval over episodes**: a percentile bootstrap over the test episodes (each seed's
   episodes resampled with replacement, mIoU recomputed from the resampled intersections and
-  unions as :class:`~diffss.metrics.FewShotMeter` computes it, then averaged over seeds); the
+  unions as :class:`~diffss.evaluation.metrics.FewShotMeter` computes it, then averaged over seeds); the
   fold mean's interval resamples every fold at once.
 
-A checkpoint is never scored on classes it trained on (:mod:`diffss.class_overlap`) unless
+A checkpoint is never scored on classes it trained on (:mod:`diffss.evaluation.class_overlap`) unless
 ``allow_trained_classes``, and then the table says so. Every cell (fold x shot x aux) is saved
 as it finishes (its per-episode counts, atomically), so a rerun with the same settings resumes.
 """
@@ -93,9 +93,9 @@ def evaluate_episodes(model, config, progress: bool = True, tracker: Any = None)
     from tqdm.auto import tqdm
 
     from diffss.data import collate_episodes, load_dataset
-    from diffss.metrics import FewShotMeter
+    from diffss.evaluation.metrics import FewShotMeter
     from diffss.models import load_model
-    from diffss.protocol import scored_prediction
+    from diffss.evaluation.protocol import scored_prediction
     # train's own helpers, so both evaluations build their results the same way
     from diffss.train import EvalResult, _auxiliary, _example_panels, _mean_per_class, resolve_device
 
@@ -241,7 +241,7 @@ def _cell_settings(cfg: ReproduceConfig, checkpoint: Path, eval_config) -> dict[
 
 def run_cell(cfg: ReproduceConfig, fold: int, shot: int, aux: bool, progress: bool) -> dict[str, Any]:
     """Score one (fold, shot, aux) cell, or read it back when a previous run finished it with the same settings."""
-    from diffss.class_overlap import check_trained_classes
+    from diffss.evaluation.class_overlap import check_trained_classes
     from diffss.train import EvalConfig
 
     checkpoint = cfg.checkpoint_for(fold, shot, aux)
@@ -295,7 +295,7 @@ def reproduce(cfg: ReproduceConfig, progress: bool = True,
               log: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Every cell, then ``results.csv`` (one row per setting and fold, plus the mean), ``table.md``
     (the paper's layout) and ``table.csv`` (that layout as CSV) under ``output_dir``."""
-    from diffss.class_overlap import check_trained_classes
+    from diffss.evaluation.class_overlap import check_trained_classes
 
     if not cfg.checkpoints:
         raise ValueError("reproduce needs at least one fold's checkpoint (--checkpoint FOLD=DIR)")

@@ -4,7 +4,7 @@ Training is the paper's: the segmenter is trained with cross-entropy on episodes
 classes whose support set is ``true_shot`` real supports plus ``aux_shot`` auxiliary
 (diffusion-generated) supports; the diffusion model stays frozen (it is not even loaded here,
 its images come from the generation table). Evaluation follows the FSS literature: fixed test
-episodes per seed, IoU accumulated per class (see :mod:`diffss.metrics`).
+episodes per seed, IoU accumulated per class (see :mod:`diffss.evaluation.metrics`).
 """
 
 from __future__ import annotations
@@ -27,9 +27,9 @@ from tqdm.auto import tqdm
 
 from diffss.data import AuxiliarySupports, collate_episodes, load_dataset
 from diffss.data.episodes import AUX_PAIRING
-from diffss.metrics import FewShotMeter
+from diffss.evaluation.metrics import FewShotMeter
 from diffss.models import MODEL_REGISTRY, FewShotSegmenter, build_model, load_model, poly_lr_schedule, segmentation_loss
-from diffss.protocol import FAMILIES, SCORE_AT, EvalProtocol, protocol_for, scored_prediction
+from diffss.evaluation.protocol import FAMILIES, SCORE_AT, EvalProtocol, protocol_for, scored_prediction
 from diffss.core.config import JsonConfig
 from diffss.core.distributed import World, global_batch, make_global_batch
 from diffss.core.loop import CHECKPOINTS, STATE_NAME, TrainingRun, epoch_batches, run_steps  # noqa: F401 - CHECKPOINTS re-exported
@@ -108,7 +108,7 @@ class EvalConfig(JsonConfig):
     condition: str | None = None
     max_drift: Annotated[float, Field(gt=0)] | None = None
     # The fields below left at None take the evaluation protocol of the model and dataset
-    # (diffss.protocol): PFENet/BAM pad to 473 px on PASCAL-5i and score at the original size,
+    # (diffss.evaluation.protocol): PFENet/BAM pad to 473 px on PASCAL-5i and score at the original size,
     # HSNet squashes to 400 px and scores there; BAM averages 5 seeds x 1000 episodes.
     episodes: PositiveInt | None = None
     seeds: Annotated[tuple[int, ...], Field(min_length=1)] | None = None

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from diffss.metrics import FewShotMeter
+from diffss.evaluation.metrics import FewShotMeter
 
 # Three hand-computed episodes over classes 1 and 2 (see the counts in each comment).
 # A, class 1: fg inter 1, union 3; bg inter 1, union 3

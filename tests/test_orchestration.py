@@ -156,7 +156,7 @@ def test_code_versions_follow_the_code_each_asset_imports_and_its_settings(tmp_p
         "control_conditions", "auxiliary_supports", "checkpoint", "evaluation", "xshot_study")}
     expected = {
         # the evaluation protocol is part of the settings every stage reads (experiment/config.py imports it)
-        "protocol.py": every - {"dvc_snapshot"},
+        "evaluation/protocol.py": every - {"dvc_snapshot"},
         "experiment/training.py": checkpoints | evaluations,
         "experiment/results.py": {"evaluation_table", "onnx_segmenter"},
         "export/triton.py": {"evaluation_table", "onnx_segmenter"},  # results.py imports diffss.export

@@ -15,7 +15,7 @@ from PIL import Image
 from diffss.data import collate_episodes, load_dataset
 from diffss.data.episodes import image_tensor, mask_tensor, padded_shape
 from diffss.models import FewShotSegmenter
-from diffss.protocol import EvalProtocol, protocol_for, scored_prediction
+from diffss.evaluation.protocol import EvalProtocol, protocol_for, scored_prediction
 from diffss.train import EvalConfig, evaluate
 
 

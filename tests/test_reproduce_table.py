@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from diffss.class_overlap import TrainedClassesError, check_trained_classes
+from diffss.evaluation.class_overlap import TrainedClassesError, check_trained_classes
 from diffss.cli import main as cli_main
 from diffss.data import build_demo_dataset, load_dataset
 from diffss.reproduce import ReproduceConfig, bootstrap, evaluate_episodes, published, reproduce, scores

@@ -41,7 +41,7 @@ def load_dataset(name: str, root: str | os.PathLike | None = None, fold: int | N
     ``episodes=None`` and ``image_size=None`` take the dataset's defaults (1000 test episodes, or
     every test image once for fss1000; 400 px, 128 px for demo). ``auxiliary`` may be a parquet
     path. ``resize`` ("squash" | "pad"), ``original_labels`` and ``query_sampling`` (None: the
-    dataset's; "file": HSNet's list) are the evaluation protocol's (:mod:`diffss.protocol`).
+    dataset's; "file": HSNet's list) are the evaluation protocol's (:mod:`diffss.evaluation.protocol`).
     ``aux_pairing`` says which real support each aux image comes from ("round_robin" or "first",
     DifFSS-BAM's; see ``EpisodeDataset``). ``kw`` goes to the builder: ``split_dir`` (pascal5i,
     fss1000), ``class_split``/``min_area`` (coco20i), ``num_folds`` (folder),

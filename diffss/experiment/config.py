@@ -19,7 +19,7 @@ from pydantic.dataclasses import dataclass
 
 from diffss.core.atomic import atomic_path, write_text_atomic
 from diffss.generation.config import GenerationConfig
-from diffss.protocol import EvalProtocol
+from diffss.evaluation.protocol import EvalProtocol
 from diffss.train import EvalConfig, TrainConfig
 from diffss.train_base import BaseTrainConfig
 

@@ -8,7 +8,7 @@ static quantisation cannot handle falls back to dynamic quantisation (weights on
 computed per run), and the record says which was used.
 
 The guard: the fp32 and the int8 segmenter graphs are evaluated on the same test episodes
-(mIoU at the input size, as :class:`diffss.metrics.FewShotMeter` computes it), and when the
+(mIoU at the input size, as :class:`diffss.evaluation.metrics.FewShotMeter` computes it), and when the
 int8 mIoU is more than ``max_miou_drop`` points below, :class:`AccuracyGuardError` says so and
 the caller writes nothing (``export_model_repository(..., quantize="int8")`` stages the whole
 export outside the repository and moves it in only when the guard passes).
@@ -216,7 +216,7 @@ def quantize_graph(fp32_path: Path, int8_path: Path, calibration: Sequence[dict[
 
 def onnx_miou(segmenter: ort.InferenceSession, episodes: Iterable[Episode], class_ids: Sequence[int]) -> float:
     """mIoU (percent) of a segmenter graph on ``episodes``, scored at the input size."""
-    from diffss.metrics import FewShotMeter
+    from diffss.evaluation.metrics import FewShotMeter
 
     meter = FewShotMeter(class_ids)
     for episode in episodes:
