@@ -297,7 +297,7 @@ def cmd_pretrain_backbone(args: argparse.Namespace) -> int:
 
 
 def _study_config(args: argparse.Namespace):
-    from diffss.studies import StudyConfig
+    from diffss.experiment.studies import StudyConfig
 
     values = {k: getattr(args, k) for k in ("root", "output_dir", "fold", "seeds", "steps", "image_size", "batch_size",
                                             "episodes", "device", "pretrained") if getattr(args, k, None) is not None}
@@ -308,7 +308,7 @@ def _study_config(args: argparse.Namespace):
 
 
 def cmd_demo_check(args: argparse.Namespace) -> int:
-    from diffss.studies import support_check
+    from diffss.experiment.studies import support_check
 
     verdict = support_check(_study_config(args), reference_spread=args.reference_spread, progress=not args.quiet)
     print(json.dumps(verdict, indent=2))
@@ -318,7 +318,7 @@ def cmd_demo_check(args: argparse.Namespace) -> int:
 def cmd_demo_study(args: argparse.Namespace) -> int:
     from diffss.generation import GenerationConfig
     from diffss.generation.demo_generator import demo_generation_config
-    from diffss.studies import demo_study, summary_markdown
+    from diffss.experiment.studies import demo_study, summary_markdown
 
     cfg = _study_config(args)
     device = None if cfg.device == "auto" else cfg.device

@@ -12,7 +12,7 @@ from PIL import Image
 
 from diffss.data import build_demo_dataset
 from diffss.data.demo import distractor_classes, render, render_scene
-from diffss.studies import StudyConfig, summarize, support_check
+from diffss.experiment.studies import StudyConfig, summarize, support_check
 
 
 def test_the_target_is_not_the_salient_object():

@@ -18,6 +18,10 @@ version of the assets that run it.
   :func:`prepare_supports` -> :func:`generate_supports_shard` per shard -> :func:`generate_supports`), their checks.
 - ``training.py``: :func:`train_base_learner` (BAM's first stage), :func:`train_checkpoint`, :func:`evaluate_checkpoint`, :func:`xshot_study`.
 - ``results.py``: :func:`results_table`, :func:`choose_checkpoint`, :func:`export_segmenter`.
+
+Beside the stages, and not imported here: ``studies.py`` (seed studies, the demo's support check with
+vs without auxiliary supports: ``diffss demo-study`` / ``diffss demo-check``) and ``figures.py`` (the
+image grids and plots the stages save).
 """
 
 from diffss.experiment.config import (

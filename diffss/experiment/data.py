@@ -47,7 +47,7 @@ def index_raw_data(settings: ExperimentConfig, fold: Fold, out: Path) -> dict[st
     from PIL import Image
 
     from diffss.data import build_demo_dataset
-    from diffss.figures import image_grid, save_png
+    from diffss.experiment.figures import image_grid, save_png
 
     root = settings.dataset_root(fold.dataset)
     if fold.dataset == "demo":  # same seed, same bytes, atomic writes: folds may build it side by side

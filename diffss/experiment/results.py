@@ -16,7 +16,7 @@ def results_table(settings: ExperimentConfig, fold: Fold, evaluations: dict[str,
                   out: Path) -> dict[str, Any]:
     """The fold's table: mIoU / FB-IoU without (``baseline``) and with auxiliary supports per
     condition, per-class IoU of every model, and the X-shot curves of all conditions."""
-    from diffss.figures import bar_plot, line_plot
+    from diffss.experiment.figures import bar_plot, line_plot
 
     summaries = {label: json.loads((folder / "summary.json").read_text()) for label, folder in evaluations.items()}
     base = summaries[BASELINE]

@@ -104,7 +104,7 @@ def draw_conditions(settings: ExperimentConfig, fold: Fold, condition: str, out:
     from PIL import Image
 
     from diffss.conditions import build_conditions, condition_path
-    from diffss.figures import image_grid, save_png
+    from diffss.experiment.figures import image_grid, save_png
 
     plan = plan_auxiliary(settings, fold, redo, only_redo)
     samples = [s for group, _ in plan.values() for s in group]
@@ -197,7 +197,7 @@ def generate_supports(settings: ExperimentConfig, fold: Fold, condition: str, mo
     from PIL import Image
 
     from diffss.conditions import condition_path
-    from diffss.figures import image_grid, save_png
+    from diffss.experiment.figures import image_grid, save_png
     from diffss.generation import summarize
 
     missing = prepare_supports(settings, fold, condition, models, out, redo, only_redo)

@@ -20,7 +20,7 @@ def train_checkpoint(settings: ExperimentConfig, fold: Fold, condition: str, aux
     then swap it onto ``out``: readers never see half a checkpoint. With ``resume`` an interrupted
     training of the same settings continues where it stopped; otherwise it starts over.
     ``processes`` > 1: data-parallel under ``torchrun`` (see :func:`run_data_parallel`)."""
-    from diffss.figures import line_plot
+    from diffss.experiment.figures import line_plot
     from diffss.train import train
 
     partial = out.with_name(out.name + ".partial")
@@ -107,7 +107,7 @@ def evaluate_checkpoint(settings: ExperimentConfig, fold: Fold, condition: str, 
                         auxiliary: Path | None, out: Path, tracker: Any = None) -> dict[str, Any]:
     """mIoU / FB-IoU on the fold's fixed test episodes (``eval_aux_shot`` auxiliary supports per
     episode for a condition): ``summary.json``, ``per_class.csv`` and prediction panels."""
-    from diffss.figures import save_png, stack_panels
+    from diffss.experiment.figures import save_png, stack_panels
     from diffss.reproduce import evaluate_episodes
 
     cfg = settings.eval_config(fold, condition, auxiliary)
@@ -144,7 +144,7 @@ def real_shot_gain(settings: ExperimentConfig, fold: Fold, checkpoint: Path, eva
 def xshot_study(settings: ExperimentConfig, fold: Fold, condition: str, checkpoint: Path, auxiliary: Path,
                 out: Path, tracker: Any = None) -> dict[str, Any]:
     """mIoU of the checkpoint as the number of auxiliary images per episode grows (``xshot_shots``)."""
-    from diffss.figures import line_plot
+    from diffss.experiment.figures import line_plot
     from diffss.train import evaluate
 
     rows = []
