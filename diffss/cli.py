@@ -236,7 +236,7 @@ def cmd_tiny_models(args: argparse.Namespace) -> int:
 
 
 def cmd_train_controlnet(args: argparse.Namespace) -> int:
-    from diffss.generation.training import GeneratorTrainConfig, train_generator
+    from diffss.generation.generator_training import GeneratorTrainConfig, train_generator
 
     values = {"stage": "controlnet", "conditions": tuple(args.condition.split("+"))}
     for name in ("output_dir", "dataset", "root", "fold", "split", "base_model", "hed_model", "resolution", "steps",

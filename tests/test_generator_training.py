@@ -25,7 +25,7 @@ from diffss.generation.demo_generator import (
     demo_generation_config,
 )
 from diffss.generation.oracle import demo_class_index, write_oracle_auxiliary
-from diffss.generation.training import GeneratorTrainConfig, train_generator
+from diffss.generation.generator_training import GeneratorTrainConfig, train_generator
 
 # Small enough for a few CPU seconds per stage; the demo preset's sizes are tested by the CLI run.
 SIZES = dict(resolution=32, vae_width=8, unet_channels=[16, 32, 32], attention_head_dim=4, text_width=16,

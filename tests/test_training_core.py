@@ -21,7 +21,7 @@ import torch
 
 from diffss.cli import main as cli_main
 from diffss.data import build_demo_dataset
-from diffss.generation.training import GeneratorTrainConfig
+from diffss.generation.generator_training import GeneratorTrainConfig
 from diffss.models import PSPNet, load_model
 from diffss.train import EvalConfig, TrainConfig, train
 from diffss.train_base import BaseTrainConfig, train_base
@@ -107,7 +107,7 @@ def test_a_base_learner_folder_of_the_old_layout_resumes_and_is_converted(demo_r
 
 def test_a_generator_folder_of_the_old_layout_resumes_and_is_converted(small_pool, tmp_path):
     """Before the core, generator training kept training_state.pt beside the exported model."""
-    from diffss.generation.training import train_generator
+    from diffss.generation.generator_training import train_generator
 
     def config(out, steps):
         return GeneratorTrainConfig(stage="autoencoder", output_dir=str(out), dataset="demo", root=str(small_pool),

@@ -3,7 +3,7 @@
 Pretraining pool: the demo world rendered with :data:`POOL_SEED`, a seed no FSS image uses (the
 analogue of Stable Diffusion's web pretraining, which has seen the benchmark's classes but not
 its images); every class of every fold is in it. :func:`train_demo_generator` trains the three
-stages of :mod:`diffss.generation.training` on it (autoencoder, text-to-image with a trained text
+stages of :mod:`diffss.generation.generator_training` on it (autoencoder, text-to-image with a trained text
 encoder, one ControlNet for seg, hed and scribble) and writes the weights, in float16, to a folder
 with ``sd/``, ``controlnet/`` and ``generation_config.json``: what :func:`demo_generation_config`
 returns a :class:`GenerationConfig` for. The weights made this way ship in the package
@@ -23,7 +23,7 @@ from PIL import Image
 from diffss.generation.config import GenerationConfig
 from diffss.conditions.build import SOBEL_EDGES
 from diffss.generation.shipped import PRETRAINED_DIR, demo_generation_config, weights_digest  # noqa: F401 (re-exported)
-from diffss.generation.training import BASE_UNET_DIR, GeneratorTrainConfig, train_generator
+from diffss.generation.generator_training import BASE_UNET_DIR, GeneratorTrainConfig, train_generator
 
 POOL_SEED = 1_000_003  # the FSS demo data uses data_seed 0 (and small ones in tests): never this
 CONDITIONS = ("seg", "hed", "scribble")

@@ -2,6 +2,6 @@
 
 Every trainer runs on the one training core in :mod:`diffss.core` (loop, step checkpoints, config
 base class, data-parallel world): segmenters (:mod:`diffss.train`), BAM's base learner
-(:mod:`diffss.train_base`), the generator (:mod:`diffss.generation.training`) and the small backbone
+(:mod:`diffss.train_base`), the generator (:mod:`diffss.generation.generator_training`) and the small backbone
 (:mod:`diffss.models.pretraining`).
 """
