@@ -494,7 +494,7 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
 
 
 def cmd_publish_model(args: argparse.Namespace) -> int:
-    from diffss.hub import HubSegmenter
+    from diffss.evaluation.hub import HubSegmenter
 
     model = HubSegmenter.from_checkpoint(args.checkpoint, evaluation=args.evaluation, data_version=args.data_version)
     model.save_pretrained(args.output)

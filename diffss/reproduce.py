@@ -210,15 +210,15 @@ class ReproduceConfig:
 
 
 def load_segmenter(name_or_path: str):
-    """A segmenter folder, or a hub id (through :mod:`diffss.hub`, from the hub cache when offline)."""
-    from diffss.hub import HubSegmenter
+    """A segmenter folder, or a hub id (through :mod:`diffss.evaluation.hub`, from the hub cache when offline)."""
+    from diffss.evaluation.hub import HubSegmenter
 
     return HubSegmenter.from_pretrained(name_or_path).segmenter
 
 
 def checkpoint_folder(name_or_path: str) -> Path:
     """The local folder of a checkpoint folder or hub id (its training config is read from there)."""
-    from diffss.hub import resolve_folder
+    from diffss.evaluation.hub import resolve_folder
 
     return resolve_folder(name_or_path)
 

@@ -12,7 +12,7 @@ import torch
 from huggingface_hub import ModelCard
 
 from diffss.cli import main as cli_main
-from diffss.hub import HubSegmenter, resolve_folder
+from diffss.evaluation.hub import HubSegmenter, resolve_folder
 from diffss.models import build_model, load_model
 
 TRAIN_CONFIG = {"dataset": "pascal5i", "fold": 2, "model": "pfenet", "backbone": "small", "true_shot": 1, "aux_shot": 4,

@@ -4,4 +4,8 @@
   the size scored at, episodes, seeds).
 - :mod:`diffss.evaluation.metrics`: :class:`~diffss.evaluation.metrics.FewShotMeter` (mIoU, FB-IoU).
 - :mod:`diffss.evaluation.class_overlap`: the refusal to score a segmenter on classes it trained on.
+- :mod:`diffss.evaluation.hub`: segmenter folders on the Hugging Face Hub (load, save, push) with a
+  model card that states the evaluation protocol and table. It lives here, not with the MLOps glue
+  in :mod:`diffss.mlops`, because its card reads the protocol (this package) and ``reproduce`` scores
+  hub checkpoints, while :mod:`diffss.mlops` must stay below ``generation``, which uses it.
 """

@@ -39,7 +39,7 @@ A diffss few-shot segmenter ([DifFSS](https://arxiv.org/abs/2307.00773): auxilia
 Stable Diffusion + ControlNet). Load it with
 
 ```python
-from diffss.hub import HubSegmenter
+from diffss.evaluation.hub import HubSegmenter
 model = HubSegmenter.from_pretrained("{{ repo_id }}").segmenter  # or a local copy of this folder
 ```
 
