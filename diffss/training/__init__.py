@@ -9,8 +9,10 @@
   :func:`epoch_batches`, the resumable (and, under ``torchrun``, distributed) batch order.
 - :mod:`diffss.training.distributed`: DistributedDataParallel under ``torchrun``.
 - :mod:`diffss.training.recipes`: the official PFENet / BAM / HSNet recipes as named presets.
+- :mod:`diffss.training.augment`: their train-time augmentation of (image, mask) pairs, seeded
+  per (seed, epoch, episode) so resume stays exact.
 
-The core imports only torch and :mod:`diffss.atomic`, so any stage's trainer may build on it
+The core imports only torch (torchvision for the augmentation) and :mod:`diffss.atomic`, so any stage's trainer may build on it
 (segmenters: :mod:`diffss.train`, BAM's base learner: :mod:`diffss.train_base`, the generator:
 :mod:`diffss.generation.training`, the small backbone: :mod:`diffss.models.pretraining`).
 """
