@@ -151,3 +151,23 @@ class AugmentedEpisodes(torch.utils.data.Dataset):
         episode["support_images"] = torch.stack([p[0] for p in pairs])
         episode["support_masks"] = torch.stack([p[1] for p in pairs])
         return episode
+
+
+class AugmentedPairs(torch.utils.data.Dataset):
+    """A semantic-segmentation dataset of {"image", "label", ...} items (BAM's base learner) whose
+    pairs go through ``augment``, drawn from :func:`episode_rng` (seed, epoch, index)."""
+
+    def __init__(self, pairs: Any, augment: PairAugmentation, seed: int):
+        self.pairs, self.augment, self.seed = pairs, augment, seed
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.pairs.set_epoch(epoch)
+
+    def __getitem__(self, index: int) -> dict:
+        item = dict(self.pairs[index])
+        rng = episode_rng(self.seed, int(getattr(self.pairs, "epoch", 0)), int(index))
+        item["image"], item["label"] = self.augment(item["image"], item["label"], rng)
+        return item

@@ -2,6 +2,8 @@
 source (repository, file, commit read). ``diffss train`` runs the demo's fast CPU recipe (AdamW, a
 poly schedule, no augmentation, 300 steps at 96 px); these presets record what reproducing a
 published number needs, so a difference between the two is visible and named.
+``TrainConfig.from_recipe`` / ``BaseTrainConfig.from_recipe`` (``diffss train --recipe NAME``)
+train with them.
 """
 
 from __future__ import annotations
@@ -110,7 +112,8 @@ RECIPES: dict[str, Recipe] = {
                                        "weight_decay": "Adam's default (none given)", "epochs": "--niter default",
                                        "batch_size": "--bsz default", "crop_size": "FSSDataset img_size=400 (a resize)",
                                        "augmentations": "FSSDataset transform: resize + normalize only",
-                                       "schedule": "no scheduler: the optimizer's lr throughout"})),
+                                       "schedule": "no scheduler: the optimizer's lr throughout",
+                                       "lr_scale": "optim.Adam([{'params': ..., 'lr': args.lr}]): one group at --lr"})),
 }
 
 
