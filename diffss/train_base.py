@@ -100,10 +100,11 @@ def train_base(config: BaseTrainConfig, tracker: Any = None, progress: bool = Tr
     dataset = load_semantic_dataset(config.dataset, root=config.root, fold=config.fold, image_size=config.image_size,
                                     flip=config.flip, seed=config.seed)
     dataset.validate(full_decode=False)  # before the first write: a bad image fails now, naming the file
+    base_class_ids = dataset.base_class_ids
     if config.augmentation() is not None:  # draws per (seed, epoch, image): resume stays exact
         dataset = AugmentedPairs(dataset, config.augmentation(), config.seed)
     run.prepare()
-    model = PSPNet(config.backbone, pretrained=config.pretrained, base_class_ids=dataset.base_class_ids).to(device)
+    model = PSPNet(config.backbone, pretrained=config.pretrained, base_class_ids=base_class_ids).to(device)
     head = list(model.ppm.parameters()) + list(model.cls.parameters())
     optimizer = torch.optim.SGD(
         [{"params": list(model.backbone.parameters()), "lr": config.lr},

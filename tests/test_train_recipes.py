@@ -225,3 +225,27 @@ def test_evaluate_refuses_the_training_classes_unless_allowed(demo_root, tmp_pat
     own = evaluate(out, EvalConfig(fold=0, **common), progress=False)
     assert own.class_check.startswith("test classes disjoint")
     assert "not checked" in evaluate(load_model(out), EvalConfig(fold=1, **common), progress=False).class_check
+
+
+def test_the_base_learner_trains_with_its_recipe_and_resumes_exactly(demo_root, tmp_path, one_thread):
+    from diffss.models import PSPNet
+    from diffss.train_base import train_base
+
+    def config(out):
+        return BaseTrainConfig.from_recipe("bam-base-pascal5i", dataset="demo", root=str(demo_root), image_size=48,
+                                           steps=4, batch_size=2, checkpoint_every=2, device="cpu",
+                                           output_dir=str(out))
+
+    straight = train_base(config(tmp_path / "straight"), progress=False)
+
+    class Interrupt:
+        def log(self, metrics, step=None):
+            if step == 3:
+                raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train_base(config(tmp_path / "resumed"), tracker=Interrupt(), progress=False)
+    resumed = train_base(config(tmp_path / "resumed"), progress=False)
+    a, b = PSPNet.from_pretrained(straight).state_dict(), PSPNet.from_pretrained(resumed).state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert pd.read_csv(straight / "history.csv")["loss"].notna().all()
