@@ -546,7 +546,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="episodic training of a few-shot segmenter")
     p.add_argument("--config", help="TrainConfig as JSON; options override it")
-    p.add_argument("--recipe", choices=sorted(RECIPES), help="start from an official recipe (docs/training.md); "
+    p.add_argument("--recipe", choices=sorted(k for k, r in RECIPES.items() if r.model != "pspnet"),
+                   help="start from an official recipe (docs/training.md); "
                    "--config and the options override it")
     _add_dataclass_options(p, TrainConfig)
     p.set_defaults(func=cmd_train)
