@@ -35,7 +35,8 @@ def _add_dataclass_options(parser: argparse.ArgumentParser, cls: type, skip: tup
         else:
             base = hint
         if typing.get_origin(base) is tuple:
-            parser.add_argument(flag, type=int, nargs="+", default=None, help=f"default {field.default}")
+            item = typing.get_args(base)[0] if typing.get_args(base) else int
+            parser.add_argument(flag, type=item, nargs="+", default=None, help=f"default {field.default}")
         elif typing.get_origin(base) is typing.Literal:
             parser.add_argument(flag, choices=typing.get_args(base), default=None, help=f"default {field.default}")
         elif base is bool:
@@ -45,7 +46,8 @@ def _add_dataclass_options(parser: argparse.ArgumentParser, cls: type, skip: tup
 
 
 def _config_from_args(cls: type, args: argparse.Namespace):
-    values: dict[str, Any] = {}
+    recipe = getattr(args, "recipe", None)  # the official recipe's values, under --config and the options
+    values: dict[str, Any] = cls.from_recipe(recipe).to_dict() if recipe else {}
     path = getattr(args, "config", None)
     if path:
         try:
@@ -128,18 +130,14 @@ def cmd_convert_checkpoint(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from diffss.train import EvalConfig, evaluate
 
-    config = _config_from_args(EvalConfig, args)
-    from diffss.evaluation.class_overlap import check_trained_classes
-
-    overlap = check_trained_classes(args.checkpoint, config.dataset, config.root, config.fold,
-                                    allow=args.allow_trained_classes)
+    config = _config_from_args(EvalConfig, args)  # evaluate refuses training classes unless allowed
     result = evaluate(args.checkpoint, config, progress=not args.quiet)
     protocol = result.protocol
     print(f"protocol {protocol['family']}: {protocol['resize']} to {protocol['size'] or 'the dataset size'} px, "
           f"scored at the {protocol['score_at']} size, seeds {list(protocol['seeds'])}")
     print(result.per_class.to_string(index=False))
     print(f"mIoU {result.miou:.2f}  FB-IoU {result.fbiou:.2f}")
-    print(f"classes: {overlap.note()}")
+    print(f"classes: {result.class_check}")
     if args.output:
         from diffss.core.atomic import atomic_path
 
@@ -540,6 +538,7 @@ def build_parser() -> argparse.ArgumentParser:
     from diffss.generation import GenerationConfig
     from diffss.train import EvalConfig, TrainConfig
     from diffss.train_base import BaseTrainConfig
+    from diffss.training.recipes import RECIPES
 
     parser = argparse.ArgumentParser(prog="diffss", description=__doc__.splitlines()[0])
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -547,11 +546,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="episodic training of a few-shot segmenter")
     p.add_argument("--config", help="TrainConfig as JSON; options override it")
+    p.add_argument("--recipe", choices=sorted(k for k, r in RECIPES.items() if r.model != "pspnet"),
+                   help="start from an official recipe (docs/training.md); "
+                   "--config and the options override it")
     _add_dataclass_options(p, TrainConfig)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("train-base", help="BAM's base learner: a PSPNet on the fold's base classes")
     p.add_argument("--config", help="BaseTrainConfig as JSON; options override it")
+    p.add_argument("--recipe", choices=sorted(k for k, r in RECIPES.items() if r.model == "pspnet"),
+                   help="start from BAM's official base-learner recipe; --config and the options override it")
     _add_dataclass_options(p, BaseTrainConfig)
     p.set_defaults(func=cmd_train_base)
 
@@ -573,7 +577,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", help="write the per-class table here (CSV)")
     p.add_argument("--allow-trained-classes", action="store_true",
                    help="score the checkpoint on classes it trained on (refused by default; the output says so)")
-    _add_dataclass_options(p, EvalConfig)
+    _add_dataclass_options(p, EvalConfig, skip=("allow_trained_classes",))
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("conditions", help="seg / hed / scribble control conditions for every support")

@@ -235,7 +235,7 @@ def _cell_settings(cfg: ReproduceConfig, checkpoint: Path, eval_config) -> dict[
 
     weights = Path(checkpoint) / "model.safetensors"
     settings = {"checkpoint": str(checkpoint), "weights": data_version(weights) if weights.is_file() else None,
-                **{k: v for k, v in eval_config.to_dict().items() if k not in ("device", "batch_size", "num_examples")}}
+                **{k: v for k, v in eval_config.to_dict().items() if k not in ("device", "batch_size", "num_examples", "allow_trained_classes")}}
     return json.loads(json.dumps(settings, default=str))  # as it reads back from the cell's file
 
 
@@ -251,7 +251,8 @@ def run_cell(cfg: ReproduceConfig, fold: int, shot: int, aux: bool, progress: bo
     eval_config = EvalConfig(dataset=cfg.dataset, root=cfg.root, fold=fold, shot=shot, aux_shot=aux_shot,
                              auxiliary_table=cfg.auxiliary.get(fold) if aux else None,
                              condition=cfg.condition if aux else None, episodes=cfg.episodes, seeds=cfg.seeds,
-                             image_size=cfg.image_size, batch_size=cfg.batch_size, device=cfg.device, num_examples=0)
+                             image_size=cfg.image_size, batch_size=cfg.batch_size, device=cfg.device, num_examples=0,
+                             allow_trained_classes=cfg.allow_trained_classes)
     cell = {"fold": fold, "shot": shot, "aux": aux, "aux_shot": aux_shot, "checkpoint": str(checkpoint),
             "class_check": overlap.note()}
     name = f"fold{fold}-{shot}shot-{'aux' if aux else 'real'}"

@@ -25,14 +25,17 @@ from pydantic.dataclasses import dataclass
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from diffss.evaluation.class_overlap import check_trained_classes
 from diffss.data import AuxiliarySupports, collate_episodes, load_dataset
 from diffss.data.episodes import AUX_PAIRING
 from diffss.evaluation.metrics import FewShotMeter
 from diffss.models import MODEL_REGISTRY, FewShotSegmenter, build_model, load_model, poly_lr_schedule, segmentation_loss
-from diffss.evaluation.protocol import FAMILIES, SCORE_AT, EvalProtocol, protocol_for, scored_prediction
 from diffss.core.config import JsonConfig
 from diffss.core.distributed import World, global_batch, make_global_batch
 from diffss.core.loop import CHECKPOINTS, STATE_NAME, TrainingRun, epoch_batches, run_steps  # noqa: F401 - CHECKPOINTS re-exported
+from diffss.evaluation.protocol import FAMILIES, SCORE_AT, EvalProtocol, protocol_for, scored_prediction
+from diffss.training.augment import AugmentedEpisodes, PairAugmentation
+from diffss.training.recipes import RECIPES, recipe
 
 IGNORE_INDEX = 255
 log = logging.getLogger(__name__)
@@ -41,6 +44,36 @@ log = logging.getLogger(__name__)
 PositiveInt = Annotated[int, Field(ge=1)]
 NonNegativeInt = Annotated[int, Field(ge=0)]
 _STRICT = ConfigDict(extra="forbid")
+OPTIMIZERS = ("auto", "adamw", "adam", "sgd")
+SCHEDULES = ("auto", "poly", "constant")
+
+
+def recipe_settings(name: str, segmenter: bool) -> dict[str, Any]:
+    """The training-config fields an official recipe sets (see :data:`RECIPES`)."""
+    preset = recipe(name)
+    if segmenter and preset.model == "pspnet":
+        raise ValueError(f"recipe {name!r} trains BAM's base learner: use BaseTrainConfig.from_recipe "
+                         f"(`diffss train-base --recipe {name}`)")
+    if not segmenter and preset.model != "pspnet":
+        raise ValueError(f"recipe {name!r} trains a {preset.model} segmenter, not a base learner: use "
+                         f"TrainConfig.from_recipe (`diffss train --recipe {name}`); base-learner recipes: "
+                         f"{sorted(k for k, r in RECIPES.items() if r.model == 'pspnet')}")
+    settings: dict[str, Any] = {
+        "dataset": preset.dataset, "lr": preset.lr, "weight_decay": preset.weight_decay,
+        "batch_size": preset.batch_size, "image_size": preset.crop_size,
+        "augmentations": list(preset.augmentations)}
+    if preset.momentum is not None:
+        settings["momentum"] = preset.momentum
+    if preset.scale is not None:
+        settings["scale"], settings["rotate"] = list(preset.scale), list(preset.rotate)
+    if segmenter:
+        settings.update(model=preset.model, optimizer=preset.optimizer, schedule=preset.schedule,
+                        lr_scale=preset.lr_scale)
+        if preset.power is not None:
+            settings["power"] = preset.power
+    else:
+        settings.update(head_lr_factor=preset.lr_scale, power=preset.power)
+    return settings
 
 
 def _aux_needs_table(cfg: Any) -> Any:
@@ -80,11 +113,52 @@ class TrainConfig(JsonConfig):
     base_learner: str | None = None
     # which real support each aux image comes from: "round_robin" or "first" (DifFSS-BAM)
     aux_pairing: Literal[AUX_PAIRING] = "round_robin"
+    # The recipe (TrainConfig.from_recipe sets these from diffss.training.recipes). The defaults are
+    # the demo's fast CPU recipe. "auto": the model's own optimizer (HSNet: Adam; others: AdamW).
+    optimizer: Literal[OPTIMIZERS] = "auto"
+    momentum: Annotated[float, Field(ge=0)] = 0.9  # SGD's
+    # "auto": constant for Adam, else diffss's poly (lr * (1 - min(s, steps - 1) / steps) ** power at
+    # step s = 0, 1, ...); "poly": PFENet/BAM's poly_learning_rate (lr * (1 - (s + 1) / steps) ** power:
+    # the official current_iter counts from 1); "constant"
+    schedule: Literal[SCHEDULES] = "auto"
+    power: Annotated[float, Field(gt=0)] = 0.9
+    # Every trained parameter's lr is lr x lr_scale: PFENet's and BAM's poly_learning_rate set every
+    # parameter group (index_split -1) to 10 x base_lr, so their recipes say lr=base_lr, lr_scale=10.
+    lr_scale: Annotated[float, Field(gt=0)] = 1.0
+    # PFENet's train-time transforms (names of recipes.PFENET_AUGMENTATIONS; applied in its order to
+    # the query and every support after the resize to image_size; see diffss.training.augment)
+    augmentations: tuple[str, ...] = ()
+    scale: tuple[float, float] = (0.9, 1.1)
+    rotate: tuple[float, float] = (-10.0, 10.0)
 
     RUNTIME_FIELDS = ("root", "auxiliary_table", "base_learner", "device", "num_workers", "output_dir",
                       "checkpoint_every")
 
     _check_aux = model_validator(mode="after")(_aux_needs_table)
+
+    @model_validator(mode="after")
+    def _check_augmentations(self):
+        if self.augmentations:
+            try:
+                self.augmentation()
+            except ValueError as exc:
+                raise ValueError(f"TrainConfig.augmentations: {exc}") from exc
+        return self
+
+    def augmentation(self) -> PairAugmentation | None:
+        """The train-time transform of each (image, mask) pair; None without augmentations."""
+        if not self.augmentations:
+            return None
+        return PairAugmentation(tuple(self.augmentations), self.image_size, tuple(self.scale), tuple(self.rotate))
+
+    @classmethod
+    def from_recipe(cls, name: str, **overrides: Any) -> "TrainConfig":
+        """A config that trains as the official recipe ``name`` of :data:`diffss.training.recipes.RECIPES`
+        does: model, dataset, optimizer and its settings, schedule, batch size, crop (``image_size``)
+        and augmentations; ``overrides`` (root, backbone, pretrained, fold, steps, ...) win. The
+        recipe's epochs are not a step count (that depends on the dataset): set ``steps`` to
+        epochs x episodes per epoch / batch size."""
+        return cls.from_dict({**recipe_settings(name, segmenter=True), **overrides})
 
     @model_validator(mode="after")
     def _check_model(self):
@@ -122,6 +196,10 @@ class EvalConfig(JsonConfig):
     num_examples: NonNegativeInt = 4
     skip_bad: bool = False
     aux_pairing: Literal[AUX_PAIRING] = "round_robin"
+    # A checkpoint folder whose training classes (its train_config.json, or BAM's base_class_ids)
+    # include test classes of this evaluation is refused, naming them; True scores it anyway
+    # (``EvalResult.class_check`` then says so). The CLI's --allow-trained-classes.
+    allow_trained_classes: bool = False
 
     RUNTIME_FIELDS = ("root", "auxiliary_table", "device", "batch_size")
 
@@ -141,6 +219,8 @@ class EvalResult:
     per_seed: list[dict[str, float]] = field(default_factory=list)
     examples: list[Image.Image] = field(default_factory=list)
     protocol: dict[str, Any] = field(default_factory=dict)
+    # what the training-classes check found (diffss.evaluation.class_overlap.OverlapCheck.note)
+    class_check: str = "training classes unknown (a model object, not a folder): not checked"
 
     def summary(self) -> dict[str, float]:
         return {"miou": self.miou, "fbiou": self.fbiou}
@@ -184,6 +264,38 @@ def _episode_loss(model: FewShotSegmenter, batch: dict[str, Any], device: torch.
     return segmentation_loss(logits, batch["query_mask"].to(device), aux_logits, aux_weight=aux_weight, ignore_index=IGNORE_INDEX)
 
 
+
+
+def official_poly(steps: int, power: float):
+    """PFENet/BAM's ``poly_learning_rate`` as a LambdaLR factor: step s (0, 1, ...) runs at
+    ``(1 - (s + 1) / steps) ** power`` x lr (their ``current_iter`` counts from 1, so the last step
+    runs at 0)."""
+    return lambda s: max(0.0, 1 - min(s + 1, steps) / steps) ** power
+
+
+def build_optimizer(config: TrainConfig, params: list[torch.nn.Parameter], model_optimizer: str = "adamw"):
+    """(optimizer, LambdaLR) of a run: ``config.optimizer`` ("auto": ``model_optimizer``, the model's
+    own: Adam for HSNet, AdamW otherwise) at ``lr x lr_scale``, and ``config.schedule``."""
+    kind = model_optimizer if config.optimizer == "auto" else config.optimizer
+    lr = config.lr * config.lr_scale
+    if kind == "adam":
+        optimizer = torch.optim.Adam(params, lr=lr, weight_decay=config.weight_decay)
+    elif kind == "adamw":
+        optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=config.weight_decay)
+    elif kind == "sgd":
+        optimizer = torch.optim.SGD(params, lr=lr, momentum=config.momentum, weight_decay=config.weight_decay)
+    else:
+        raise ValueError(f"unknown optimizer {kind!r}; known: {list(OPTIMIZERS[1:])}")
+    schedule = config.schedule
+    if schedule == "auto":  # HSNet's Adam runs at a constant rate; the rest on diffss's poly
+        schedule = "constant" if kind == "adam" else "diffss-poly"
+    if schedule == "constant":
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+    elif schedule == "diffss-poly":
+        scheduler = poly_lr_schedule(optimizer, config.steps, power=config.power)
+    else:
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, official_poly(config.steps, config.power))
+    return optimizer, scheduler
 
 
 class _EpisodeLoss(torch.nn.Module):
@@ -243,17 +355,14 @@ def train(config: TrainConfig, tracker: Any = None, progress: bool = True) -> Pa
     dataset.validate(full_decode=False)  # before the first write: the run reads every training sample
     if dataset.skipped:
         log.warning("train: %d bad sample(s) skipped (skip_bad), e.g. %s", len(dataset.skipped), dataset.skipped[0][1])
+    augmentation = config.augmentation()
+    if augmentation is not None:  # draws per (seed, epoch, episode): a resumed run sees the same episodes
+        dataset = AugmentedEpisodes(dataset, augmentation, config.seed)
 
     run.prepare()
     model = build_model(config.model, backbone=config.backbone, pretrained=config.pretrained, **options).to(device)
-    params = [p for p in model.parameters() if p.requires_grad]
-    if model.train_optimizer == "adam":  # HSNet: plain Adam at a constant rate
-        optimizer = torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
-    else:
-        optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-        # PFENet's poly schedule (power 0.9) over the whole run.
-        scheduler = poly_lr_schedule(optimizer, config.steps)
+    optimizer, scheduler = build_optimizer(config, [p for p in model.parameters() if p.requires_grad],
+                                           model.train_optimizer)
 
     step, history = 0, []
     latest, state = run.latest()  # verified against its manifest; a corrupt newest one is rolled back
@@ -297,9 +406,18 @@ def train(config: TrainConfig, tracker: Any = None, progress: bool = True) -> Pa
 @torch.no_grad()
 def evaluate(model_or_checkpoint_dir: FewShotSegmenter | str | Path, config: EvalConfig, tracker: Any = None, progress: bool = True) -> EvalResult:
     """Evaluate on fixed test episodes, once per seed of the protocol (``config.protocol_for``);
-    mIoU/FB-IoU are averaged over seeds. ``result.protocol`` records the protocol used."""
+    mIoU/FB-IoU are averaged over seeds. ``result.protocol`` records the protocol used.
+
+    A checkpoint folder that trained on any of the test classes is refused
+    (:class:`diffss.evaluation.class_overlap.TrainedClassesError`, naming them) unless
+    ``config.allow_trained_classes``; ``result.class_check`` says what the check found. A model
+    object carries no training record and is not checked."""
     device = resolve_device(config.device)
+    class_check = None
     if isinstance(model_or_checkpoint_dir, (str, Path)):
+        # before loading anything: a checkpoint is never scored on classes it trained on
+        class_check = check_trained_classes(model_or_checkpoint_dir, config.dataset, config.root, config.fold,
+                                            allow=config.allow_trained_classes)
         model = load_model(model_or_checkpoint_dir)
     else:
         model = model_or_checkpoint_dir
@@ -350,6 +468,8 @@ def evaluate(model_or_checkpoint_dir: FewShotSegmenter | str | Path, config: Eva
         examples=examples,
         protocol=protocol.to_dict(),
     )
+    if class_check is not None:
+        result.class_check = class_check.note()
     if tracker is not None:
         tracker.log({"eval/miou": result.miou, "eval/fbiou": result.fbiou})
         tracker.log_table("eval/per_class_iou", per_class)

@@ -3,8 +3,9 @@ base classes, before the meta learner trains on top of it, frozen (``TrainConfig
 
 As BAM's ``train_base.py``: cross-entropy over background + base classes (255 ignored), SGD with
 momentum, the head (PPM + classifier) at ``head_lr_factor`` x the backbone's learning rate, poly
-decay (power 0.9). Images are resized to ``image_size`` (random horizontal flips; BAM's random
-scale/rotate/crop are left out). The output folder holds the PSPNet (``config.json`` +
+decay (power 0.9). Images are resized to ``image_size`` (random horizontal flips), or, with
+``augmentations`` (``BaseTrainConfig.from_recipe("bam-base-pascal5i")``), go through BAM's
+scale / rotate / blur / flip / crop after that resize (:mod:`diffss.training.augment`). The output folder holds the PSPNet (``config.json`` +
 ``model.safetensors``, :meth:`diffss.models.PSPNet.from_pretrained`), ``base_train_config.json``,
 ``history.csv`` and ``checkpoints/`` (:mod:`diffss.core`); a rerun with the same folder resumes
 exactly.
@@ -17,15 +18,16 @@ from typing import Annotated, Any
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field
+from pydantic import Field, model_validator
 from pydantic.dataclasses import dataclass
 
 from diffss.data.semantic import load_semantic_dataset
 from diffss.models import PSPNet, poly_lr_schedule
-from diffss.train import _STRICT, IGNORE_INDEX, NonNegativeInt, PositiveInt, seed_everything
 from diffss.core.config import JsonConfig
 from diffss.core.distributed import World, global_batch, make_global_batch
 from diffss.core.loop import STATE_NAME, TrainingRun, epoch_batches, run_steps
+from diffss.train import _STRICT, IGNORE_INDEX, NonNegativeInt, PositiveInt, recipe_settings, seed_everything
+from diffss.training.augment import AugmentedPairs, PairAugmentation
 
 
 @dataclass(config=_STRICT)
@@ -44,7 +46,11 @@ class BaseTrainConfig(JsonConfig):
     head_lr_factor: Annotated[float, Field(gt=0)] = 10.0
     momentum: Annotated[float, Field(ge=0)] = 0.9
     weight_decay: Annotated[float, Field(ge=0)] = 1e-4
-    flip: bool = True
+    flip: bool = True  # the demo's own flip (drawn per seed, epoch, image); the recipe uses augmentations instead
+    # BAM's train-time transforms (diffss.training.augment; names of recipes.PFENET_AUGMENTATIONS)
+    augmentations: tuple[str, ...] = ()
+    scale: tuple[float, float] = (0.5, 2.0)
+    rotate: tuple[float, float] = (-10.0, 10.0)
     seed: int = 0
     device: str = "auto"
     num_workers: NonNegativeInt = 0
@@ -52,6 +58,30 @@ class BaseTrainConfig(JsonConfig):
     checkpoint_every: PositiveInt = 100
 
     RUNTIME_FIELDS = ("root", "device", "num_workers", "output_dir", "checkpoint_every")
+
+    @model_validator(mode="after")
+    def _check_augmentations(self):
+        if self.augmentations:
+            try:
+                self.augmentation()
+            except ValueError as exc:
+                raise ValueError(f"BaseTrainConfig.augmentations: {exc}") from exc
+        return self
+
+    def augmentation(self) -> PairAugmentation | None:
+        if not self.augmentations:
+            return None
+        return PairAugmentation(tuple(self.augmentations), self.image_size, tuple(self.scale), tuple(self.rotate))
+
+    @classmethod
+    def from_recipe(cls, name: str, **overrides: Any) -> "BaseTrainConfig":
+        """BAM's base-learner recipe (``bam-base-pascal5i``): SGD lr, head x10, momentum, weight
+        decay, batch, crop (``image_size``), augmentations (its flip replaces ``flip``);
+        ``overrides`` win. Its poly schedule is the one train_base always runs (power 0.9)."""
+        settings = recipe_settings(name, segmenter=False)
+        if settings.pop("power") != 0.9:
+            raise ValueError(f"recipe {name!r}: train_base runs poly with power 0.9 only")
+        return cls.from_dict({**settings, "flip": False, **overrides})
 
 
 def train_base(config: BaseTrainConfig, tracker: Any = None, progress: bool = True) -> Path:
@@ -70,8 +100,11 @@ def train_base(config: BaseTrainConfig, tracker: Any = None, progress: bool = Tr
     dataset = load_semantic_dataset(config.dataset, root=config.root, fold=config.fold, image_size=config.image_size,
                                     flip=config.flip, seed=config.seed)
     dataset.validate(full_decode=False)  # before the first write: a bad image fails now, naming the file
+    base_class_ids = dataset.base_class_ids
+    if config.augmentation() is not None:  # draws per (seed, epoch, image): resume stays exact
+        dataset = AugmentedPairs(dataset, config.augmentation(), config.seed)
     run.prepare()
-    model = PSPNet(config.backbone, pretrained=config.pretrained, base_class_ids=dataset.base_class_ids).to(device)
+    model = PSPNet(config.backbone, pretrained=config.pretrained, base_class_ids=base_class_ids).to(device)
     head = list(model.ppm.parameters()) + list(model.cls.parameters())
     optimizer = torch.optim.SGD(
         [{"params": list(model.backbone.parameters()), "lr": config.lr},

@@ -10,18 +10,20 @@ OFFICIAL = {
     # dvlab-research/PFENet config/pascal/pascal_split0_resnet50.yaml + train.py
     "pfenet-pascal5i": dict(optimizer="sgd", lr=0.0025, momentum=0.9, weight_decay=0.0001, schedule="poly", power=0.9,
                             epochs=200, batch_size=4, crop_size=473, scale=(0.9, 1.1), rotate=(-10.0, 10.0),
-                            augmentations=("scale", "rotate", "gaussian_blur", "horizontal_flip", "random_crop")),
+                            augmentations=("scale", "rotate", "gaussian_blur", "horizontal_flip", "random_crop"),
+                            lr_scale=10.0),  # util/util.py poly_learning_rate: index_split -1, scale_lr 10
     # chunbolang/BAM config/pascal/pascal_split0_resnet50.yaml + train.py
     "bam-pascal5i": dict(optimizer="sgd", lr=0.005, momentum=0.9, weight_decay=0.0001, schedule="poly", power=0.9,
                          epochs=200, batch_size=2, crop_size=473, scale=(0.9, 1.1), rotate=(-10.0, 10.0),
-                         augmentations=("scale", "rotate", "gaussian_blur", "horizontal_flip", "random_crop")),
+                         augmentations=("scale", "rotate", "gaussian_blur", "horizontal_flip", "random_crop"),
+                         lr_scale=10.0),  # index_split: -1
     # chunbolang/BAM config/pascal/pascal_split0_resnet50_base.yaml
     "bam-base-pascal5i": dict(optimizer="sgd", lr=0.00025, momentum=0.9, weight_decay=0.0001, schedule="poly",
                               power=0.9, epochs=100, batch_size=3, crop_size=417, scale=(0.5, 2.0),
-                              rotate=(-10.0, 10.0)),
+                              rotate=(-10.0, 10.0), lr_scale=10.0),  # index_split: 0: head (ppm, cls) at 10x
     # juhongm999/hsnet train.py: optim.Adam(lr=args.lr), --lr 1e-3, --bsz 20, --niter 2000, img_size=400
     "hsnet-pascal5i": dict(optimizer="adam", lr=0.001, momentum=None, weight_decay=0.0, schedule="constant",
-                           epochs=2000, batch_size=20, crop_size=400, augmentations=()),
+                           epochs=2000, batch_size=20, crop_size=400, augmentations=(), lr_scale=1.0),
 }
 
 

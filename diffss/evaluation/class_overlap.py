@@ -101,5 +101,6 @@ def check_trained_classes(checkpoint: str | os.PathLike, dataset: str, root: str
         raise TrainedClassesError(
             f"{checkpoint} trained on {len(overlap)} of the test classes of {dataset} fold {fold}: "
             f"{', '.join(overlap)} ({source}). A few-shot model is scored on classes it never saw: evaluate "
-            f"it on its own fold, or pass --allow-trained-classes to score it anyway (the result says so)")
+            f"it on its own fold, or pass --allow-trained-classes (EvalConfig.allow_trained_classes=True) to "
+            f"score it anyway (the result says so)")
     return check

@@ -190,7 +190,7 @@ class HSNet(FewShotSegmenter):
         f"support_{layer}": {0: "batch", 1: "shots", 4: f"{layer}_h", 5: f"{layer}_w"} for layer in LAYERS
     }
     backbones = tuple(RESNET_BLOCKS)
-    train_optimizer = "adam"  # HSNet: Adam, lr 1e-3, constant, no weight decay
+    train_optimizer = "adam"  # HSNet: Adam at a constant rate (its recipe: lr 1e-3, weight decay 0; TrainConfig.weight_decay decides)
 
     def __init__(self, backbone: str = "resnet50", pretrained: str | os.PathLike | None = None):
         super().__init__()

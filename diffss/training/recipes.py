@@ -2,6 +2,8 @@
 source (repository, file, commit read). ``diffss train`` runs the demo's fast CPU recipe (AdamW, a
 poly schedule, no augmentation, 300 steps at 96 px); these presets record what reproducing a
 published number needs, so a difference between the two is visible and named.
+``TrainConfig.from_recipe`` / ``BaseTrainConfig.from_recipe`` (``diffss train --recipe NAME``)
+train with them.
 """
 
 from __future__ import annotations
@@ -37,6 +39,11 @@ class Recipe:
     augmentations: tuple[str, ...]
     frozen_backbone: bool
     sources: dict[str, str] = field(default_factory=dict)  # field -> where the value is written
+    # The trained parameters' lr relative to ``lr`` (the config's base_lr): PFENet's and BAM's
+    # poly_learning_rate sets every parameter group after ``index_split`` to scale_lr (10) x base_lr;
+    # with index_split -1 (their segmenters) that is every group, with 0 (BAM's base learner) the
+    # head (PPM + classifier) while the encoder keeps base_lr.
+    lr_scale: float = 1.0
 
     def to_dict(self) -> dict[str, Any]:
         from dataclasses import asdict
@@ -67,7 +74,10 @@ RECIPES: dict[str, Recipe] = {
                                          "rotate": "rotate_min/rotate_max"}),
                  **_sources(PFENET_TRAIN, {"optimizer": "torch.optim.SGD", "schedule": "poly_learning_rate",
                                            "augmentations": "train_transform",
-                                           "frozen_backbone": "layer0..layer4 requires_grad = False"})}),
+                                           "frozen_backbone": "layer0..layer4 requires_grad = False",
+                                           "lr_scale": "index_split = -1 in train(), with util/util.py "
+                                                       "poly_learning_rate's scale_lr=10."})},
+        lr_scale=10.0),
     "bam-pascal5i": Recipe(
         model="bam", dataset="pascal5i", optimizer="sgd", lr=0.005, momentum=0.9, weight_decay=1e-4,
         schedule="poly", power=0.9, epochs=200, batch_size=2, crop_size=473, scale=(0.9, 1.1), rotate=(-10.0, 10.0),
@@ -78,7 +88,9 @@ RECIPES: dict[str, Recipe] = {
                                       "scale": "scale_min/scale_max", "rotate": "rotate_min/rotate_max",
                                       "frozen_backbone": "fix_bn"}),
                  **_sources(BAM_TRAIN, {"schedule": "poly_learning_rate", "augmentations": "train_transform"}),
-                 **_sources(BAM_MODEL, {"optimizer": "get_optim: torch.optim.SGD"})}),
+                 **_sources(BAM_MODEL, {"optimizer": "get_optim: torch.optim.SGD"}),
+                 "lr_scale": f"{BAM_CFG}: index_split -1, with util/util.py poly_learning_rate's scale_lr=10."},
+        lr_scale=10.0),
     "bam-base-pascal5i": Recipe(
         model="pspnet", dataset="pascal5i", optimizer="sgd", lr=2.5e-4, momentum=0.9, weight_decay=1e-4,
         schedule="poly", power=0.9, epochs=100, batch_size=3, crop_size=417, scale=(0.5, 2.0), rotate=(-10.0, 10.0),
@@ -89,7 +101,9 @@ RECIPES: dict[str, Recipe] = {
                                            "crop_size": "train_h/train_w", "scale": "scale_min/scale_max",
                                            "rotate": "rotate_min/rotate_max"}),
                  **_sources(BAM_TRAIN, {"schedule": "poly_learning_rate", "augmentations": "train_transform"}),
-                 **_sources(f"{BAM} model/PSPNet.py", {"optimizer": "get_optim: torch.optim.SGD"})}),
+                 **_sources(f"{BAM} model/PSPNet.py", {"optimizer": "get_optim: torch.optim.SGD"}),
+                 "lr_scale": f"{BAM_BASE_CFG}: index_split 0 (groups encoder | ppm | cls), scale_lr=10."},
+        lr_scale=10.0),
     "hsnet-pascal5i": Recipe(
         model="hsnet", dataset="pascal5i", optimizer="adam", lr=1e-3, momentum=None, weight_decay=0.0,
         schedule="constant", power=None, epochs=2000, batch_size=20, crop_size=400, scale=None, rotate=None,
@@ -98,7 +112,8 @@ RECIPES: dict[str, Recipe] = {
                                        "weight_decay": "Adam's default (none given)", "epochs": "--niter default",
                                        "batch_size": "--bsz default", "crop_size": "FSSDataset img_size=400 (a resize)",
                                        "augmentations": "FSSDataset transform: resize + normalize only",
-                                       "schedule": "no scheduler: the optimizer's lr throughout"})),
+                                       "schedule": "no scheduler: the optimizer's lr throughout",
+                                       "lr_scale": "optim.Adam([{'params': ..., 'lr': args.lr}]): one group at --lr"})),
 }
 
 
