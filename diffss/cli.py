@@ -1,8 +1,8 @@
 """The ``diffss`` command line: one subcommand per pipeline stage.
 
 ``diffss train`` / ``diffss evaluate`` / ``diffss train-base`` take every field of
-:class:`~diffss.train.TrainConfig` / :class:`~diffss.train.EvalConfig` /
-:class:`~diffss.train_base.BaseTrainConfig` as an option (``--true-shot 1 --aux-shot 4``) or a
+:class:`~diffss.training.segmenter.TrainConfig` / :class:`~diffss.evaluation.evaluate.EvalConfig` /
+:class:`~diffss.training.base_learner.BaseTrainConfig` as an option (``--true-shot 1 --aux-shot 4``) or a
 JSON file (``--config run.json``; options override it). ``diffss convert-checkpoint`` turns an
 official PFENet / BAM / HSNet checkpoint into a diffss model folder. ``diffss conditions`` and ``diffss generate`` work on
 any dataset that :func:`diffss.data.load_dataset` reads.
@@ -86,7 +86,7 @@ def _dataset_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from diffss.train import TrainConfig, train
+    from diffss.training.segmenter import TrainConfig, train
 
     config = _config_from_args(TrainConfig, args)
     out = train(config, progress=not args.quiet)
@@ -95,7 +95,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_train_base(args: argparse.Namespace) -> int:
-    from diffss.train_base import BaseTrainConfig, train_base
+    from diffss.training.base_learner import BaseTrainConfig, train_base
 
     config = _config_from_args(BaseTrainConfig, args)
     out = train_base(config, progress=not args.quiet)
@@ -128,7 +128,7 @@ def cmd_convert_checkpoint(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from diffss.train import EvalConfig, evaluate
+    from diffss.evaluation.evaluate import EvalConfig, evaluate
 
     config = _config_from_args(EvalConfig, args)  # evaluate refuses training classes unless allowed
     result = evaluate(args.checkpoint, config, progress=not args.quiet)
@@ -470,7 +470,7 @@ def _fold_map(items: list[str] | None, flag: str, with_shot: bool = False) -> di
 
 
 def cmd_reproduce(args: argparse.Namespace) -> int:
-    from diffss.reproduce import ReproduceConfig, reproduce
+    from diffss.evaluation.reproduce import ReproduceConfig, reproduce
 
     given = _fold_map(args.checkpoint, "--checkpoint", with_shot=True)
     checkpoints = {k: v for k, v in given.items() if isinstance(k, int)}
@@ -536,8 +536,9 @@ def _add_reproduce_commands(sub) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from diffss.generation import GenerationConfig
-    from diffss.train import EvalConfig, TrainConfig
-    from diffss.train_base import BaseTrainConfig
+    from diffss.evaluation.evaluate import EvalConfig
+    from diffss.training.segmenter import TrainConfig
+    from diffss.training.base_learner import BaseTrainConfig
     from diffss.training.recipes import RECIPES
 
     parser = argparse.ArgumentParser(prog="diffss", description=__doc__.splitlines()[0])

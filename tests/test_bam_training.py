@@ -17,8 +17,9 @@ from diffss.cli import main as cli_main
 from diffss.data import build_demo_dataset, load_dataset
 from diffss.data.semantic import load_semantic_dataset
 from diffss.models import PSPNet, load_model
-from diffss.train import EvalConfig, TrainConfig, evaluate, train
-from diffss.train_base import BaseTrainConfig, train_base
+from diffss.evaluation.evaluate import EvalConfig, evaluate
+from diffss.training.segmenter import TrainConfig, train
+from diffss.training.base_learner import BaseTrainConfig, train_base
 
 SIZE = 48
 

@@ -15,7 +15,7 @@ import torch
 from diffss.core.checkpoint import CheckpointDir, CheckpointError
 from diffss.data import build_demo_dataset
 from diffss.models import load_model
-from diffss.train import TrainConfig, train
+from diffss.training.segmenter import TrainConfig, train
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -117,7 +117,7 @@ KILLED_BETWEEN_WRITES = textwrap.dedent("""
             os._exit(137)
         return real_save(*args, **kwargs)
     torch.save = save_then_die
-    from diffss.train import TrainConfig, train
+    from diffss.training.segmenter import TrainConfig, train
     train(TrainConfig.from_json(sys.argv[1]), progress=False)
 """)
 

@@ -114,7 +114,7 @@ def test_the_training_asset_setting_launches_torchrun_and_logs_the_loss_once(dem
     """`processes: 2` in the Dagster training run config: run_data_parallel starts torchrun and the
     tracker (W&B) of the calling process gets each step's loss exactly once."""
     from diffss.experiment.training import run_data_parallel
-    from diffss.train import TrainConfig
+    from diffss.training.segmenter import TrainConfig
 
     class Recorder:
         def __init__(self):

@@ -16,7 +16,7 @@ from diffss.data import collate_episodes, load_dataset
 from diffss.data.episodes import image_tensor, mask_tensor, padded_shape
 from diffss.models import FewShotSegmenter
 from diffss.evaluation.protocol import EvalProtocol, protocol_for, scored_prediction
-from diffss.train import EvalConfig, evaluate
+from diffss.evaluation.evaluate import EvalConfig, evaluate
 
 
 def test_protocol_of_model_and_dataset():

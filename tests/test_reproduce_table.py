@@ -12,8 +12,9 @@ import pytest
 from diffss.evaluation.class_overlap import TrainedClassesError, check_trained_classes
 from diffss.cli import main as cli_main
 from diffss.data import build_demo_dataset, load_dataset
-from diffss.reproduce import ReproduceConfig, bootstrap, evaluate_episodes, published, reproduce, scores
-from diffss.train import EvalConfig, TrainConfig, evaluate, train
+from diffss.evaluation.reproduce import ReproduceConfig, bootstrap, evaluate_episodes, published, reproduce, scores
+from diffss.evaluation.evaluate import EvalConfig, evaluate
+from diffss.training.segmenter import TrainConfig, train
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 SIZE = 64

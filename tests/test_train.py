@@ -12,7 +12,8 @@ import torch
 from diffss.cli import main as cli_main
 from diffss.data import build_demo_dataset
 from diffss.models import load_model
-from diffss.train import EvalConfig, TrainConfig, evaluate, train
+from diffss.evaluation.evaluate import EvalConfig, evaluate
+from diffss.training.segmenter import TrainConfig, train
 
 
 @pytest.fixture(scope="module")
@@ -126,7 +127,7 @@ def test_hsnet_trains_its_learner_with_adam(demo_root, tmp_path):
     history = pd.read_csv(out / "history.csv")
     assert len(history) == 3 and np.isfinite(history["loss"]).all() and (history["lr"] == config.lr).all()
     from diffss.core.checkpoint import CheckpointDir
-    from diffss.train import CHECKPOINTS, STATE_NAME
+    from diffss.training.segmenter import CHECKPOINTS, STATE_NAME
 
     state = CheckpointDir(out / CHECKPOINTS).latest().load(STATE_NAME, weights_only=False)
     assert not state["optimizer"]["param_groups"][0].get("decoupled_weight_decay", False)  # Adam, not AdamW

@@ -17,8 +17,9 @@ from diffss.evaluation.class_overlap import TrainedClassesError
 from diffss.cli import main as cli_main
 from diffss.data import build_demo_dataset, load_dataset
 from diffss.models import load_model
-from diffss.train import EvalConfig, TrainConfig, build_optimizer, evaluate, train
-from diffss.train_base import BaseTrainConfig
+from diffss.evaluation.evaluate import EvalConfig, evaluate
+from diffss.training.segmenter import TrainConfig, build_optimizer, train
+from diffss.training.base_learner import BaseTrainConfig
 from diffss.training.augment import IMAGENET_MEAN, AugmentedEpisodes, PairAugmentation, episode_rng
 from diffss.training.recipes import PFENET_AUGMENTATIONS, RECIPES
 
@@ -229,7 +230,7 @@ def test_evaluate_refuses_the_training_classes_unless_allowed(demo_root, tmp_pat
 
 def test_the_base_learner_trains_with_its_recipe_and_resumes_exactly(demo_root, tmp_path, one_thread):
     from diffss.models import PSPNet
-    from diffss.train_base import train_base
+    from diffss.training.base_learner import train_base
 
     def config(out):
         return BaseTrainConfig.from_recipe("bam-base-pascal5i", dataset="demo", root=str(demo_root), image_size=48,

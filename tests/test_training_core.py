@@ -23,8 +23,9 @@ from diffss.cli import main as cli_main
 from diffss.data import build_demo_dataset
 from diffss.generation.generator_training import GeneratorTrainConfig
 from diffss.models import PSPNet, load_model
-from diffss.train import EvalConfig, TrainConfig, train
-from diffss.train_base import BaseTrainConfig, train_base
+from diffss.evaluation.evaluate import EvalConfig
+from diffss.training.segmenter import TrainConfig, train
+from diffss.training.base_learner import BaseTrainConfig, train_base
 from diffss.core.checkpoint import CheckpointDir
 from diffss.core.config import JsonConfig
 

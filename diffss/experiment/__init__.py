@@ -1,8 +1,8 @@
 """One DifFSS experiment, fold by fold: its settings, its folders, and the stages that make them.
 
 :class:`ExperimentConfig` (``config.py``) is the whole experiment in one validated object (a
-pydantic dataclass holding the library's own :class:`~diffss.train.TrainConfig`,
-:class:`~diffss.train.EvalConfig` and :class:`~diffss.generation.GenerationConfig` as
+pydantic dataclass holding the library's own :class:`~diffss.training.segmenter.TrainConfig`,
+:class:`~diffss.evaluation.evaluate.EvalConfig` and :class:`~diffss.generation.GenerationConfig` as
 templates), loaded from YAML with :meth:`ExperimentConfig.from_yaml`; its defaults are the
 embedded demo. A fold is a :class:`Fold`. Every stage writes exactly one folder,
 ``<data_root>/<fold key>/<stage path>`` (:meth:`ExperimentConfig.folder`), and returns what it made

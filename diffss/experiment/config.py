@@ -20,8 +20,9 @@ from pydantic.dataclasses import dataclass
 from diffss.core.atomic import atomic_path, write_text_atomic
 from diffss.generation.config import GenerationConfig
 from diffss.evaluation.protocol import EvalProtocol
-from diffss.train import EvalConfig, TrainConfig
-from diffss.train_base import BaseTrainConfig
+from diffss.evaluation.evaluate import EvalConfig
+from diffss.training.segmenter import TrainConfig
+from diffss.training.base_learner import BaseTrainConfig
 
 # Folds each dataset defines (PASCAL-5i and COCO-20i: 4; FSS-1000 one fixed split; the demo 4).
 DATASET_FOLDS: dict[str, tuple[int, ...]] = {
@@ -224,7 +225,7 @@ class ExperimentConfig:
 
 def test_episodes(settings: ExperimentConfig, fold: Fold) -> Iterator[tuple[int, Any]]:
     """``(seed, test split)`` for every seed of the fold's evaluation protocol: exactly the episodes
-    ``diffss.train.evaluate`` scores (same seeds, episode count and query order)."""
+    ``diffss.evaluation.evaluate.evaluate`` scores (same seeds, episode count and query order)."""
     protocol = settings.eval_protocol(fold)
     for seed in protocol.seeds:
         yield seed, load_split(settings, fold, "test", episodes=protocol.episodes, seed=seed,

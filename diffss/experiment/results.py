@@ -53,7 +53,7 @@ def paper_layout(settings: ExperimentConfig, fold: Fold, evaluations: dict[str, 
     FB-IoU with seed std and 95% interval over episodes, the published numbers beside):
     ``paper_table.md`` / ``.csv`` and ``paper_results.csv``."""
     from diffss.evaluation.class_overlap import check_trained_classes
-    from diffss.reproduce import paper_table, results_frame, table_markdown
+    from diffss.evaluation.reproduce import paper_table, results_frame, table_markdown
 
     cells = []
     for label, folder in evaluations.items():

@@ -71,7 +71,7 @@ class StudyConfig:
 
 
 def _train_config(cfg: StudyConfig, seed: int, arm: str, aux_shot: int, table: str | None):
-    from diffss.train import TrainConfig
+    from diffss.training.segmenter import TrainConfig
 
     name = f"{arm}-aux{aux_shot}-seed{seed}" if aux_shot else f"{NONE}-seed{seed}"
     return TrainConfig(dataset=cfg.dataset, root=cfg.root, fold=cfg.fold, model=cfg.model, backbone=cfg.backbone,
@@ -84,7 +84,7 @@ def _train_config(cfg: StudyConfig, seed: int, arm: str, aux_shot: int, table: s
 
 def _evaluate(cfg: StudyConfig, checkpoint: Path, shot: int, aux_shot: int, table: str | None, key: str) -> dict:
     """mIoU / FB-IoU of one checkpoint in one test setting, cached under ``evals/<key>.json``."""
-    from diffss.train import EvalConfig, evaluate
+    from diffss.evaluation.evaluate import EvalConfig, evaluate
 
     cache = Path(cfg.output_dir) / "evals" / f"{key}.json"
     if cache.is_file():
@@ -104,7 +104,7 @@ def run_study(cfg: StudyConfig, aux_tables: Mapping[str, str | os.PathLike] | No
     and writes it to ``<output_dir>/results.csv``. ``aux_tables``: label -> generation table."""
     from tqdm.auto import tqdm
 
-    from diffss.train import train
+    from diffss.training.segmenter import train
 
     aux_tables = {label: str(path) for label, path in (aux_tables or {}).items()}
     rows = []

@@ -11,7 +11,7 @@ from typing import Any
 import pandas as pd
 
 from diffss.experiment.config import BASELINE, ExperimentConfig, Fold, fresh, write_csv, write_json
-from diffss.train import CHECKPOINTS, TrainConfig
+from diffss.training.segmenter import CHECKPOINTS, TrainConfig
 
 
 def train_checkpoint(settings: ExperimentConfig, fold: Fold, condition: str, auxiliary: Path | None, out: Path,
@@ -21,7 +21,7 @@ def train_checkpoint(settings: ExperimentConfig, fold: Fold, condition: str, aux
     training of the same settings continues where it stopped; otherwise it starts over.
     ``processes`` > 1: data-parallel under ``torchrun`` (see :func:`run_data_parallel`)."""
     from diffss.experiment.figures import line_plot
-    from diffss.train import train
+    from diffss.training.segmenter import train
 
     partial = out.with_name(out.name + ".partial")
     cfg = settings.train_config(fold, condition, auxiliary, partial)
@@ -50,7 +50,7 @@ def train_base_learner(settings: ExperimentConfig, fold: Fold, out: Path, tracke
                        resume: bool = True, processes: int = 1) -> dict[str, Any]:
     """BAM's first stage for ``fold``: the base learner (PSPNet on the fold's base classes), trained in
     ``<out>.partial`` (resumed if its settings match) and swapped onto ``out`` when finished."""
-    from diffss.train_base import BaseTrainConfig, train_base
+    from diffss.training.base_learner import BaseTrainConfig, train_base
 
     partial = out.with_name(out.name + ".partial")
     cfg = settings.base_train_config(fold, partial)
@@ -108,10 +108,10 @@ def evaluate_checkpoint(settings: ExperimentConfig, fold: Fold, condition: str, 
     """mIoU / FB-IoU on the fold's fixed test episodes (``eval_aux_shot`` auxiliary supports per
     episode for a condition): ``summary.json``, ``per_class.csv`` and prediction panels."""
     from diffss.experiment.figures import save_png, stack_panels
-    from diffss.reproduce import evaluate_episodes
+    from diffss.evaluation.reproduce import evaluate_episodes
 
     cfg = settings.eval_config(fold, condition, auxiliary)
-    # diffss.train.evaluate's result, plus each episode's counts: the paper table's interval over episodes
+    # diffss.evaluation.evaluate.evaluate's result, plus each episode's counts: the paper table's interval over episodes
     result, episodes = evaluate_episodes(checkpoint, cfg, tracker=tracker, progress=False)
     out = fresh(out)
     write_csv(result.per_class, out / "per_class.csv")
@@ -132,7 +132,7 @@ def real_shot_gain(settings: ExperimentConfig, fold: Fold, checkpoint: Path, eva
     ``shots`` real supports instead of 1: the mIoU gain over its 1-shot ``evaluation``."""
     import json
 
-    from diffss.train import evaluate
+    from diffss.evaluation.evaluate import evaluate
 
     one_shot = json.loads((evaluation / "summary.json").read_text())["miou"]
     cfg = dataclasses.replace(settings.eval_config(fold, BASELINE, None), shot=shots, num_examples=0)
@@ -145,7 +145,7 @@ def xshot_study(settings: ExperimentConfig, fold: Fold, condition: str, checkpoi
                 out: Path, tracker: Any = None) -> dict[str, Any]:
     """mIoU of the checkpoint as the number of auxiliary images per episode grows (``xshot_shots``)."""
     from diffss.experiment.figures import line_plot
-    from diffss.train import evaluate
+    from diffss.evaluation.evaluate import evaluate
 
     rows = []
     for shots in sorted(set(settings.xshot_shots)):

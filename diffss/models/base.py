@@ -173,7 +173,7 @@ class FewShotSegmenter(nn.Module, abc.ABC):
     """
 
     model_name: ClassVar[str] = ""
-    # How diffss.train optimises the model: "adamw" (AdamW, PFENet's poly schedule) or "adam"
+    # How diffss.training.segmenter optimises the model: "adamw" (AdamW, PFENet's poly schedule) or "adam"
     # (Adam at a constant rate, as HSNet trains).
     train_optimizer: ClassVar[str] = "adamw"
     support_feature_axes: ClassVar[dict[str, dict[int, str]]] = {}

@@ -82,7 +82,7 @@ def episode_counts(pred, label) -> np.ndarray:
 
 
 def evaluate_episodes(model, config, progress: bool = True, tracker: Any = None):
-    """:func:`diffss.train.evaluate` (same episodes, protocol, meters, per-class table, example panels
+    """:func:`diffss.evaluation.evaluate.evaluate` (same episodes, protocol, meters, per-class table, example panels
     and tracker logs: an equal ``EvalResult``) that also keeps each episode's counts, which the
     interval over episodes needs: returns (result, frame of seed, episode, class_id, fg_inter,
     fg_union, bg_inter, bg_union). ``model``: a segmenter or a checkpoint folder."""
@@ -96,8 +96,9 @@ def evaluate_episodes(model, config, progress: bool = True, tracker: Any = None)
     from diffss.evaluation.metrics import FewShotMeter
     from diffss.models import load_model
     from diffss.evaluation.protocol import scored_prediction
-    # train's own helpers, so both evaluations build their results the same way
-    from diffss.train import EvalResult, _auxiliary, _example_panels, _mean_per_class, resolve_device
+    # evaluate's own helpers, so both evaluations build their results the same way
+    from diffss.evaluation.evaluate import EvalResult, _example_panels, _mean_per_class
+    from diffss.training.segmenter import _auxiliary, resolve_device
 
     device = resolve_device(config.device)
     model = (load_model(model) if isinstance(model, (str, os.PathLike)) else model).to(device).eval()
@@ -242,7 +243,7 @@ def _cell_settings(cfg: ReproduceConfig, checkpoint: Path, eval_config) -> dict[
 def run_cell(cfg: ReproduceConfig, fold: int, shot: int, aux: bool, progress: bool) -> dict[str, Any]:
     """Score one (fold, shot, aux) cell, or read it back when a previous run finished it with the same settings."""
     from diffss.evaluation.class_overlap import check_trained_classes
-    from diffss.train import EvalConfig
+    from diffss.evaluation.evaluate import EvalConfig
 
     checkpoint = cfg.checkpoint_for(fold, shot, aux)
     folder_of_checkpoint = checkpoint_folder(checkpoint)
