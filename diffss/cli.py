@@ -350,9 +350,10 @@ def cmd_generator_probe(args: argparse.Namespace) -> int:
                                                            args.strengths):
             cfg = dataclasses.replace(base, strength=strength, num_inference_steps=steps, guidance_scale=guidance)
             generator.config = cfg
-            scores = class_following(cfg, samples, Path(args.output) / "conditions", kind, generator=generator)
+            scores = class_following(cfg, samples, Path(args.output) / "conditions", kind, generator=generator,
+                                     candidates=args.candidates)
             rows.append({"condition": kind, "start": cfg.start, "steps": steps, "guidance": guidance,
-                         "strength": strength, **scores})
+                         "strength": strength, "candidates": args.candidates, **scores})
             print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in rows[-1].items()}), flush=True)
     with atomic_path(Path(args.output) / "generator_probe.csv") as tmp:
         pd.DataFrame(rows).to_csv(tmp, index=False)
@@ -692,6 +693,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, nargs="+", default=[4, 8])
     p.add_argument("--guidance", type=float, nargs="+", default=None, help="default: the generator's")
     p.add_argument("--start", choices=["support", "new_scene"], default=None, help="default: the generator's")
+    p.add_argument("--candidates", type=int, default=1,
+                   help="paint N per support and score the best by appearance (keep-best generation)")
     p.add_argument("--generator", default=None, help="demo generator folder (default: the shipped weights)")
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=cmd_generator_probe)

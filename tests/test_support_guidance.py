@@ -230,6 +230,22 @@ def test_new_scene_start_keeps_the_object_and_draws_a_new_scene_per_seed():
         start_image(support, mask, "elsewhere", 0)
 
 
+def test_keep_best_of_n_from_noise_paints_the_class_a_single_image_misses(tmp_path, demo_root):
+    """Keep-best in the probe: of N images per support, the one with the best appearance is
+    scored. Candidate 0 is the single image, so the kept one's appearance is never lower; and on
+    base-class supports at strength 1, where one image paints another class more than its own,
+    the kept one paints the support's class."""
+    samples = base_supports(demo_root, fold=0, count=8)
+    cfg = dataclasses.replace(demo_generation_config(device="cpu"), strength=1.0, num_inference_steps=4)
+    generator = AuxiliaryGenerator(cfg, "seg")
+    single = class_following(cfg, samples, tmp_path / "conditions", "seg", generator=generator)
+    best = class_following(cfg, samples, tmp_path / "conditions", "seg", generator=generator, candidates=4)
+    assert best["appearance"] >= single["appearance"]
+    assert best["own"] > single["own"] + 0.1 and best["margin"] > single["margin"] + 0.1, (single, best)
+    with pytest.raises(ValueError, match="candidates"):
+        class_following(cfg, samples, tmp_path / "conditions", "seg", generator=generator, candidates=0)
+
+
 def test_generator_probe_command_writes_its_sweep(tmp_path, demo_root):
     from diffss.cli import main as cli_main
 

@@ -131,10 +131,12 @@ def class_in_mask_contrast(config: GenerationConfig, samples, conditions_dir: st
 
 
 def class_following(config: GenerationConfig, samples, conditions_dir: str | os.PathLike, kind: str = "seg",
-                    generator=None) -> dict[str, float]:
+                    generator=None, candidates: int = 1) -> dict[str, float]:
     """Does a generator paint each support's class inside the support's mask? One auxiliary image
     per support (seed = position, strength ``config.strength_of(0)``, started from the support at
-    strength < 1), scored in the demo world, where a class's look is a known palette:
+    strength < 1); with ``candidates`` N > 1, N images per support (candidate c of support i seeded
+    ``1000 * c + i``) of which the one with the best appearance score is scored, as keep-best
+    generation keeps it. Scored in the demo world, where a class's look is a known palette:
 
     * ``own``: mean (share of mask pixels in the support's class palette) - (share outside);
     * ``wrong``: the same with the palettes of the other classes of the support's fold group (the
@@ -163,12 +165,15 @@ def class_following(config: GenerationConfig, samples, conditions_dir: str | os.
         starts.append(start)
         masks.append(mask == 1)
     begins = [start_image(start, mask.astype(np.uint8), config.start, i) for i, (start, mask) in enumerate(zip(starts, masks))]
+    if candidates < 1:
+        raise ValueError(f"candidates must be >= 1, got {candidates}")
     generator = generator or AuxiliaryGenerator(config, kind)
-    images = generator.generate(controls, [s.class_name for s in samples], list(range(len(samples))),
-                                init_images=begins, strength=config.strength_of(0))
+    painted = [generator.generate(controls, [s.class_name for s in samples], [1000 * c + i for i in range(len(samples))],
+                                  init_images=begins, strength=config.strength_of(0)) for c in range(candidates)]
     scores: dict[str, list[float]] = {"own": [], "wrong": [], "appearance": [], "difference": []}
-    for sample, image, start, mask in zip(samples, images, starts, masks):
-        pixels = (image * 255).round().astype(np.uint8)
+    for i, (sample, start, mask) in enumerate(zip(samples, starts, masks)):
+        options = [(image[i] * 255).round().astype(np.uint8) for image in painted]
+        pixels = max(options, key=lambda p: appearance_score(p, start, mask.astype(np.uint8)))  # first of ties
         k = demo_class_index(sample.class_name)
 
         def contrast(j: int) -> float:
