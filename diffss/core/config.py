@@ -1,6 +1,6 @@
-"""One base class for training configs, and one "is this folder the same run?" check.
+"""One base class for configs (training and generation), and one "is this folder the same run?" check.
 
-Every training config (segmenter, base learner, generator) is a dataclass (pydantic or plain)
+Every config (segmenter, base learner, generator training, generation) is a dataclass (pydantic or plain)
 deriving from :class:`JsonConfig`: ``from_dict(cfg.to_dict()) == cfg`` and the JSON file a run
 writes is ``to_dict()``. ``RUNTIME_FIELDS`` name the fields that change where or how fast a run
 goes, not its result; ``RESUMABLE_FIELDS`` the ones a rerun into the same folder may change
@@ -16,10 +16,15 @@ import os
 from pathlib import Path
 from typing import Any, ClassVar
 
+from diffss.core.atomic import write_text_atomic
+
 
 class JsonConfig:
     RUNTIME_FIELDS: ClassVar[tuple[str, ...]] = ()
     RESUMABLE_FIELDS: ClassVar[tuple[str, ...]] = ("steps",)
+    # How to_json orders keys. Generation settings are written sorted (the files beside earlier
+    # images are, and their bytes are hashed into data versions); training configs in field order.
+    SORT_KEYS: ClassVar[bool] = False
 
     def to_dict(self) -> dict[str, Any]:
         """The fields as JSON gives them back (tuples as lists), so a dict read from the run's
@@ -40,18 +45,35 @@ class JsonConfig:
         return data
 
     @classmethod
-    def from_json(cls, path: str | os.PathLike):
-        path = Path(path)
+    def from_json(cls, path_or_text: str | os.PathLike):
+        """From a JSON file, or from JSON text (a string that starts with ``{``); every error
+        names the file (or says the text was given)."""
+        if isinstance(path_or_text, str) and path_or_text.lstrip().startswith("{"):
+            text, source = path_or_text, f"{cls.__name__} JSON"
+        else:
+            path = Path(path_or_text)
+            source = str(path)
+            if not path.is_file():
+                raise FileNotFoundError(f"{cls.__name__} file not found: {path}")
+            try:
+                text = path.read_text()
+            except (OSError, ValueError) as exc:  # ValueError: not UTF-8
+                raise ValueError(f"{path}: cannot read {cls.__name__} ({exc})") from exc
         try:
-            data = json.loads(path.read_text())
-        except (OSError, ValueError) as exc:
-            raise ValueError(f"{path}: cannot read {cls.__name__} ({exc})") from exc
+            data = json.loads(text)
+        except ValueError as exc:
+            raise ValueError(f"{source}: invalid JSON ({exc})") from None
         if not isinstance(data, dict):
-            raise ValueError(f"{path}: a {cls.__name__} file holds a JSON object, not {type(data).__name__}")
-        return cls.from_dict(data, source=str(path))
+            raise ValueError(f"{source}: a {cls.__name__} file holds a JSON object, not {type(data).__name__}")
+        return cls.from_dict(data, source=source)
 
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2)
+    def to_json(self, path: str | os.PathLike | None = None) -> str:
+        """The JSON text (``SORT_KEYS``: keys in name order, else in field order); with ``path``
+        also written there atomically, with a final newline."""
+        text = json.dumps(self.to_dict(), indent=2, sort_keys=self.SORT_KEYS)
+        if path is not None:
+            write_text_atomic(path, text + "\n")
+        return text
 
     def output_settings(self) -> dict[str, Any]:
         """The fields that determine the result (everything but ``RUNTIME_FIELDS``)."""
