@@ -25,6 +25,9 @@ class JsonConfig:
     # How to_json orders keys. Generation settings are written sorted (the files beside earlier
     # images are, and their bytes are hashed into data versions); training configs in field order.
     SORT_KEYS: ClassVar[bool] = False
+    # Settings that were removed: name -> what replaced it. Files written before may still hold
+    # them (drop_removed_fields): at null they did nothing and are dropped, any other value is refused.
+    REMOVED_FIELDS: ClassVar[dict[str, str]] = {}
 
     def to_dict(self) -> dict[str, Any]:
         """The fields as JSON gives them back (tuples as lists), so a dict read from the run's
@@ -33,6 +36,7 @@ class JsonConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str | None = None):
+        data = drop_removed_fields(data, cls.REMOVED_FIELDS, source or cls.__name__)
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
@@ -89,6 +93,17 @@ class JsonConfig:
 
     def same_run_as(self, other: "JsonConfig | dict[str, Any]") -> bool:
         return not self.differences(other)
+
+
+def drop_removed_fields(data: dict[str, Any], removed: dict[str, str], source: str) -> dict[str, Any]:
+    """``data`` without the ``removed`` settings an older file may still hold: one left at null
+    (it did nothing) is dropped silently; any other value is refused, naming ``source`` and saying
+    what replaced it (a setting that no longer acts must not be ignored silently)."""
+    for name in sorted(set(removed) & set(data)):
+        if data[name] is not None:
+            raise ValueError(f"{source}: {name}={data[name]!r} is no longer a setting: {removed[name]}; "
+                             f"remove it (null is accepted and ignored)")
+    return {k: v for k, v in data.items() if k not in removed}
 
 
 def check_same_run(config: JsonConfig, saved: Path, out: Path) -> None:

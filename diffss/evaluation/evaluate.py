@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from diffss.core.config import JsonConfig
 from diffss.data import collate_episodes, load_dataset
+from diffss.data.auxiliary import MAX_DRIFT_REPLACED
 from diffss.data.episodes import AUX_PAIRING
 from diffss.evaluation.class_overlap import check_trained_classes
 from diffss.evaluation.metrics import FewShotMeter
@@ -41,7 +42,6 @@ class EvalConfig(JsonConfig):
     aux_shot: NonNegativeInt = 0
     auxiliary_table: str | None = None
     condition: str | None = None
-    max_drift: Annotated[float, Field(gt=0)] | None = None
     # The fields below left at None take the evaluation protocol of the model and dataset
     # (diffss.evaluation.protocol): PFENet/BAM pad to 473 px on PASCAL-5i and score at the original size,
     # HSNet squashes to 400 px and scores there; BAM averages 5 seeds x 1000 episodes.
@@ -63,6 +63,7 @@ class EvalConfig(JsonConfig):
     allow_trained_classes: bool = False
 
     RUNTIME_FIELDS = ("root", "auxiliary_table", "device", "batch_size")
+    REMOVED_FIELDS = {"max_drift": MAX_DRIFT_REPLACED}
 
     _check_aux = model_validator(mode="after")(_aux_needs_table)
 
@@ -107,7 +108,7 @@ def evaluate(model_or_checkpoint_dir: FewShotSegmenter | str | Path, config: Eva
         model = model_or_checkpoint_dir
     model = model.to(device).eval()
     protocol = config.protocol_for(model.model_name)
-    auxiliary = _auxiliary(config.auxiliary_table, config.condition, config.max_drift)
+    auxiliary = _auxiliary(config.auxiliary_table, config.condition)
 
     per_seed, meters, examples = [], [], []
     class_names: dict[int, str] = {}

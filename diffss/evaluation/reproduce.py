@@ -103,7 +103,7 @@ def evaluate_episodes(model, config, progress: bool = True, tracker: Any = None)
     device = resolve_device(config.device)
     model = (load_model(model) if isinstance(model, (str, os.PathLike)) else model).to(device).eval()
     protocol = config.protocol_for(model.model_name)
-    auxiliary = _auxiliary(config.auxiliary_table, config.condition, config.max_drift)
+    auxiliary = _auxiliary(config.auxiliary_table, config.condition)
     rows, per_seed, meters, examples, class_names = [], [], [], [], {}
     for seed in protocol.seeds:
         dataset = load_dataset(
@@ -260,7 +260,10 @@ def run_cell(cfg: ReproduceConfig, fold: int, shot: int, aux: bool, progress: bo
     folder = Path(cfg.output_dir) / "cells"
     settings = _cell_settings(cfg, folder_of_checkpoint, eval_config)
     done = folder / f"{name}.json"
-    if done.is_file() and json.loads(done.read_text()).get("settings") == settings:
+    recorded = json.loads(done.read_text()).get("settings") if done.is_file() else None
+    if isinstance(recorded, dict):  # cells scored before a setting was removed recorded it at null: no change
+        recorded = {k: v for k, v in recorded.items() if not (k in EvalConfig.REMOVED_FIELDS and v is None)}
+    if recorded == settings:
         saved = json.loads(done.read_text())
         return {**saved["cell"], "episodes": pd.read_csv(folder / f"{name}.csv")}
     model = load_segmenter(str(folder_of_checkpoint))

@@ -24,6 +24,7 @@ from diffss.core.config import JsonConfig
 from diffss.core.distributed import World, global_batch, make_global_batch
 from diffss.core.loop import CHECKPOINTS, STATE_NAME, TrainingRun, epoch_batches, run_steps  # noqa: F401 - CHECKPOINTS re-exported
 from diffss.data import AuxiliarySupports, load_dataset
+from diffss.data.auxiliary import MAX_DRIFT_REPLACED
 from diffss.data.episodes import AUX_PAIRING
 from diffss.models import MODEL_REGISTRY, FewShotSegmenter, build_model, load_model, poly_lr_schedule, segmentation_loss
 from diffss.training.augment import AugmentedEpisodes, PairAugmentation
@@ -87,7 +88,6 @@ class TrainConfig(JsonConfig):
     aux_shot: NonNegativeInt = 0
     auxiliary_table: str | None = None
     condition: str | None = None
-    max_drift: Annotated[float, Field(gt=0)] | None = None
     steps: PositiveInt = 300
     batch_size: PositiveInt = 8
     lr: Annotated[float, Field(gt=0)] = 1e-3
@@ -125,6 +125,7 @@ class TrainConfig(JsonConfig):
 
     RUNTIME_FIELDS = ("root", "auxiliary_table", "base_learner", "device", "num_workers", "output_dir",
                       "checkpoint_every")
+    REMOVED_FIELDS = {"max_drift": MAX_DRIFT_REPLACED}
 
     _check_aux = model_validator(mode="after")(_aux_needs_table)
 
@@ -187,10 +188,10 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _auxiliary(table: str | None, condition: str | None, max_drift: float | None) -> AuxiliarySupports | None:
+def _auxiliary(table: str | None, condition: str | None) -> AuxiliarySupports | None:
     if not table:
         return None
-    return AuxiliarySupports.from_table(table, condition=condition, max_drift=max_drift)
+    return AuxiliarySupports.from_table(table, condition=condition)
 
 
 def _episode_loss(model: FewShotSegmenter, batch: dict[str, Any], device: torch.device, aux_weight: float) -> torch.Tensor:
@@ -283,7 +284,7 @@ def train(config: TrainConfig, tracker: Any = None, progress: bool = True) -> Pa
         seed=config.seed,
         image_size=config.image_size,
         aux_shot=config.aux_shot,
-        auxiliary=_auxiliary(config.auxiliary_table, config.condition, config.max_drift),
+        auxiliary=_auxiliary(config.auxiliary_table, config.condition),
         skip_bad=config.skip_bad,
         aux_pairing=config.aux_pairing,
     )
