@@ -36,7 +36,8 @@ log = logging.getLogger(__name__)
 
 PositiveInt = Annotated[int, Field(ge=1)]
 NonNegativeInt = Annotated[int, Field(ge=0)]
-_STRICT = ConfigDict(extra="forbid")
+#: The pydantic settings of every training and evaluation config: an unknown field is an error, naming it.
+STRICT_CONFIG = ConfigDict(extra="forbid")
 OPTIMIZERS = ("auto", "adamw", "adam", "sgd")
 SCHEDULES = ("auto", "poly", "constant")
 
@@ -69,13 +70,14 @@ def recipe_settings(name: str, segmenter: bool) -> dict[str, Any]:
     return settings
 
 
-def _aux_needs_table(cfg: Any) -> Any:
+def require_auxiliary_table(cfg: Any) -> Any:
+    """A config's validator (training and evaluation): auxiliary images need their table."""
     if cfg.aux_shot and not cfg.auxiliary_table:
         raise ValueError(f"{type(cfg).__name__}.auxiliary_table is required when aux_shot > 0")
     return cfg
 
 
-@dataclass(config=_STRICT)
+@dataclass(config=STRICT_CONFIG)
 class TrainConfig(JsonConfig):
     dataset: str = "demo"
     root: str | None = None
@@ -127,7 +129,7 @@ class TrainConfig(JsonConfig):
                       "checkpoint_every")
     REMOVED_FIELDS = {"max_drift": MAX_DRIFT_REPLACED}
 
-    _check_aux = model_validator(mode="after")(_aux_needs_table)
+    _check_aux = model_validator(mode="after")(require_auxiliary_table)
 
     @model_validator(mode="after")
     def _check_augmentations(self):
@@ -188,7 +190,8 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _auxiliary(table: str | None, condition: str | None) -> AuxiliarySupports | None:
+def load_auxiliary(table: str | None, condition: str | None) -> AuxiliarySupports | None:
+    """The auxiliary supports of ``condition`` from a generation table (None without a table)."""
     if not table:
         return None
     return AuxiliarySupports.from_table(table, condition=condition)
@@ -284,7 +287,7 @@ def train(config: TrainConfig, tracker: Any = None, progress: bool = True) -> Pa
         seed=config.seed,
         image_size=config.image_size,
         aux_shot=config.aux_shot,
-        auxiliary=_auxiliary(config.auxiliary_table, config.condition),
+        auxiliary=load_auxiliary(config.auxiliary_table, config.condition),
         skip_bad=config.skip_bad,
         aux_pairing=config.aux_pairing,
     )
