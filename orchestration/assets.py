@@ -350,9 +350,8 @@ def training_assets(s: ExperimentConfig, condition: str, inputs: list, supports)
     """``<condition>/checkpoint``, ``<condition>/evaluation`` and (with auxiliary supports) ``<condition>/xshot_study``."""
     aux = condition != BASELINE
     training = {**s.train.output_settings(), "pretrained": weights_identity(s.train.pretrained),
-                "train_aux_shot": s.train_aux_shot if aux else 0, "max_drift": s.max_drift if aux else None}
-    evaluation = {**s.evaluation.output_settings(), "eval_aux_shot": s.eval_aux_shot if aux else 0,
-                  "max_drift": s.max_drift if aux else None}
+                "train_aux_shot": s.train_aux_shot if aux else 0}
+    evaluation = {**s.evaluation.output_settings(), "eval_aux_shot": s.eval_aux_shot if aux else 0}
     upstream = [*inputs, *([supports] if aux else [])]  # raw data (BAM: and the base learner)
     reads_table = [ex.auxiliary_table] if aux else []  # table() below
 

@@ -168,3 +168,20 @@ def test_an_unfinished_run_in_the_old_layout_is_refused(demo_root, tmp_path):
         train(config, progress=False)
     torch.save({"step": 4}, out / "trainer_state.pt")
     assert train(config, progress=False) == out  # finished: nothing to do
+
+
+def test_a_run_saved_with_max_drift_null_resumes(demo_root, tmp_path):
+    """Runs trained before the drift filter was removed saved ``"max_drift": null``; the
+    same-run check reads them as the same run, so they resume; a set filter is refused."""
+    out = tmp_path / "old"
+    train(_config(demo_root, out, steps=2), progress=False)
+    saved = out / "train_config.json"
+    old = {**json.loads(saved.read_text()), "max_drift": None}
+    saved.write_text(json.dumps(old))
+    train(_config(demo_root, out), progress=False)  # steps 2 -> 4: resumed, not refused
+    assert CheckpointDir(out / "checkpoints").latest().step == 4
+    assert "max_drift" not in json.loads(saved.read_text())  # rewritten by this version
+
+    saved.write_text(json.dumps({**old, "max_drift": 0.8}))
+    with pytest.raises(ValueError, match=r"train_config\.json: max_drift=0\.8 is no longer a setting"):
+        train(_config(demo_root, out, steps=6), progress=False)

@@ -510,13 +510,12 @@ def test_aux_table_filters_and_errors(demo_root, tmp_path):
     table = write_aux_table(demo_root, tmp_path, fold=0, per_support=3, skip="dotted_ring/4")
     both = AuxiliarySupports.from_table(table)
     assert len(both.for_support("striped_star/1", 1)) == 6
-    low_drift = AuxiliarySupports.from_table(table, max_drift=0.15)
-    assert [p.name for p in low_drift.for_support("striped_star/1", 1)] == ["0.png", "1.png"]
     with pytest.raises(DatasetError, match="condition.*scribble"):
         AuxiliarySupports.from_table(table, condition="scribble")
+    # drift is a recorded layout score, not a filter: a table without it reads the same
     pd.read_parquet(table).drop(columns=["drift"]).to_parquet(tmp_path / "nodrift.parquet")
-    with pytest.raises(DatasetError, match=r"nodrift\.parquet lacks column\(s\) \['drift'\]"):
-        AuxiliarySupports.from_table(tmp_path / "nodrift.parquet", max_drift=1)
+    nodrift = AuxiliarySupports.from_table(tmp_path / "nodrift.parquet", condition="seg")
+    assert nodrift.for_support("striped_star/1", 1) == AuxiliarySupports.from_table(table, condition="seg").for_support("striped_star/1", 1)
     with pytest.raises(DatasetError, match="missing auxiliary table"):
         AuxiliarySupports.from_table(tmp_path / "nope.parquet")
     # a support without aux images fails at construction, naming it (train: any sample may be a support)
@@ -565,3 +564,29 @@ def test_demo_byte_deterministic(demo_root, tmp_path):
     assert sorted(p.name for p in (again / "striped_star").glob("[0-9]*")) == ["1.jpg", "1.png", "2.jpg", "2.png"]
     assert all(int(p.stem.rsplit("-", 1)[1]) <= 2 for p in (again / "striped_star").glob("*-*"))
     assert load_dataset("demo", root=again, split="test", episodes=2).class_ids == [1]
+
+
+def test_a_saved_drift_filter_loads_at_null_and_is_refused_otherwise(tmp_path):
+    """The drift filter (max_drift) became the generation-time keep-best selection: old files that
+    left it at null still load; one that set it is refused, naming the file and the replacement."""
+    from diffss.evaluation.evaluate import EvalConfig
+    from diffss.experiment.config import ExperimentConfig
+    from diffss.training.segmenter import TrainConfig
+
+    for cls, name in ((TrainConfig, "train_config.json"), (EvalConfig, "eval_config.json")):
+        path = tmp_path / name
+        path.write_text(json.dumps({**cls().to_dict(), "max_drift": None}))
+        assert cls.from_json(path) == cls()
+        path.write_text(json.dumps({**cls().to_dict(), "max_drift": 0.8}))
+        with pytest.raises(ValueError, match=rf"{name}: max_drift=0\.8 is no longer a setting.*GenerationConfig\.candidates"):
+            cls.from_json(path)
+        with pytest.raises(ValueError, match="max_drift"):  # and in Python, as any unknown field
+            cls(max_drift=0.8)
+
+    settings = tmp_path / "settings.yaml"
+    settings.write_text("max_drift: null\ntrain_aux_shot: 2\nevaluation:\n  max_drift: null\n")
+    assert ExperimentConfig.from_yaml(settings).train_aux_shot == 2
+    for text in ("max_drift: 0.5\n", "train:\n  max_drift: 0.5\n"):
+        settings.write_text(text)
+        with pytest.raises(ValueError, match=r"settings\.yaml.*max_drift=0\.5.*over-generate and keep the best"):
+            ExperimentConfig.from_yaml(settings)

@@ -21,6 +21,7 @@ import torch
 
 from diffss.cli import main as cli_main
 from diffss.data import build_demo_dataset
+from diffss.generation.config import GenerationConfig
 from diffss.generation.generator_training import GeneratorTrainConfig
 from diffss.models import PSPNet, load_model
 from diffss.evaluation.evaluate import EvalConfig
@@ -66,13 +67,15 @@ def _equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
     EvalConfig(seeds=(1, 2)),
     BaseTrainConfig(flip=False),
     GeneratorTrainConfig(stage="autoencoder", conditions=("seg", "hed"), sizes={"resolution": 512}),
+    GenerationConfig(strength=(0.5, 1.0), controlnets={"seg": "a"}, device="cpu"),
 ])
-def test_every_training_config_round_trips_json_and_names_its_changes(config, tmp_path):
+def test_every_config_round_trips_json_and_names_its_changes(config, tmp_path):
     assert isinstance(config, JsonConfig)
     path = tmp_path / "config.json"
-    path.write_text(config.to_json())
+    assert config.to_json(path) + "\n" == path.read_text()  # written atomically, with a final newline
     again = type(config).from_json(path)
     assert again == config and again.to_dict() == config.to_dict()
+    assert type(config).from_json(config.to_json()) == config  # JSON text as well as a file
     assert config.same_run_as(again)
     fields = config.to_dict()
     if "steps" in fields:  # the one field a resumed run may change
@@ -83,6 +86,11 @@ def test_every_training_config_round_trips_json_and_names_its_changes(config, tm
     path.write_text("[1, 2]")
     with pytest.raises(ValueError, match="config.json"):
         type(config).from_json(path)
+    path.write_text("{not json")
+    with pytest.raises(ValueError, match=r"config\.json: invalid JSON"):
+        type(config).from_json(path)
+    with pytest.raises(FileNotFoundError, match="missing.json"):
+        type(config).from_json(tmp_path / "missing.json")
 
 
 # ---- old layouts --------------------------------------------------------------------------

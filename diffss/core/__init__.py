@@ -2,8 +2,8 @@
 
 - :mod:`diffss.core.atomic`: atomic writes (a kill never leaves half a file) and the removal of
   temporaries a killed write left behind.
-- :mod:`diffss.core.config`: :class:`~diffss.core.config.JsonConfig`, the base of every training
-  config (JSON round trip, result-deciding fields) and
+- :mod:`diffss.core.config`: :class:`~diffss.core.config.JsonConfig`, the base of every config,
+  training and generation (JSON round trip, result-deciding fields) and
   :func:`~diffss.core.config.check_same_run`, the one "is this folder the same run?" check.
 - :mod:`diffss.core.checkpoint`: atomic step folders with a manifest
   (:class:`~diffss.core.checkpoint.CheckpointDir`).

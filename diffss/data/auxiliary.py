@@ -10,6 +10,10 @@ from typing import Mapping, Sequence
 from .samples import DatasetError
 
 REQUIRED_COLUMNS = ("support_name", "class_id", "aux_index", "path")
+#: Why ``max_drift`` (of the training, evaluation and experiment settings) is refused: it filtered
+#: auxiliary images by drift at training time; selection now happens where the images are made.
+MAX_DRIFT_REPLACED = ("the drift filter was replaced by GenerationConfig.candidates (over-generate and keep the "
+                      "best num_aux images per support by appearance); drift stays in the table as a layout score")
 
 
 class AuxiliarySupports:
@@ -27,12 +31,12 @@ class AuxiliarySupports:
 
     @classmethod
     def from_table(cls, path: str | os.PathLike, condition: str | Sequence[str] | None = None,
-                   max_drift: float | None = None, dataset: str | None = None) -> "AuxiliarySupports":
-        """Read the generation parquet; keep rows of ``condition``(s), ``dataset`` and drift <= ``max_drift``.
+                   dataset: str | None = None) -> "AuxiliarySupports":
+        """Read the generation parquet; keep rows of ``condition``(s) and ``dataset``.
 
-        Rows with unknown (NaN) drift are kept: the filter removes only measured outliers. A
-        table with a ``kept`` column (over-generated candidates, see diffss.generation.run) gives
-        only its kept rows, best ``rank`` first; older tables, every row in ``aux_index`` order.
+        A table with a ``kept`` column (over-generated candidates, see diffss.generation.run) gives
+        only its kept rows, best ``rank`` first: the selection is made at generation time
+        (``GenerationConfig.candidates``), not here. Older tables give every row in ``aux_index`` order.
         """
         import pandas as pd
 
@@ -45,7 +49,6 @@ class AuxiliarySupports:
             raise DatasetError(f"unreadable auxiliary table {path}: {exc}", path) from exc
         needed = list(REQUIRED_COLUMNS)
         needed += ["condition"] if condition is not None else []
-        needed += ["drift"] if max_drift is not None else []
         needed += ["dataset"] if dataset is not None else []
         missing = [c for c in needed if c not in table.columns]
         if missing:
@@ -64,8 +67,6 @@ class AuxiliarySupports:
             keep_only("condition", [condition] if isinstance(condition, str) else list(condition))
         if dataset is not None:
             keep_only("dataset", [dataset])
-        if max_drift is not None:
-            table = table[~(table["drift"].astype(float) > float(max_drift))]
         if "kept" in table.columns:
             table = table[table["kept"].astype(bool)]
         first = "rank" if "rank" in table.columns else "aux_index"

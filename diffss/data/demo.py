@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from ..core.atomic import write_bytes_atomic, write_text_atomic
+from diffss.core.atomic import write_bytes_atomic, write_text_atomic
 from .fss import index_class_folders, readable_name
 from .samples import DatasetError, SplitIndex, check_fold, fold_groups, is_training_split, read_lines
 

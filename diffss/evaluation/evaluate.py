@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass as plain_dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Callable, Literal
 
 import numpy as np
 import pandas as pd
@@ -22,17 +22,18 @@ from tqdm.auto import tqdm
 
 from diffss.core.config import JsonConfig
 from diffss.data import collate_episodes, load_dataset
+from diffss.data.auxiliary import MAX_DRIFT_REPLACED
 from diffss.data.episodes import AUX_PAIRING
 from diffss.evaluation.class_overlap import check_trained_classes
 from diffss.evaluation.metrics import FewShotMeter
 from diffss.evaluation.protocol import FAMILIES, SCORE_AT, EvalProtocol, protocol_for, scored_prediction
 from diffss.models import FewShotSegmenter, load_model
 from diffss.training.segmenter import (
-    _STRICT, IGNORE_INDEX, NonNegativeInt, PositiveInt, _auxiliary, _aux_needs_table, resolve_device,
+    IGNORE_INDEX, STRICT_CONFIG, NonNegativeInt, PositiveInt, load_auxiliary, require_auxiliary_table, resolve_device,
 )
 
 
-@dataclass(config=_STRICT)
+@dataclass(config=STRICT_CONFIG)
 class EvalConfig(JsonConfig):
     dataset: str = "demo"
     root: str | None = None
@@ -41,7 +42,6 @@ class EvalConfig(JsonConfig):
     aux_shot: NonNegativeInt = 0
     auxiliary_table: str | None = None
     condition: str | None = None
-    max_drift: Annotated[float, Field(gt=0)] | None = None
     # The fields below left at None take the evaluation protocol of the model and dataset
     # (diffss.evaluation.protocol): PFENet/BAM pad to 473 px on PASCAL-5i and score at the original size,
     # HSNet squashes to 400 px and scores there; BAM averages 5 seeds x 1000 episodes.
@@ -63,8 +63,9 @@ class EvalConfig(JsonConfig):
     allow_trained_classes: bool = False
 
     RUNTIME_FIELDS = ("root", "auxiliary_table", "device", "batch_size")
+    REMOVED_FIELDS = {"max_drift": MAX_DRIFT_REPLACED}
 
-    _check_aux = model_validator(mode="after")(_aux_needs_table)
+    _check_aux = model_validator(mode="after")(require_auxiliary_table)
 
     def protocol_for(self, model_name: str) -> EvalProtocol:
         """The protocol ``evaluate`` uses for a model of ``model_name`` under this config."""
@@ -105,9 +106,27 @@ def evaluate(model_or_checkpoint_dir: FewShotSegmenter | str | Path, config: Eva
         model = load_model(model_or_checkpoint_dir)
     else:
         model = model_or_checkpoint_dir
+    result = score_test_episodes(model, config, device, progress=progress)
+    if class_check is not None:
+        result.class_check = class_check.note()
+    log_result(tracker, result)
+    return result
+
+
+#: Called after each scored batch: (seed, batch, prediction, label), both at the scoring size.
+BatchHook = Callable[[int, dict[str, Any], torch.Tensor, torch.Tensor], None]
+
+
+@torch.no_grad()
+def score_test_episodes(model: FewShotSegmenter, config: EvalConfig, device: torch.device, progress: bool = True,
+                        on_batch: BatchHook | None = None) -> EvalResult:
+    """The scoring loop of :func:`evaluate` (no class check, no logging): the protocol's test
+    episodes of every seed through ``model``, meters per seed, the per-class table and the example
+    panels. ``on_batch`` sees every scored batch (:func:`diffss.evaluation.reproduce.evaluate_episodes`
+    keeps each episode's counts with it), so both evaluations score the same way."""
     model = model.to(device).eval()
     protocol = config.protocol_for(model.model_name)
-    auxiliary = _auxiliary(config.auxiliary_table, config.condition, config.max_drift)
+    auxiliary = load_auxiliary(config.auxiliary_table, config.condition)
 
     per_seed, meters, examples = [], [], []
     class_names: dict[int, str] = {}
@@ -132,9 +151,13 @@ def evaluate(model_or_checkpoint_dir: FewShotSegmenter | str | Path, config: Eva
         class_names = dataset.class_names
         meter = FewShotMeter(dataset.class_ids)
         loader = DataLoader(dataset, batch_size=config.batch_size, shuffle=False, collate_fn=collate_episodes)
-        for batch in tqdm(loader, desc=f"eval {config.dataset} fold {config.fold} seed {seed}", disable=not progress):
+        desc = (f"eval {config.dataset} fold {config.fold} {config.shot}-shot"
+                f"{f' +{config.aux_shot} aux' if config.aux_shot else ''} seed {seed}")
+        for batch in tqdm(loader, desc=desc, disable=not progress):
             pred, label = scored_prediction(model, batch, protocol, device)
             meter.update(pred, label, batch["class_id"])
+            if on_batch is not None:
+                on_batch(seed, batch, pred, label)
             if len(examples) < config.num_examples and seed == protocol.seeds[0]:
                 if protocol.score_at != "input":  # the panels show the episode at the input size
                     pred = scored_prediction(model, batch, dataclasses.replace(protocol, score_at="input"), device)[0]
@@ -144,7 +167,7 @@ def evaluate(model_or_checkpoint_dir: FewShotSegmenter | str | Path, config: Eva
         meters.append(meter)
 
     per_class = _mean_per_class([m.to_frame(class_names) for m in meters])
-    result = EvalResult(
+    return EvalResult(
         miou=float(np.mean([s["miou"] for s in per_seed])),
         fbiou=float(np.mean([s["fbiou"] for s in per_seed])),
         per_class=per_class,
@@ -152,13 +175,15 @@ def evaluate(model_or_checkpoint_dir: FewShotSegmenter | str | Path, config: Eva
         examples=examples,
         protocol=protocol.to_dict(),
     )
-    if class_check is not None:
-        result.class_check = class_check.note()
-    if tracker is not None:
-        tracker.log({"eval/miou": result.miou, "eval/fbiou": result.fbiou})
-        tracker.log_table("eval/per_class_iou", per_class)
-        tracker.log_images("eval/examples", [(img, "support | query | ground truth | prediction") for img in examples])
-    return result
+
+
+def log_result(tracker: Any, result: EvalResult) -> None:
+    """An evaluation's scores, per-class table and example panels to ``tracker`` (None: nowhere)."""
+    if tracker is None:
+        return
+    tracker.log({"eval/miou": result.miou, "eval/fbiou": result.fbiou})
+    tracker.log_table("eval/per_class_iou", result.per_class)
+    tracker.log_images("eval/examples", [(img, "support | query | ground truth | prediction") for img in result.examples])
 
 
 def _mean_per_class(frames: list[pd.DataFrame]) -> pd.DataFrame:

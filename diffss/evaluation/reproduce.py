@@ -86,59 +86,23 @@ def evaluate_episodes(model, config, progress: bool = True, tracker: Any = None)
     and tracker logs: an equal ``EvalResult``) that also keeps each episode's counts, which the
     interval over episodes needs: returns (result, frame of seed, episode, class_id, fg_inter,
     fg_union, bg_inter, bg_union). ``model``: a segmenter or a checkpoint folder."""
-    import dataclasses
-
-    import torch
-    from torch.utils.data import DataLoader
-    from tqdm.auto import tqdm
-
-    from diffss.data import collate_episodes, load_dataset
-    from diffss.evaluation.metrics import FewShotMeter
+    from diffss.evaluation.evaluate import log_result, score_test_episodes
     from diffss.models import load_model
-    from diffss.evaluation.protocol import scored_prediction
-    # evaluate's own helpers, so both evaluations build their results the same way
-    from diffss.evaluation.evaluate import EvalResult, _example_panels, _mean_per_class
-    from diffss.training.segmenter import _auxiliary, resolve_device
+    from diffss.training.segmenter import resolve_device
+
+    rows: list[tuple[int, ...]] = []
+    episodes_of_seed: dict[int, int] = {}
+
+    def keep_counts(seed, batch, pred, label) -> None:
+        for cls, counts in zip(batch["class_id"].tolist(), episode_counts(pred, label)):
+            episode = episodes_of_seed.get(seed, 0)
+            rows.append((seed, episode, int(cls), *map(int, counts)))
+            episodes_of_seed[seed] = episode + 1
 
     device = resolve_device(config.device)
-    model = (load_model(model) if isinstance(model, (str, os.PathLike)) else model).to(device).eval()
-    protocol = config.protocol_for(model.model_name)
-    auxiliary = _auxiliary(config.auxiliary_table, config.condition, config.max_drift)
-    rows, per_seed, meters, examples, class_names = [], [], [], [], {}
-    for seed in protocol.seeds:
-        dataset = load_dataset(
-            config.dataset, root=config.root, fold=config.fold, split="test", shot=config.shot,
-            episodes=protocol.episodes, seed=seed, image_size=protocol.size, aux_shot=config.aux_shot,
-            auxiliary=auxiliary, skip_bad=config.skip_bad, resize=protocol.resize,
-            original_labels=protocol.score_at == "original", query_sampling=protocol.query_order,
-            aux_pairing=config.aux_pairing)
-        class_names = dataset.class_names
-        meter = FewShotMeter(dataset.class_ids)
-        loader = DataLoader(dataset, batch_size=config.batch_size, shuffle=False, collate_fn=collate_episodes)
-        episode = 0
-        with torch.no_grad():
-            for batch in tqdm(loader, desc=f"{config.dataset} fold {config.fold} {config.shot}-shot"
-                              f"{f' +{config.aux_shot} aux' if config.aux_shot else ''} seed {seed}", disable=not progress):
-                pred, label = scored_prediction(model, batch, protocol, device)
-                meter.update(pred, label, batch["class_id"])
-                for cls, counts in zip(batch["class_id"].tolist(), episode_counts(pred, label)):
-                    rows.append((seed, episode, int(cls), *map(int, counts)))
-                    episode += 1
-                if len(examples) < config.num_examples and seed == protocol.seeds[0]:
-                    if protocol.score_at != "input":  # the panels show the episode at the input size
-                        pred = scored_prediction(model, batch, dataclasses.replace(protocol, score_at="input"), device)[0]
-                    examples.extend(_example_panels(batch, pred, config.num_examples - len(examples)))
-        computed = meter.compute()
-        per_seed.append({"seed": seed, "miou": computed["miou"], "fbiou": computed["fbiou"]})
-        meters.append(meter)
-    per_class = _mean_per_class([m.to_frame(class_names) for m in meters])
-    result = EvalResult(miou=float(np.mean([s["miou"] for s in per_seed])),
-                        fbiou=float(np.mean([s["fbiou"] for s in per_seed])), per_class=per_class,
-                        per_seed=per_seed, examples=examples, protocol=protocol.to_dict())
-    if tracker is not None:
-        tracker.log({"eval/miou": result.miou, "eval/fbiou": result.fbiou})
-        tracker.log_table("eval/per_class_iou", per_class)
-        tracker.log_images("eval/examples", [(img, "support | query | ground truth | prediction") for img in examples])
+    model = load_model(model) if isinstance(model, (str, os.PathLike)) else model
+    result = score_test_episodes(model, config, device, progress=progress, on_batch=keep_counts)
+    log_result(tracker, result)
     return result, pd.DataFrame(rows, columns=["seed", "episode", "class_id", *COUNT_COLUMNS])
 
 
@@ -260,7 +224,10 @@ def run_cell(cfg: ReproduceConfig, fold: int, shot: int, aux: bool, progress: bo
     folder = Path(cfg.output_dir) / "cells"
     settings = _cell_settings(cfg, folder_of_checkpoint, eval_config)
     done = folder / f"{name}.json"
-    if done.is_file() and json.loads(done.read_text()).get("settings") == settings:
+    recorded = json.loads(done.read_text()).get("settings") if done.is_file() else None
+    if isinstance(recorded, dict):  # cells scored before a setting was removed recorded it at null: no change
+        recorded = {k: v for k, v in recorded.items() if not (k in EvalConfig.REMOVED_FIELDS and v is None)}
+    if recorded == settings:
         saved = json.loads(done.read_text())
         return {**saved["cell"], "episodes": pd.read_csv(folder / f"{name}.csv")}
     model = load_segmenter(str(folder_of_checkpoint))

@@ -18,6 +18,8 @@ from pydantic import ConfigDict, Field, ValidationError, model_validator
 from pydantic.dataclasses import dataclass
 
 from diffss.core.atomic import atomic_path, write_text_atomic
+from diffss.core.config import drop_removed_fields
+from diffss.data.auxiliary import MAX_DRIFT_REPLACED
 from diffss.generation.config import GenerationConfig
 from diffss.evaluation.protocol import EvalProtocol
 from diffss.evaluation.evaluate import EvalConfig
@@ -54,7 +56,7 @@ class Fold:
 FOLDS: dict[str, Fold] = {f.key: f for f in (Fold(d, k) for d, ks in DATASET_FOLDS.items() for k in ks)}
 
 # Template fields each stage sets itself (per fold, per condition); a settings file leaves them out.
-_PER_STAGE = {"dataset", "root", "fold", "aux_shot", "auxiliary_table", "condition", "max_drift", "output_dir", "base_learner"}
+_PER_STAGE = {"dataset", "root", "fold", "aux_shot", "auxiliary_table", "condition", "output_dir", "base_learner"}
 
 
 def tiny_generation() -> GenerationConfig:
@@ -93,7 +95,6 @@ class ExperimentConfig:
     train_aux_shot: NonNegativeInt = 1
     eval_aux_shot: NonNegativeInt = 1
     xshot_shots: Annotated[list[NonNegativeInt], Field(min_length=1)] = field(default_factory=lambda: [0, 1, 2, 4])
-    max_drift: Annotated[float, Field(gt=0)] | None = None
     # The supports_matter check (baseline/evaluation): real 5-shot must beat 1-shot by more than
     # this many mIoU points, the demo's seed-to-seed spread (docs/demo.md, "A demo world in which supports matter").
     supports_matter_margin: Annotated[float, Field(ge=0)] = 2.0
@@ -142,6 +143,8 @@ class ExperimentConfig:
         """BAM trains in two stages: a base learner per fold, then the meta learner on top of it."""
         return self.train.model == "bam"
 
+    REMOVED_FIELDS = {"max_drift": MAX_DRIFT_REPLACED}
+
     # ---- loading
 
     @classmethod
@@ -155,6 +158,11 @@ class ExperimentConfig:
         data = yaml.safe_load(path.read_text()) or {}
         if not isinstance(data, dict):
             raise ValueError(f"{path}: expected a mapping of ExperimentConfig fields")
+        # settings files written before a setting was removed (max_drift: null) still load
+        data = drop_removed_fields(data, cls.REMOVED_FIELDS, str(path))
+        for name, template in (("train", TrainConfig), ("evaluation", EvalConfig)):
+            if isinstance(data.get(name), dict):
+                data[name] = drop_removed_fields(data[name], template.REMOVED_FIELDS, f"{path}: {name}")
         try:
             return cls(**data)
         except (ValidationError, TypeError, ValueError) as exc:
@@ -203,7 +211,7 @@ class ExperimentConfig:
         return dataclasses.replace(
             self.train, dataset=fold.dataset, root=str(self.dataset_root(fold.dataset)), fold=fold.fold, aux_shot=aux,
             auxiliary_table=str(auxiliary_table) if aux else None, condition=condition if aux else None,
-            max_drift=self.max_drift if aux else None, output_dir=str(output_dir),
+            output_dir=str(output_dir),
             base_learner=str(self.folder(fold, "base_learner")) if self.uses_base_learner else None)
 
     def base_train_config(self, fold: Fold, output_dir: Path) -> BaseTrainConfig:
@@ -219,8 +227,7 @@ class ExperimentConfig:
         aux = 0 if condition == BASELINE else (self.eval_aux_shot if aux_shot is None else aux_shot)
         return dataclasses.replace(
             self.evaluation, dataset=fold.dataset, root=str(self.dataset_root(fold.dataset)), fold=fold.fold,
-            aux_shot=aux, auxiliary_table=str(auxiliary_table) if aux else None, condition=condition if aux else None,
-            max_drift=self.max_drift if aux else None)
+            aux_shot=aux, auxiliary_table=str(auxiliary_table) if aux else None, condition=condition if aux else None)
 
 
 def test_episodes(settings: ExperimentConfig, fold: Fold) -> Iterator[tuple[int, Any]]:

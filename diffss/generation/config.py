@@ -5,13 +5,13 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 from dataclasses import field
-from pathlib import Path
 from typing import Annotated, Literal
 
 from pydantic import ConfigDict, Field
 from pydantic.dataclasses import dataclass
+
+from diffss.core.config import JsonConfig
 
 DEFAULT_BASE_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 DEFAULT_CONTROLNETS = {
@@ -45,8 +45,10 @@ Strength = Annotated[float, Field(gt=0, le=1)]
 
 
 @dataclass(config=ConfigDict(extra="forbid"))
-class GenerationConfig:
-    """What to generate with and how. Fields in :data:`OUTPUT_FIELDS` determine the images;
+class GenerationConfig(JsonConfig):
+    """What to generate with and how: a :class:`~diffss.core.config.JsonConfig` (JSON round trip,
+    ``from_json`` of a file or of JSON text, ``to_json(path)`` written atomically). Fields in
+    :data:`OUTPUT_FIELDS` determine the images;
     the rest (device, dtype, compile, channels_last, batching, offline loading) only how fast
     they come (fp16 vs fp32 moves pixels by float noise, not content). A pydantic dataclass:
     each field's constraint is its validation (``ValueError`` naming the field).
@@ -92,6 +94,8 @@ class GenerationConfig:
     OUTPUT_FIELDS = ("base_model", "controlnets", "prompt_template", "quality_suffix", "negative_prompt",
                      "scheduler", "num_inference_steps", "guidance_scale", "resolution",
                      "controlnet_conditioning_scale", "seed", "strength", "candidates", "start", "token_steps", "hed_model")
+    # Written sorted, as the files beside earlier images are (their bytes feed data versions).
+    SORT_KEYS = True
 
     @classmethod
     def paper(cls, **overrides) -> "GenerationConfig":
@@ -144,41 +148,10 @@ class GenerationConfig:
     def output_signature(self) -> dict:
         return {name: getattr(self, name) for name in self.OUTPUT_FIELDS}
 
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
 
-    @classmethod
-    def from_dict(cls, data: dict, source: str = "GenerationConfig") -> "GenerationConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"{source}: unknown field(s) {unknown}; known: {sorted(known)}")
-        return cls(**data)
-
-    def to_json(self, path: str | os.PathLike | None = None) -> str:
-        text = json.dumps(self.to_dict(), indent=2, sort_keys=True)
-        if path is not None:
-            from diffss.core.atomic import write_text_atomic
-
-            write_text_atomic(path, text + "\n")
-        return text
-
-    @classmethod
-    def from_json(cls, path_or_text: str | os.PathLike) -> "GenerationConfig":
-        """From a JSON file path or a JSON string."""
-        text, source = str(path_or_text), "GenerationConfig JSON"
-        if not text.lstrip().startswith("{"):
-            path = Path(path_or_text)
-            if not path.is_file():
-                raise FileNotFoundError(f"generation config not found: {path}")
-            text, source = path.read_text(), str(path)
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{source}: invalid JSON ({exc})") from None
-        if not isinstance(data, dict):
-            raise ValueError(f"{source}: expected a JSON object")
-        return cls.from_dict(data, source)
+# Everything that is not an output field changes where or how fast images come, not which.
+GenerationConfig.RUNTIME_FIELDS = tuple(f.name for f in dataclasses.fields(GenerationConfig)
+                                        if f.name not in GenerationConfig.OUTPUT_FIELDS)
 
 
 def aux_seed(dataset: str, support_name: str, class_id: int, aux_index: int, global_seed: int = 0) -> int:

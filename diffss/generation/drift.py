@@ -14,8 +14,10 @@ object is by definition where its mask says: ``drift = 1 - min(1, alignment(aux)
 max(alignment(support), 0.05))``. Drift 0 means the generated image follows the mask at
 least as closely as the real photo does; 1 means its edges ignore the mask (object shifted,
 missing or drowned in clutter). The score is cheap, model-free and class-agnostic; it does
-not judge whether the object is of the right class. Filter with
-``AuxiliarySupports.from_table(..., max_drift=...)``, e.g. 0.8 to drop the clear failures.
+not judge whether the object is of the right class. It is recorded in the generation table as
+the layout score; which images are kept is decided by appearance (over-generate and keep the
+best: ``GenerationConfig.candidates``, :mod:`.appearance`), and Dagster's ``drifted_share``
+check warns when many images drift.
 """
 
 from __future__ import annotations

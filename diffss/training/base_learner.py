@@ -26,11 +26,11 @@ from diffss.models import PSPNet, poly_lr_schedule
 from diffss.core.config import JsonConfig
 from diffss.core.distributed import World, global_batch, make_global_batch
 from diffss.core.loop import STATE_NAME, TrainingRun, epoch_batches, run_steps
-from diffss.training.segmenter import _STRICT, IGNORE_INDEX, NonNegativeInt, PositiveInt, recipe_settings, seed_everything
+from diffss.training.segmenter import STRICT_CONFIG, IGNORE_INDEX, NonNegativeInt, PositiveInt, recipe_settings, seed_everything
 from diffss.training.augment import AugmentedPairs, PairAugmentation
 
 
-@dataclass(config=_STRICT)
+@dataclass(config=STRICT_CONFIG)
 class BaseTrainConfig(JsonConfig):
     dataset: str = "demo"
     root: str | None = None

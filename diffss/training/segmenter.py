@@ -24,6 +24,7 @@ from diffss.core.config import JsonConfig
 from diffss.core.distributed import World, global_batch, make_global_batch
 from diffss.core.loop import CHECKPOINTS, STATE_NAME, TrainingRun, epoch_batches, run_steps  # noqa: F401 - CHECKPOINTS re-exported
 from diffss.data import AuxiliarySupports, load_dataset
+from diffss.data.auxiliary import MAX_DRIFT_REPLACED
 from diffss.data.episodes import AUX_PAIRING
 from diffss.models import MODEL_REGISTRY, FewShotSegmenter, build_model, load_model, poly_lr_schedule, segmentation_loss
 from diffss.training.augment import AugmentedEpisodes, PairAugmentation
@@ -35,7 +36,8 @@ log = logging.getLogger(__name__)
 
 PositiveInt = Annotated[int, Field(ge=1)]
 NonNegativeInt = Annotated[int, Field(ge=0)]
-_STRICT = ConfigDict(extra="forbid")
+#: The pydantic settings of every training and evaluation config: an unknown field is an error, naming it.
+STRICT_CONFIG = ConfigDict(extra="forbid")
 OPTIMIZERS = ("auto", "adamw", "adam", "sgd")
 SCHEDULES = ("auto", "poly", "constant")
 
@@ -68,13 +70,14 @@ def recipe_settings(name: str, segmenter: bool) -> dict[str, Any]:
     return settings
 
 
-def _aux_needs_table(cfg: Any) -> Any:
+def require_auxiliary_table(cfg: Any) -> Any:
+    """A config's validator (training and evaluation): auxiliary images need their table."""
     if cfg.aux_shot and not cfg.auxiliary_table:
         raise ValueError(f"{type(cfg).__name__}.auxiliary_table is required when aux_shot > 0")
     return cfg
 
 
-@dataclass(config=_STRICT)
+@dataclass(config=STRICT_CONFIG)
 class TrainConfig(JsonConfig):
     dataset: str = "demo"
     root: str | None = None
@@ -87,7 +90,6 @@ class TrainConfig(JsonConfig):
     aux_shot: NonNegativeInt = 0
     auxiliary_table: str | None = None
     condition: str | None = None
-    max_drift: Annotated[float, Field(gt=0)] | None = None
     steps: PositiveInt = 300
     batch_size: PositiveInt = 8
     lr: Annotated[float, Field(gt=0)] = 1e-3
@@ -125,8 +127,9 @@ class TrainConfig(JsonConfig):
 
     RUNTIME_FIELDS = ("root", "auxiliary_table", "base_learner", "device", "num_workers", "output_dir",
                       "checkpoint_every")
+    REMOVED_FIELDS = {"max_drift": MAX_DRIFT_REPLACED}
 
-    _check_aux = model_validator(mode="after")(_aux_needs_table)
+    _check_aux = model_validator(mode="after")(require_auxiliary_table)
 
     @model_validator(mode="after")
     def _check_augmentations(self):
@@ -187,10 +190,11 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _auxiliary(table: str | None, condition: str | None, max_drift: float | None) -> AuxiliarySupports | None:
+def load_auxiliary(table: str | None, condition: str | None) -> AuxiliarySupports | None:
+    """The auxiliary supports of ``condition`` from a generation table (None without a table)."""
     if not table:
         return None
-    return AuxiliarySupports.from_table(table, condition=condition, max_drift=max_drift)
+    return AuxiliarySupports.from_table(table, condition=condition)
 
 
 def _episode_loss(model: FewShotSegmenter, batch: dict[str, Any], device: torch.device, aux_weight: float) -> torch.Tensor:
@@ -283,7 +287,7 @@ def train(config: TrainConfig, tracker: Any = None, progress: bool = True) -> Pa
         seed=config.seed,
         image_size=config.image_size,
         aux_shot=config.aux_shot,
-        auxiliary=_auxiliary(config.auxiliary_table, config.condition, config.max_drift),
+        auxiliary=load_auxiliary(config.auxiliary_table, config.condition),
         skip_bad=config.skip_bad,
         aux_pairing=config.aux_pairing,
     )
