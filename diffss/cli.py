@@ -681,6 +681,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-aux", type=int, default=4)
     p.add_argument("--xshot", type=int, nargs="+", default=[0, 1, 2, 4])
     p.add_argument("--paper-aux-shot", type=int, default=4, help="1 real + N aux at training and test (0: skip)")
+    p.add_argument("--real-shots", type=int, nargs="+", default=None,
+                   help="real shots the baseline is tested with (default 1 5; 1 alone for a fold with small classes)")
     p.set_defaults(func=cmd_demo_study)
 
     p = sub.add_parser("generator-probe", help="strength x steps sweep of the demo generator on base-class supports")

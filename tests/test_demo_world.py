@@ -84,3 +84,18 @@ def test_support_check_runs_the_demo_protocol_at_small_scale(tmp_path, one_threa
     stamps = [p.stat().st_mtime_ns for p in evals]
     assert support_check(cfg, reference_spread=1.5, progress=False) == verdict  # resumed: nothing recomputed
     assert [p.stat().st_mtime_ns for p in evals] == stamps
+
+
+def test_demo_study_baseline_alone_with_chosen_real_shots(tmp_path, one_thread):
+    """`diffss demo-study --conditions --no-oracle --real-shots 1`: the baseline alone, as the seed
+    spread of a fold is checked (no auxiliary arm), tested 1-shot only (a fold whose classes are too
+    small for 5-shot episodes)."""
+    from diffss.cli import main as cli_main
+
+    root = build_demo_dataset(tmp_path / "demo", seed=0, num_classes=4, per_class=4)
+    out = tmp_path / "study"
+    assert cli_main(["demo-study", "--root", str(root), "--output", str(out), "--seeds", "0", "--steps", "2",
+                     "--image-size", "64", "--batch-size", "2", "--episodes", "4", "--conditions", "--no-oracle",
+                     "--xshot", "1", "--paper-aux-shot", "0", "--real-shots", "1"]) == 0
+    results = pd.read_csv(out / "results.csv")
+    assert list(zip(results["arm"], results["test"])) == [("none", "1 real")]
