@@ -44,6 +44,24 @@ def check_augmentations(names: tuple[str, ...]) -> tuple[str, ...]:
     return tuple(names)
 
 
+def config_augmentation(config) -> "PairAugmentation | None":
+    """The train-time transform a training config (``augmentations``, ``image_size``, ``scale``,
+    ``rotate``) names; None without augmentations."""
+    if not config.augmentations:
+        return None
+    return PairAugmentation(tuple(config.augmentations), config.image_size, tuple(config.scale), tuple(config.rotate))
+
+
+def validate_config_augmentations(config):
+    """A config's augmentation settings build a transform (a pydantic after-validator for every
+    training config that augments); the error names the config class."""
+    try:
+        config_augmentation(config)
+    except ValueError as exc:
+        raise ValueError(f"{type(config).__name__}.augmentations: {exc}") from exc
+    return config
+
+
 def episode_rng(seed: int, epoch: int, index: int) -> random.Random:
     """The generator of one training episode's augmentation: a function of (run seed, epoch,
     episode index) alone, so it does not depend on workers, ranks or where a run resumed."""

@@ -27,7 +27,7 @@ from diffss.core.config import JsonConfig
 from diffss.core.distributed import World, global_batch, make_global_batch
 from diffss.core.loop import STATE_NAME, TrainingRun, epoch_batches, run_steps
 from diffss.training.segmenter import STRICT_CONFIG, IGNORE_INDEX, NonNegativeInt, PositiveInt, recipe_settings, seed_everything
-from diffss.training.augment import AugmentedPairs, PairAugmentation
+from diffss.training.augment import AugmentedPairs, PairAugmentation, config_augmentation, validate_config_augmentations
 
 
 @dataclass(config=STRICT_CONFIG)
@@ -59,19 +59,11 @@ class BaseTrainConfig(JsonConfig):
 
     RUNTIME_FIELDS = ("root", "device", "num_workers", "output_dir", "checkpoint_every")
 
-    @model_validator(mode="after")
-    def _check_augmentations(self):
-        if self.augmentations:
-            try:
-                self.augmentation()
-            except ValueError as exc:
-                raise ValueError(f"BaseTrainConfig.augmentations: {exc}") from exc
-        return self
+    _check_augmentations = model_validator(mode="after")(validate_config_augmentations)
 
     def augmentation(self) -> PairAugmentation | None:
-        if not self.augmentations:
-            return None
-        return PairAugmentation(tuple(self.augmentations), self.image_size, tuple(self.scale), tuple(self.rotate))
+        """The train-time transform of each (image, mask) pair; None without augmentations."""
+        return config_augmentation(self)
 
     @classmethod
     def from_recipe(cls, name: str, **overrides: Any) -> "BaseTrainConfig":

@@ -27,7 +27,7 @@ from diffss.data import AuxiliarySupports, load_dataset
 from diffss.data.auxiliary import MAX_DRIFT_REPLACED
 from diffss.data.episodes import AUX_PAIRING
 from diffss.models import MODEL_REGISTRY, FewShotSegmenter, build_model, load_model, poly_lr_schedule, segmentation_loss
-from diffss.training.augment import AugmentedEpisodes, PairAugmentation
+from diffss.training.augment import AugmentedEpisodes, PairAugmentation, config_augmentation, validate_config_augmentations
 from diffss.training.recipes import RECIPES, recipe
 
 IGNORE_INDEX = 255
@@ -131,20 +131,11 @@ class TrainConfig(JsonConfig):
 
     _check_aux = model_validator(mode="after")(require_auxiliary_table)
 
-    @model_validator(mode="after")
-    def _check_augmentations(self):
-        if self.augmentations:
-            try:
-                self.augmentation()
-            except ValueError as exc:
-                raise ValueError(f"TrainConfig.augmentations: {exc}") from exc
-        return self
+    _check_augmentations = model_validator(mode="after")(validate_config_augmentations)
 
     def augmentation(self) -> PairAugmentation | None:
         """The train-time transform of each (image, mask) pair; None without augmentations."""
-        if not self.augmentations:
-            return None
-        return PairAugmentation(tuple(self.augmentations), self.image_size, tuple(self.scale), tuple(self.rotate))
+        return config_augmentation(self)
 
     @classmethod
     def from_recipe(cls, name: str, **overrides: Any) -> "TrainConfig":
