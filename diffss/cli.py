@@ -321,9 +321,10 @@ def cmd_demo_study(args: argparse.Namespace) -> int:
     cfg = _study_config(args)
     device = None if cfg.device == "auto" else cfg.device
     generation = (GenerationConfig.from_json(args.generation_config) if args.generation_config
-                  else demo_generation_config(args.generator, device=device)) if args.conditions else None
+                  else demo_generation_config(args.generator, device=device)) \
+        if args.conditions or args.oracle_autoencoded else None
     summary = demo_study(cfg, generation, conditions=args.conditions, oracle=not args.no_oracle,
-                         num_aux=args.num_aux, progress=not args.quiet)
+                         num_aux=args.num_aux, progress=not args.quiet, oracle_autoencoded=args.oracle_autoencoded)
     print(summary_markdown(summary))
     print(f"results: {cfg.output_dir}/results.csv, summary.csv, summary.md, auxiliary_grid.png")
     return 0
@@ -668,6 +669,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo-check", help="does the demo world need its supports? (K-shot and oracle vs 1-shot)")
     _study_options(p)
+    p.add_argument("--oracle-autoencoded", action="store_true",
+                   help="add the oracle's images through the generator's autoencoder (what the autoencoder alone costs)")
     p.add_argument("--real-shots", type=int, nargs="+", default=None, help="default 1 5")
     p.add_argument("--reference-spread", type=float, default=None, help="the spread to beat when one seed is run")
     p.set_defaults(func=cmd_demo_check)
@@ -681,6 +684,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-aux", type=int, default=4)
     p.add_argument("--xshot", type=int, nargs="+", default=[0, 1, 2, 4])
     p.add_argument("--paper-aux-shot", type=int, default=4, help="1 real + N aux at training and test (0: skip)")
+    p.add_argument("--oracle-autoencoded", action="store_true",
+                   help="add the oracle's images through the generator's autoencoder (what the autoencoder alone costs)")
     p.add_argument("--real-shots", type=int, nargs="+", default=None,
                    help="real shots the baseline is tested with (default 1 5; 1 alone for a fold with small classes)")
     p.set_defaults(func=cmd_demo_study)

@@ -256,19 +256,29 @@ def summary_markdown(summary: pd.DataFrame) -> str:
 
 
 def demo_study(cfg: StudyConfig, generation=None, conditions=("seg", "hed", "scribble"), oracle: bool = True,
-               num_aux: int = 4, grid_supports: int = 4, progress: bool = True) -> pd.DataFrame:
+               num_aux: int = 4, grid_supports: int = 4, progress: bool = True,
+               oracle_autoencoded: bool = False) -> pd.DataFrame:
     """The demo's whole experiment: oracle and generated auxiliary sets, trained and tested over
     ``cfg.seeds``; writes results.csv, summary.csv, summary.md and auxiliary_grid.png under
     ``cfg.output_dir`` and returns the summary. ``generation``: GenerationConfig (default: the
-    shipped demo generator)."""
+    shipped demo generator). ``oracle_autoencoded`` adds the arm ``oracle_autoencoded``: the
+    oracle's images through the generator's autoencoder at its resolution
+    (:func:`diffss.generation.oracle.write_autoencoded_auxiliary`), which splits the generator's
+    shortfall into what its autoencoder costs and what its denoiser paints."""
     from diffss.data import load_dataset
     from diffss.generation.demo_generator import demo_generation_config
+    from diffss.generation.oracle import write_autoencoded_auxiliary
 
+    if oracle_autoencoded and not oracle:
+        raise ValueError("oracle_autoencoded passes the oracle's images through the autoencoder: it needs oracle=True")
+    if conditions or oracle_autoencoded:
+        generation = generation or demo_generation_config(device=None if cfg.device == "auto" else cfg.device)
     tables: dict[str, Path] = {}
     if oracle:
         tables["oracle"] = oracle_table(cfg, num_aux)
+    if oracle_autoencoded:
+        tables["oracle_autoencoded"] = write_autoencoded_auxiliary(tables["oracle"], generation, progress=progress)
     if conditions:
-        generation = generation or demo_generation_config(device=None if cfg.device == "auto" else cfg.device)
         generated = generated_tables(cfg, generation, conditions, num_aux, progress)
         tables.update(generated)
         test = load_dataset(cfg.dataset, root=cfg.root, fold=cfg.fold, split="test", episodes=1).samples

@@ -20,6 +20,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from diffss.conditions import is_valid_image, remove_stale_temporaries, save_png_atomic, unique_samples
+from diffss.core.atomic import atomic_path
 from diffss.data.demo import MAX_CLASSES, class_spec, render_in_mask
 from diffss.generation.config import aux_seed
 from diffss.generation.run import TABLE_NAME, _SupportCache, _write_table, aux_relpath
@@ -67,3 +68,46 @@ def write_oracle_auxiliary(samples: Sequence, out_dir: str | os.PathLike, num_au
             rows[(row["support_name"], row["class_id"], i)] = supports.finish_row(row, image, sample)
         supports.clear()
     return _write_table(root / TABLE_NAME, rows)
+
+
+def write_autoencoded_auxiliary(table: str | os.PathLike, generation, name: str = "oracle_autoencoded",
+                                progress: bool = True) -> Path:
+    """A copy of an auxiliary set (its table and images) beside it in ``<name>/``, every image passed
+    through ``generation``'s autoencoder at its resolution: down to ``generation.resolution``,
+    encoded, decoded, back to the image's size. For the oracle this is the best a generator with this
+    autoencoder could paint; the oracle's gain minus this set's gain is what the autoencoder and the
+    resolution alone cost, the rest of a generator's shortfall is what its denoiser paints. Images
+    that already decode are kept (resumable); returns the new table's path."""
+    import shutil
+
+    import torch
+    from diffusers import AutoModel
+
+    from diffss.generation.pipeline import _quiet_if_tiny_autoencoder
+
+    table = Path(table)
+    rows = pd.read_parquet(table)
+    out = table.parent.parent / name
+    out.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(out)
+    with _quiet_if_tiny_autoencoder(generation.base_model):
+        vae = AutoModel.from_pretrained(generation.base_model, subfolder="vae",
+                                        local_files_only=generation.local_files_only).float().eval()
+    size = int(generation.resolution)
+    for rel in tqdm(list(rows["path"]), desc=f"autoencode {name}", unit="img", disable=not progress):
+        target = out / str(rel)
+        if is_valid_image(target):
+            continue
+        with Image.open(table.parent / str(rel)) as im:
+            source = im.convert("RGB")
+        x = torch.from_numpy(np.asarray(source.resize((size, size), Image.BICUBIC), np.float32) / 127.5 - 1)
+        with torch.no_grad():
+            encoded = vae.encode(x.permute(2, 0, 1)[None])
+            latents = encoded.latents if hasattr(encoded, "latents") else encoded.latent_dist.mode()
+            y = vae.decode(latents).sample[0].clamp(-1, 1)
+        pixels = ((y.permute(1, 2, 0).numpy() + 1) * 127.5).round().astype(np.uint8)
+        save_png_atomic(Image.fromarray(pixels).resize(source.size, Image.BICUBIC), target)
+    copied = out / table.name
+    with atomic_path(copied) as tmp:
+        shutil.copyfile(table, tmp)
+    return copied
