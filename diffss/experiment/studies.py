@@ -33,7 +33,7 @@ NONE = "none"
 @dataclass
 class StudyConfig:
     """What every arm shares. The defaults are the demo's protocol (PFENet, small backbone
-    pretrained on the demo world's pool and frozen, 96 px, 300 steps, batch 8, 1-shot, fold 0,
+    pretrained on the demo world's pool and frozen, 96 px, 600 steps, batch 8, 1-shot, fold 0,
     200 test episodes)."""
 
     root: str
@@ -44,7 +44,7 @@ class StudyConfig:
     model: str = "pfenet"
     backbone: str = "small"
     pretrained: str | None = "demo"
-    steps: int = 300
+    steps: int = 600
     image_size: int = 96
     batch_size: int = 8
     lr: float = 1e-3

@@ -1,6 +1,6 @@
 """The official training recipes of PFENet, BAM and HSNet as named presets, each value with its
 source (repository, file, commit read). ``diffss train`` runs the demo's fast CPU recipe (AdamW, a
-poly schedule, no augmentation, 300 steps at 96 px); these presets record what reproducing a
+poly schedule, no augmentation, 600 steps at 96 px); these presets record what reproducing a
 published number needs, so a difference between the two is visible and named.
 ``TrainConfig.from_recipe`` / ``BaseTrainConfig.from_recipe`` (``diffss train --recipe NAME``)
 train with them.
