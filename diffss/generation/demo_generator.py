@@ -150,7 +150,7 @@ def class_following(config: GenerationConfig, samples, conditions_dir: str | os.
 
     from diffss.conditions import build_conditions, condition_path, load_square
     from diffss.data.demo import distractor_classes, palette_share
-    from diffss.generation.appearance import appearance_score
+    from diffss.generation.appearance import SupportAppearance, select_best
     from diffss.generation.oracle import demo_class_index
     from diffss.generation.pipeline import AuxiliaryGenerator
     from diffss.generation.starts import start_image
@@ -173,7 +173,10 @@ def class_following(config: GenerationConfig, samples, conditions_dir: str | os.
     scores: dict[str, list[float]] = {"own": [], "wrong": [], "appearance": [], "difference": []}
     for i, (sample, start, mask) in enumerate(zip(samples, starts, masks)):
         options = [(image[i] * 255).round().astype(np.uint8) for image in painted]
-        pixels = max(options, key=lambda p: appearance_score(p, start, mask.astype(np.uint8)))  # first of ties
+        reference = SupportAppearance(start, mask.astype(np.uint8))  # the support's descriptors, once
+        appearance = {c: reference.score(option) for c, option in enumerate(options)}
+        best = next(c for c, rank in select_best(appearance, keep=1).items() if rank == 0)  # keep-best's own rule
+        pixels = options[best]
         k = demo_class_index(sample.class_name)
 
         def contrast(j: int) -> float:
@@ -181,7 +184,7 @@ def class_following(config: GenerationConfig, samples, conditions_dir: str | os.
 
         scores["own"].append(contrast(k))
         scores["wrong"].append(float(np.mean([contrast(j) for j in distractor_classes(k, 20)])))
-        scores["appearance"].append(appearance_score(pixels, start, mask.astype(np.uint8)))
+        scores["appearance"].append(appearance[best])
         scores["difference"].append(float(np.abs(pixels.astype(np.float32) - np.asarray(start, np.float32)).mean()))
     result = {name: float(np.mean(values)) for name, values in scores.items()}
     result["margin"] = result["own"] - result["wrong"]

@@ -83,14 +83,14 @@ def write_autoencoded_auxiliary(table: str | os.PathLike, generation, name: str 
     import torch
     from diffusers import AutoModel
 
-    from diffss.generation.pipeline import _quiet_if_tiny_autoencoder
+    from diffss.generation.pipeline import quiet_if_tiny_autoencoder
 
     table = Path(table)
     rows = pd.read_parquet(table)
     out = table.parent.parent / name
     out.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(out)
-    with _quiet_if_tiny_autoencoder(generation.base_model):
+    with quiet_if_tiny_autoencoder(generation.base_model):
         vae = AutoModel.from_pretrained(generation.base_model, subfolder="vae",
                                         local_files_only=generation.local_files_only).float().eval()
     size = int(generation.resolution)

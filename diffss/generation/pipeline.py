@@ -57,7 +57,7 @@ class AuxiliaryGenerator:
                     low_cpu_mem_usage=importlib.util.find_spec("accelerate") is not None)
         nets = [ControlNetModel.from_pretrained(config.controlnets[k], **load) for k in self.kinds]
         controlnet = nets[0] if len(nets) == 1 else MultiControlNetModel(nets)
-        with _quiet_if_tiny_autoencoder(config.base_model):
+        with quiet_if_tiny_autoencoder(config.base_model):
             return StableDiffusionControlNetPipeline.from_pretrained(
                 config.base_model, controlnet=controlnet, safety_checker=None, feature_extractor=None,
                 requires_safety_checker=False, **load)
@@ -163,7 +163,7 @@ def to_pil(image: np.ndarray) -> Image.Image:
 
 
 @contextlib.contextmanager
-def _quiet_if_tiny_autoencoder(base_model: str):
+def quiet_if_tiny_autoencoder(base_model: str):
     """Loading an SD folder whose VAE is an ``AutoencoderTiny`` (the demo's small SD) makes diffusers
     warn twice on every load, about the ``block_out_channels`` key AutoencoderTiny itself writes and
     about a VAE that is not an AutoencoderKL: both harmless. Other loads keep every warning."""
