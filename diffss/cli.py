@@ -316,9 +316,11 @@ def cmd_demo_check(args: argparse.Namespace) -> int:
 def cmd_demo_study(args: argparse.Namespace) -> int:
     from diffss.generation import GenerationConfig
     from diffss.generation.demo_generator import demo_generation_config
-    from diffss.experiment.studies import demo_study, summary_markdown
+    from diffss.experiment.studies import demo_study, strength_sweep, summary_markdown
 
     cfg = _study_config(args)
+    if args.strength_sweep and not args.conditions:
+        raise SystemExit("--strength-sweep paints with the generator: name at least one of --conditions")
     device = None if cfg.device == "auto" else cfg.device
     generation = (GenerationConfig.from_json(args.generation_config) if args.generation_config
                   else demo_generation_config(args.generator, device=device)) \
@@ -327,6 +329,10 @@ def cmd_demo_study(args: argparse.Namespace) -> int:
                          num_aux=args.num_aux, progress=not args.quiet, oracle_autoencoded=args.oracle_autoencoded)
     print(summary_markdown(summary))
     print(f"results: {cfg.output_dir}/results.csv, summary.csv, summary.md, auxiliary_grid.png")
+    if args.strength_sweep:
+        sweep = strength_sweep(cfg, generation, args.strength_sweep, args.conditions, progress=not args.quiet)
+        print(sweep.to_string(index=False, float_format=lambda v: f"{v:.2f}"))
+        print(f"gain against strength: {cfg.output_dir}/gain_vs_strength.csv, gain_vs_strength.png")
     return 0
 
 
@@ -688,6 +694,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="add the oracle's images through the generator's autoencoder (what the autoencoder alone costs)")
     p.add_argument("--real-shots", type=int, nargs="+", default=None,
                    help="real shots the baseline is tested with (default 1 5; 1 alone for a fold with small classes)")
+    p.add_argument("--strength-sweep", type=float, nargs="+", default=None, metavar="S",
+                   help="also: gain over the baseline against support-guidance strength S (e.g. 0.25 0.5 0.75 1), "
+                        "1 real + 1 aux per condition -> gain_vs_strength.csv/.png")
     p.set_defaults(func=cmd_demo_study)
 
     p = sub.add_parser("generator-probe", help="strength x steps sweep of the demo generator on base-class supports")

@@ -133,3 +133,30 @@ def test_oracle_autoencoded_arm_passes_the_oracle_through_the_generators_autoenc
     with pytest.raises(ValueError, match="oracle=True"):
         demo_study(StudyConfig(root=str(root), output_dir=str(tmp_path / "x"), seeds=(0,)), conditions=(),
                    oracle=False, oracle_autoencoded=True)
+
+
+def test_strength_sweep_gives_gain_against_strength(tmp_path, one_thread):
+    """`diffss demo-study --strength-sweep`: one auxiliary set per strength in its own folder, each
+    trained and tested 1 real + 1 aux against the study's own baseline, gains paired per seed; the
+    study's results.csv is not overwritten."""
+    from diffss.cli import main as cli_main
+    from diffss.experiment.studies import StudyConfig, strength_sweep
+
+    root = build_demo_dataset(tmp_path / "demo", seed=0, num_classes=4, per_class=4)
+    out = tmp_path / "study"
+    assert cli_main(["demo-study", "--root", str(root), "--output", str(out), "--seeds", "0", "--steps", "2",
+                     "--image-size", "64", "--batch-size", "2", "--episodes", "4", "--conditions", "seg",
+                     "--no-oracle", "--num-aux", "1", "--xshot", "1", "--paper-aux-shot", "0", "--real-shots", "1",
+                     "--strength-sweep", "1", "0.5"]) == 0
+    assert set(pd.read_csv(out / "results.csv")["arm"]) == {"none", "seg"}  # the study's own rows
+    sweep = pd.read_csv(out / "gain_vs_strength.csv")
+    assert list(zip(sweep["condition"], sweep["strength"])) == [("seg", 0.5), ("seg", 1.0)]
+    results = pd.read_csv(out / "gain_vs_strength_results.csv").set_index("arm")
+    for row in sweep.itertuples():
+        expected = results.loc[f"seg-s{row.strength:g}", "miou"] - results.loc["none", "miou"]
+        assert row.gain == pytest.approx(expected)
+        table = pd.read_parquet(out / "auxiliary" / f"strength-{row.strength:g}" / "demo" / "seg" / "auxiliary.parquet")
+        assert set(table["strength"]) == {row.strength}
+    assert (out / "gain_vs_strength.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(ValueError, match="strengths must be in"):
+        strength_sweep(StudyConfig(root=str(root), output_dir=str(out), seeds=(0,)), None, [0.0, 1.0])

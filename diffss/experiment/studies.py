@@ -99,9 +99,9 @@ def _evaluate(cfg: StudyConfig, checkpoint: Path, shot: int, aux_shot: int, tabl
 
 
 def run_study(cfg: StudyConfig, aux_tables: Mapping[str, str | os.PathLike] | None = None,
-              progress: bool = True) -> pd.DataFrame:
+              progress: bool = True, results_name: str = "results.csv") -> pd.DataFrame:
     """Train and test every arm for every seed; returns one row per (arm, training, test, seed)
-    and writes it to ``<output_dir>/results.csv``. ``aux_tables``: label -> generation table."""
+    and writes it to ``<output_dir>/<results_name>``. ``aux_tables``: label -> generation table."""
     from tqdm.auto import tqdm
 
     from diffss.training.segmenter import train
@@ -126,7 +126,7 @@ def run_study(cfg: StudyConfig, aux_tables: Mapping[str, str | os.PathLike] | No
             test = f"{shot} real + {test_aux} aux" if test_aux else f"{shot} real"
             rows.append({"arm": arm, "training": training, "test": test, "seed": seed, **scores})
     frame = pd.DataFrame(rows)
-    with atomic_path(Path(cfg.output_dir) / "results.csv") as tmp:
+    with atomic_path(Path(cfg.output_dir) / results_name) as tmp:
         frame.to_csv(tmp, index=False)
     return frame
 
@@ -193,23 +193,28 @@ def support_check(cfg: StudyConfig, reference_spread: float | None = None, progr
 
 
 def generated_tables(cfg: StudyConfig, generation, conditions, num_aux: int, progress: bool = True,
-                     train_num_aux: int | None = None, shard: str | None = None) -> dict[str, Path]:
+                     train_num_aux: int | None = None, shard: str | None = None,
+                     subfolder: str | None = None) -> dict[str, Path]:
     """Auxiliary images with the generator of ``generation`` (a GenerationConfig) for each
     condition: ``num_aux`` per test support, ``train_num_aux`` (default: what the study's arms
     train with, ``max(train_aux_shot, paper_aux_shot)``) per training support. ``shard`` ``"i/n"``:
-    this process's part (n processes may share the folder). Returns condition -> table path."""
+    this process's part (n processes may share the folder). ``subfolder``: the tables go to
+    ``auxiliary/<subfolder>/`` (one folder per generation setting); the conditions, which no
+    generation setting changes, stay shared in ``auxiliary/<dataset>/conditions``. Returns
+    condition -> table path."""
     from diffss.data import load_dataset
     from diffss.generation import TABLE_NAME, generate_auxiliary
 
     train_num_aux = train_num_aux or max(cfg.train_aux_shot, cfg.paper_aux_shot, 1)
     splits = {split: load_dataset(cfg.dataset, root=cfg.root, fold=cfg.fold, split=split, episodes=1).samples
               for split in ("test", "train")}
-    out = Path(cfg.output_dir) / "auxiliary"
+    auxiliary = Path(cfg.output_dir) / "auxiliary"
+    out = auxiliary / subfolder if subfolder else auxiliary
     tables = {}
     for condition in conditions:
         for split, n in (("test", num_aux), ("train", train_num_aux)):
             generate_auxiliary(splits[split], condition, out, config=generation, num_aux=n, dataset_name=cfg.dataset,
-                               conditions_dir=out / cfg.dataset / "conditions", progress=progress, shard=shard)
+                               conditions_dir=auxiliary / cfg.dataset / "conditions", progress=progress, shard=shard)
         tables[condition] = out / cfg.dataset / condition / TABLE_NAME
     return tables
 
@@ -292,3 +297,42 @@ def demo_study(cfg: StudyConfig, generation=None, conditions=("seg", "hed", "scr
     write_text_atomic(Path(cfg.output_dir) / "summary.md", summary_markdown(summary))
     write_text_atomic(Path(cfg.output_dir) / "study_config.json", json.dumps(cfg.to_dict(), indent=2))
     return summary
+
+
+def strength_sweep(cfg: StudyConfig, generation, strengths, conditions=("seg", "hed", "scribble"),
+                   progress: bool = True) -> pd.DataFrame:
+    """Gain over the 1-shot baseline against support-guidance strength: for each strength and
+    condition, one auxiliary image per support painted at that strength (``auxiliary/strength-<s>/``),
+    trained and tested 1 real + 1 aux over ``cfg.seeds`` (same baseline checkpoints as the study in
+    ``cfg.output_dir``). Writes ``gain_vs_strength.csv`` (condition, strength, gain, its seed std,
+    per-seed gains) and ``gain_vs_strength.png`` (one line per condition) and returns the frame."""
+    from diffss.experiment.figures import line_plot
+
+    strengths = sorted({float(s) for s in strengths})
+    if not strengths or not all(0 < s <= 1 for s in strengths):
+        raise ValueError(f"strengths must be in (0, 1], got {strengths}")
+    if not conditions:
+        raise ValueError("strength_sweep needs at least one condition")
+    cfg = dataclasses.replace(cfg, train_aux_shot=1, eval_aux_shot=1, xshot=(), paper_aux_shot=0, real_shots=(1,))
+    tables, arms = {}, {}
+    for s in strengths:
+        painted = generated_tables(cfg, dataclasses.replace(generation, strength=s), conditions, 1, progress,
+                                   train_num_aux=1, subfolder=f"strength-{s:g}")
+        for condition, table in painted.items():
+            tables[f"{condition}-s{s:g}"] = table
+    arms = {f"{c}-s{s:g}": (c, s) for c in conditions for s in strengths}  # rows: condition-major
+    summary = summarize(run_study(cfg, tables, progress, results_name="gain_vs_strength_results.csv")).set_index("arm")
+    rows = []
+    for arm, (condition, s) in arms.items():
+        row = summary.loc[arm]
+        gains = [float(g) for g in row["per_seed_gain"].split()]
+        rows.append({"condition": condition, "strength": s, "gain": float(row["gain"]), "gain_std": _std(gains),
+                     "per_seed_gain": row["per_seed_gain"], "seeds": int(row["seeds"])})
+    frame = pd.DataFrame(rows)
+    out = Path(cfg.output_dir)
+    with atomic_path(out / "gain_vs_strength.csv") as tmp:
+        frame.to_csv(tmp, index=False)
+    series = {c: list(g["gain"]) for c, g in frame.groupby("condition", sort=False)}
+    line_plot(strengths, series, f"1 real + 1 aux, {len(cfg.seeds)} seed(s), fold {cfg.fold}",
+              "support-guidance strength (1 = from pure noise)", "mIoU gain over 1-shot", out / "gain_vs_strength.png")
+    return frame
