@@ -263,14 +263,22 @@ def _outside_package(output: str | Path, replace_shipped: bool, shipped: Path) -
 
 
 def cmd_train_generator(args: argparse.Namespace) -> int:
-    from diffss.generation.demo_generator import PRETRAINED_DIR, train_demo_generator
+    from diffss.generation.demo_generator import PRETRAINED_DIR, refine_decoder, train_demo_generator
 
     if args.preset != "demo":
         raise ValueError(f"unknown --preset {args.preset!r}; known: demo")
     output = _outside_package(args.output or Path(args.work_dir) / "weights", args.replace_shipped, PRETRAINED_DIR)
-    config = train_demo_generator(output_dir=output, work_dir=args.work_dir, seed=args.seed,
-                                  steps_scale=args.steps_scale, pool_per_class=args.pool_per_class,
-                                  batch_size=args.batch_size, device=args.device, progress=not args.quiet)
+    if args.decoder_of:
+        source = PRETRAINED_DIR if args.decoder_of == "shipped" else Path(args.decoder_of)
+        if not (source / "sd" / "vae" / "config.json").is_file():
+            raise ValueError(f"--decoder-of {args.decoder_of}: {source} is not a generator folder (no sd/vae/config.json)")
+        config = refine_decoder(source, output, work_dir=args.work_dir, seed=args.seed, steps_scale=args.steps_scale,
+                                batch_size=args.batch_size, device=args.device, progress=not args.quiet,
+                                pool_per_class=args.pool_per_class)
+    else:
+        config = train_demo_generator(output_dir=output, work_dir=args.work_dir, seed=args.seed,
+                                      steps_scale=args.steps_scale, pool_per_class=args.pool_per_class,
+                                      batch_size=args.batch_size, device=args.device, progress=not args.quiet)
     print(f"demo generator: {Path(config.base_model).parent} (generation_config.json there)")
     return 0
 
@@ -656,6 +664,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pool-per-class", type=int, default=None, help="pool images per class (default: the preset's)")
     p.add_argument("--batch-size", type=int, default=None, help="override every stage's batch size")
     p.add_argument("--device", default="auto")
+    p.add_argument("--decoder-of", default=None, metavar="GENERATOR",
+                   help="only the decoder stage, on this generator folder's autoencoder ('shipped': the package's); "
+                        "writes the generator with the new decoder (its UNet and ControlNet unchanged)")
     p.set_defaults(func=cmd_train_generator)
 
     p = sub.add_parser("pretrain-backbone", help="pretrain the small backbone on the demo world's pool (its ImageNet)")

@@ -199,3 +199,63 @@ def test_an_experiment_selects_the_shipped_generator_by_name(tmp_path):
     assert all((Path(p) / "config.json").is_file() for p in config.controlnets.values())
     weights = json.loads((tmp_path / "models" / "models.json").read_text())["weights"]
     assert set(weights) >= {"sd/unet/diffusion_pytorch_model.safetensors", "controlnet/diffusion_pytorch_model.safetensors"}
+
+
+def test_decoder_stage_keeps_the_latent_space_and_lowers_the_reconstruction_loss(trained, pool, tmp_path):
+    """A wider decoder on the frozen encoder: the encoder (hence the latents the UNet and ControlNet
+    were trained on) and the scaling factor are the base's, the decoder has the new sizes, the loss
+    falls, and a run stopped between checkpoints resumes to the uninterrupted weights."""
+    from diffusers import AutoencoderTiny
+
+    vae, _, _ = trained
+    sizes = {**SIZES, "vae_width": 12, "vae_blocks": 2}
+    straight = train_generator(stage(pool, tmp_path / "straight", "decoder", base=str(vae), steps=24, sizes=sizes),
+                               progress=False)
+    early, late = _early_late(straight)
+    assert late < early
+    base, new = AutoencoderTiny.from_pretrained(vae), AutoencoderTiny.from_pretrained(straight)
+    assert new.config.scaling_factor == base.config.scaling_factor
+    assert tuple(new.config.decoder_block_out_channels) == (12, 12, 12)
+    assert tuple(new.config.num_decoder_blocks) == (2, 2, 1)
+    assert tuple(new.config.encoder_block_out_channels) == tuple(base.config.encoder_block_out_channels)
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        assert torch.equal(new.encode(x).latents, base.encode(x).latents)
+
+    def kill_at_7(step, loss):
+        if step == 7:
+            raise KeyboardInterrupt
+
+    resumed_cfg = stage(pool, tmp_path / "resumed", "decoder", base=str(vae), steps=24, sizes=sizes)
+    with pytest.raises(KeyboardInterrupt):
+        train_generator(resumed_cfg, progress=False, callback=kill_at_7)
+    resumed = train_generator(resumed_cfg, progress=False)
+    a, b = _final_state(straight), _final_state(resumed)
+    assert all(torch.equal(t, b["models"]["decoder"][k]) for k, t in a["models"]["decoder"].items())
+
+
+def test_decoder_of_a_generator_keeps_its_unet_and_controlnet(tmp_path, capsys):
+    """`diffss train-generator --decoder-of shipped`: the shipped generator with a new decoder; its
+    UNet, text encoder and ControlNet tensors are the shipped ones, and generation loads it."""
+    from safetensors.torch import load_file
+
+    from diffss.generation.shipped import PRETRAINED_DIR
+
+    out = tmp_path / "generator"
+    rc = cli_main(["--quiet", "train-generator", "--preset", "demo", "--decoder-of", "shipped", "--device", "cpu",
+                   "--work-dir", str(tmp_path / "work"), "--output", str(out), "--steps-scale", "0.004",
+                   "--pool-per-class", "2"])
+    assert rc == 0
+    for part in ("sd/unet/diffusion_pytorch_model.safetensors", "controlnet/diffusion_pytorch_model.safetensors"):
+        a, b = load_file(PRETRAINED_DIR / part), load_file(out / part)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), part
+    vae = json.loads((out / "sd" / "vae" / "config.json").read_text())
+    assert vae["decoder_block_out_channels"] == [DEMO_PRESET["decoder"]["sizes"]["vae_width"]] * 3
+    assert vae["encoder_block_out_channels"] == json.loads(
+        (PRETRAINED_DIR / "sd" / "vae" / "config.json").read_text())["encoder_block_out_channels"]
+    config = demo_generation_config(out, device="cpu", num_inference_steps=2)
+    image = AuxiliaryGenerator(config, "seg").generate([Image.new("RGB", (64, 64))], ["striped star"], [0])[0]
+    assert image.shape == (64, 64, 3)
+    capsys.readouterr()
+    assert cli_main(["train-generator", "--decoder-of", str(tmp_path), "--output", str(tmp_path / "x")]) == 2
+    assert "is not a generator folder" in capsys.readouterr().err and not (tmp_path / "x").exists()

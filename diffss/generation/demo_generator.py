@@ -40,6 +40,9 @@ DEMO_PRESET = {
     # The UNet learns on with the ControlNet: 400 steps of a frozen base placed nothing in the mask.
     # 1200 steps still ignored the mask (base-class contrast -0.055); 2400 begin to follow it (+0.059).
     "controlnet": {"steps": 2400, "batch_size": 16, "learning_rate": 1e-3, "train_base_unet": True},
+    # A wider decoder on the frozen encoder (same latents, so the UNet and ControlNet stand): the
+    # 24-wide one lost half of a support's class palette in the mask on the way back to pixels.
+    "decoder": {"steps": 1500, "batch_size": 16, "learning_rate": 2e-3, "sizes": {"vae_width": 48, "vae_blocks": 2}},
     # Chosen on fold 0's base classes (`diffss generator-probe`, 30 training supports): from pure
     # noise (strength 1) no setting paints the support's class (own-class contrast 0.03, other
     # classes' 0.13); support-guided at strength 0.85 over an 8-step schedule: own 0.40, other
@@ -61,23 +64,34 @@ def build_pretraining_pool(root: str | os.PathLike, per_class: int = DEMO_PRESET
 def stage_configs(pool: str | os.PathLike, work_dir: str | os.PathLike, preset: dict = DEMO_PRESET, seed: int = 0,
                   steps_scale: float = 1.0, batch_size: int | None = None,
                   device: str = "auto") -> list[GeneratorTrainConfig]:
-    """The three stage configs of a preset (``steps_scale``/``batch_size`` shrink them, for tests)."""
+    """The stage configs of a preset, in order (``steps_scale``/``batch_size`` shrink them, for
+    tests): autoencoder, text-to-image, controlnet, each on the one before, and the decoder
+    (if the preset has one) on the autoencoder."""
+    return [stage_config(stage, pool, work_dir, preset, seed, steps_scale, batch_size, device)
+            for stage in STAGE_ORDER if stage in preset]
+
+
+STAGE_ORDER = ("autoencoder", "text-to-image", "controlnet", "decoder")
+_STAGE_BASE = {"text-to-image": "autoencoder", "controlnet": "text-to-image", "decoder": "autoencoder"}
+
+
+def stage_config(stage: str, pool: str | os.PathLike, work_dir: str | os.PathLike, preset: dict = DEMO_PRESET,
+                 seed: int = 0, steps_scale: float = 1.0, batch_size: int | None = None, device: str = "auto",
+                 base_model: str | os.PathLike | None = None) -> GeneratorTrainConfig:
+    """One stage of a preset in ``work_dir/<stage>``, on ``base_model`` (default: the folder of the
+    stage it builds on, in the same ``work_dir``)."""
     work = Path(work_dir)
-    common = dict(dataset="demo", root=str(pool), fold=0, split="all", resolution=preset["resolution"],
-                  sizes=preset["sizes"], seed=seed, device=device, local_files_only=True,
-                  empty_prompt_probability=0.1)
-    configs, base = [], None
-    for stage in ("autoencoder", "text-to-image", "controlnet"):
-        settings = dict(preset[stage])
-        settings["steps"] = max(1, round(settings["steps"] * steps_scale))
-        settings["batch_size"] = batch_size or settings["batch_size"]
-        # The demo world has no trained HED: its hed and scribble conditions are classical soft edges.
-        extra = {"conditions": CONDITIONS, "hed_model": SOBEL_EDGES} if stage == "controlnet" else {}
-        cfg = GeneratorTrainConfig(stage=stage, output_dir=str(work / stage), base_model=base,
-                                   checkpoint_every=max(1, min(250, settings["steps"])), **settings, **extra, **common)
-        configs.append(cfg)
-        base = cfg.output_dir
-    return configs
+    settings = dict(preset[stage])
+    sizes = {**preset["sizes"], **settings.pop("sizes", {})}
+    settings["steps"] = max(1, round(settings["steps"] * steps_scale))
+    settings["batch_size"] = batch_size or settings["batch_size"]
+    # The demo world has no trained HED: its hed and scribble conditions are classical soft edges.
+    extra = {"conditions": CONDITIONS, "hed_model": SOBEL_EDGES} if stage == "controlnet" else {}
+    base = base_model or (str(work / _STAGE_BASE[stage]) if stage in _STAGE_BASE else None)
+    return GeneratorTrainConfig(stage=stage, output_dir=str(work / stage), base_model=str(base) if base else None,
+                                checkpoint_every=max(1, min(250, settings["steps"])), dataset="demo", root=str(pool),
+                                fold=0, split="all", resolution=preset["resolution"], sizes=sizes, seed=seed,
+                                device=device, local_files_only=True, empty_prompt_probability=0.1, **settings, **extra)
 
 
 def train_demo_generator(output_dir: str | os.PathLike = PRETRAINED_DIR, work_dir: str | os.PathLike = "data/generator/demo",
@@ -88,16 +102,34 @@ def train_demo_generator(output_dir: str | os.PathLike = PRETRAINED_DIR, work_di
     weights + ``generation_config.json`` to ``output_dir``; returns the GenerationConfig."""
     work = Path(work_dir)
     pool = build_pretraining_pool(work / "pool", per_class=pool_per_class or preset["pool_per_class"])
-    configs = stage_configs(pool, work, preset, seed, steps_scale, batch_size, device)
-    for cfg in configs:
+    configs = {cfg.stage: cfg for cfg in stage_configs(pool, work, preset, seed, steps_scale, batch_size, device)}
+    for cfg in configs.values():
         train_generator(cfg, progress=progress)
-    return export_generator(configs[1].output_dir, configs[2].output_dir, output_dir, preset)
+    return export_generator(configs["text-to-image"].output_dir, configs["controlnet"].output_dir, output_dir, preset,
+                            vae_dir=configs["decoder"].output_dir if "decoder" in configs else None)
+
+
+def refine_decoder(generator_dir: str | os.PathLike, output_dir: str | os.PathLike,
+                   work_dir: str | os.PathLike = "data/generator/demo", seed: int = 0, steps_scale: float = 1.0,
+                   batch_size: int | None = None, preset: dict = DEMO_PRESET, device: str = "auto",
+                   progress: bool = True, pool_per_class: int | None = None) -> GenerationConfig:
+    """Only the preset's decoder stage, on the autoencoder of an existing generator folder (the
+    shipped one, say): trains it under ``work_dir/decoder`` (resumable) and writes a copy of the
+    generator with that autoencoder to ``output_dir``. Its UNet and ControlNet are kept as they
+    are: the encoder, hence the latent space they were trained on, does not change."""
+    generator = Path(generator_dir)
+    pool = build_pretraining_pool(Path(work_dir) / "pool", per_class=pool_per_class or preset["pool_per_class"])
+    cfg = stage_config("decoder", pool, work_dir, preset, seed, steps_scale, batch_size, device,
+                       base_model=generator / "sd")
+    train_generator(cfg, progress=progress)
+    return export_generator(generator / "sd", generator / "controlnet", output_dir, preset, vae_dir=cfg.output_dir)
 
 
 def export_generator(sd_dir: str | os.PathLike, controlnet_dir: str | os.PathLike, output_dir: str | os.PathLike,
-                     preset: dict = DEMO_PRESET) -> GenerationConfig:
+                     preset: dict = DEMO_PRESET, vae_dir: str | os.PathLike | None = None) -> GenerationConfig:
     """Copy the model files (weights in float16: half the bytes, same pictures up to float noise)
-    into ``output_dir`` next to a ``generation_config.json`` with relative model paths."""
+    into ``output_dir`` next to a ``generation_config.json`` with relative model paths. ``vae_dir``:
+    an autoencoder to use instead of the SD folder's own (the decoder stage's)."""
     import torch
     from diffusers import ControlNetModel, DiffusionPipeline, UNet2DConditionModel
 
@@ -108,6 +140,10 @@ def export_generator(sd_dir: str | os.PathLike, controlnet_dir: str | os.PathLik
                                              feature_extractor=None, requires_safety_checker=False)
     if (Path(controlnet_dir) / BASE_UNET_DIR / "config.json").is_file():  # fine-tuned with the ControlNet
         pipe.unet = UNet2DConditionModel.from_pretrained(Path(controlnet_dir) / BASE_UNET_DIR)
+    if vae_dir is not None:
+        from diffusers import AutoencoderTiny
+
+        pipe.vae = AutoencoderTiny.from_pretrained(vae_dir).to(pipe.unet.dtype)
     pipe.to(torch.float16).save_pretrained(tmp / "sd")
     ControlNetModel.from_pretrained(controlnet_dir, local_files_only=True).to(torch.float16).save_pretrained(
         tmp / "controlnet")

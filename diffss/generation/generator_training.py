@@ -11,6 +11,10 @@ Three stages, each a resumable run into its own output folder, each folder loada
   base model at all).
 - ``text-to-image``: a small UNet with cross-attention *and* the CLIP text encoder, trained
   together on the class prompts over a frozen autoencoder; saved in Stable Diffusion's layout.
+- ``decoder``: a new, larger decoder for an ``AutoencoderTiny`` whose encoder stays frozen. The
+  latent space does not move, so a UNet and ControlNet trained on it keep working, and only
+  the pixels they decode to get sharper (the demo's 64-px autoencoder lost about half of the
+  class's palette inside the mask, and most of what an ideal auxiliary support adds).
 
 The recipe is diffusers' (examples/controlnet/train_controlnet.py, train_text_to_image.py): latents
 from the frozen VAE times its scaling factor, ``DDPMScheduler.add_noise`` at uniform timesteps,
@@ -49,7 +53,7 @@ from diffss.core.loop import TrainingRun, run_steps
 
 log = logging.getLogger(__name__)
 
-STAGES = ("autoencoder", "text-to-image", "controlnet")
+STAGES = ("autoencoder", "text-to-image", "controlnet", "decoder")
 LEGACY_STATE_NAME = "training_state.pt"  # the layout before diffss.core: one state file beside the model
 CONFIG_NAME = "train_config.json"
 MIXED_PRECISION = {"no": None, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -61,7 +65,8 @@ class GeneratorTrainConfig(JsonConfig):
     :func:`diffss.data.load_dataset` does; ``split="all"`` takes every class of the fold (train +
     test: a pretraining pool, never the benchmark itself). ``base_model``: controlnet - an SD
     folder or hub id; text-to-image - the autoencoder stage's folder (or an SD folder, whose VAE
-    is used). Prompts are ``GenerationConfig(prompt_template, quality_suffix).prompt(class)``,
+    is used); decoder - the autoencoder to give a new decoder (``sizes.vae_width`` /
+    ``vae_blocks`` size it). Prompts are ``GenerationConfig(prompt_template, quality_suffix).prompt(class)``,
     the very prompts generation will use."""
 
     stage: str = "controlnet"
@@ -118,7 +123,7 @@ class GeneratorTrainConfig(JsonConfig):
 
         self.conditions = tuple(parse_kinds(list(self.conditions)))
         self.sizes = SmallSDSizes(**self.sizes).to_dict()  # validates, fills defaults
-        if self.stage != "controlnet" and self.sizes["resolution"] != self.resolution:
+        if self.stage not in ("controlnet", "decoder") and self.sizes["resolution"] != self.resolution:
             raise ValueError(f"sizes.resolution {self.sizes['resolution']} differs from resolution {self.resolution}")
 
     RUNTIME_FIELDS = ("output_dir", "device", "checkpoint_every", "local_files_only")
@@ -212,6 +217,10 @@ def _pixels(images_uint8: torch.Tensor) -> torch.Tensor:
     return images_uint8.float().div(127.5).sub(1.0)
 
 
+def _reconstruction_loss(out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return F.mse_loss(out.float(), x) + 0.5 * F.l1_loss(out.float(), x)
+
+
 class _AutoencoderStage(_Stage):
     def __init__(self, config: GeneratorTrainConfig, data: TrainingImages, device: torch.device):
         from diffss.generation.small_sd import new_autoencoder
@@ -224,8 +233,7 @@ class _AutoencoderStage(_Stage):
 
     def loss(self, batch, g):
         x = _pixels(self.data.images[batch["index"]]).to(self.device)
-        out = self.vae.decode(self.vae.encode(x).latents).sample
-        return F.mse_loss(out.float(), x) + 0.5 * F.l1_loss(out.float(), x)
+        return _reconstruction_loss(self.vae.decode(self.vae.encode(x).latents).sample, x)
 
     @torch.no_grad()
     def export(self, out):
@@ -234,6 +242,41 @@ class _AutoencoderStage(_Stage):
         std = float(self.vae.encode(sample).latents.float().std())
         self.vae.register_to_config(scaling_factor=1.0 / max(std, 1e-3))
         self.vae.save_pretrained(out)
+
+
+class _DecoderStage(_Stage):
+    """A new decoder (``sizes.vae_width`` wide, ``sizes.vae_blocks`` blocks per level, the base's
+    number of levels) trained on the frozen encoder's latents, which are computed once."""
+
+    def __init__(self, config: GeneratorTrainConfig, data: TrainingImages, device: torch.device):
+        from diffusers import AutoencoderTiny
+
+        base = _load_vae(config.base_model, config.local_files_only)
+        if not isinstance(base, AutoencoderTiny):
+            raise ValueError(f"the decoder stage refines an AutoencoderTiny; {config.base_model} holds "
+                             f"{type(base).__name__}")
+        sizes = SmallSDSizes(**config.sizes)
+        levels = len(base.config.decoder_block_out_channels)
+        settings = {k: v for k, v in base.config.items() if not k.startswith("_") and k != "block_out_channels"}
+        settings.update(decoder_block_out_channels=(sizes.vae_width,) * levels,
+                        num_decoder_blocks=(sizes.vae_blocks,) * (levels - 1) + (1,))
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(config.seed)
+            self.vae = AutoencoderTiny(**settings).to(device)
+        self.vae.encoder.load_state_dict(base.encoder.state_dict())
+        self.vae.encoder.eval().requires_grad_(False)
+        with torch.no_grad():
+            self.latents = torch.cat([self.vae.encode(_pixels(data.images[i:i + 64]).to(device)).latents.float().cpu()
+                                      for i in range(0, len(data), 64)])
+        self.trainable = {"decoder": self.vae.decoder}
+        self.data, self.device = data, device
+
+    def loss(self, batch, g):
+        x = _pixels(self.data.images[batch["index"]]).to(self.device)
+        return _reconstruction_loss(self.vae.decode(self.latents[batch["index"]].to(self.device)).sample, x)
+
+    def export(self, out):
+        self.vae.save_pretrained(out)  # the base's scaling factor came with its config
 
 
 def _load_vae(base: str, local_files_only: bool):
@@ -372,7 +415,8 @@ class _ControlNetStage(_DiffusionStage):
             self.unet.save_pretrained(out / BASE_UNET_DIR)
 
 
-_STAGE_CLASSES = {"autoencoder": _AutoencoderStage, "text-to-image": _TextToImageStage, "controlnet": _ControlNetStage}
+_STAGE_CLASSES = {"autoencoder": _AutoencoderStage, "text-to-image": _TextToImageStage, "controlnet": _ControlNetStage,
+                  "decoder": _DecoderStage}
 
 
 def _draw_batch(config: GeneratorTrainConfig, n: int, g: torch.Generator) -> dict[str, torch.Tensor]:
