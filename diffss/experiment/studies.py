@@ -314,7 +314,7 @@ def strength_sweep(cfg: StudyConfig, generation, strengths, conditions=("seg", "
     if not conditions:
         raise ValueError("strength_sweep needs at least one condition")
     cfg = dataclasses.replace(cfg, train_aux_shot=1, eval_aux_shot=1, xshot=(), paper_aux_shot=0, real_shots=(1,))
-    tables, arms = {}, {}
+    tables = {}
     for s in strengths:
         painted = generated_tables(cfg, dataclasses.replace(generation, strength=s), conditions, 1, progress,
                                    train_num_aux=1, subfolder=f"strength-{s:g}")

@@ -61,6 +61,10 @@ def build_pretraining_pool(root: str | os.PathLike, per_class: int = DEMO_PRESET
                               shared_scenes=False)
 
 
+STAGE_ORDER = ("autoencoder", "text-to-image", "controlnet", "decoder")
+_STAGE_BASE = {"text-to-image": "autoencoder", "controlnet": "text-to-image", "decoder": "autoencoder"}
+
+
 def stage_configs(pool: str | os.PathLike, work_dir: str | os.PathLike, preset: dict = DEMO_PRESET, seed: int = 0,
                   steps_scale: float = 1.0, batch_size: int | None = None,
                   device: str = "auto") -> list[GeneratorTrainConfig]:
@@ -69,10 +73,6 @@ def stage_configs(pool: str | os.PathLike, work_dir: str | os.PathLike, preset: 
     (if the preset has one) on the autoencoder."""
     return [stage_config(stage, pool, work_dir, preset, seed, steps_scale, batch_size, device)
             for stage in STAGE_ORDER if stage in preset]
-
-
-STAGE_ORDER = ("autoencoder", "text-to-image", "controlnet", "decoder")
-_STAGE_BASE = {"text-to-image": "autoencoder", "controlnet": "text-to-image", "decoder": "autoencoder"}
 
 
 def stage_config(stage: str, pool: str | os.PathLike, work_dir: str | os.PathLike, preset: dict = DEMO_PRESET,
@@ -143,7 +143,7 @@ def export_generator(sd_dir: str | os.PathLike, controlnet_dir: str | os.PathLik
     if vae_dir is not None:
         from diffusers import AutoencoderTiny
 
-        pipe.vae = AutoencoderTiny.from_pretrained(vae_dir).to(pipe.unet.dtype)
+        pipe.vae = AutoencoderTiny.from_pretrained(vae_dir)  # to float16 with the rest, below
     pipe.to(torch.float16).save_pretrained(tmp / "sd")
     ControlNetModel.from_pretrained(controlnet_dir, local_files_only=True).to(torch.float16).save_pretrained(
         tmp / "controlnet")

@@ -1,7 +1,7 @@
 """Train the parts of a Stable-Diffusion-shaped generator on a folder of images + masks + class names.
 
-Three stages, each a resumable run into its own output folder, each folder loadable with
-``from_pretrained`` (the real-world case needs only the last one):
+Four stages, each a resumable run into its own output folder, each folder loadable with
+``from_pretrained`` (the real-world case needs only the first, ``controlnet``):
 
 - ``controlnet``: a ControlNet on a frozen base model (SD 1.5 from the hub, or a folder), for a
   domain the base model cannot draw under control: medical, industrial, the demo world. The
@@ -265,9 +265,7 @@ class _DecoderStage(_Stage):
             self.vae = AutoencoderTiny(**settings).to(device)
         self.vae.encoder.load_state_dict(base.encoder.state_dict())
         self.vae.encoder.eval().requires_grad_(False)
-        with torch.no_grad():
-            self.latents = torch.cat([self.vae.encode(_pixels(data.images[i:i + 64]).to(device)).latents.float().cpu()
-                                      for i in range(0, len(data), 64)])
+        self.latents = _encode_images(self.vae, data.images, device, scaled=False)  # what the decoder reads
         self.trainable = {"decoder": self.vae.decoder}
         self.data, self.device = data, device
 
@@ -292,13 +290,21 @@ def _load_vae(base: str, local_files_only: bool):
     return cls.from_pretrained(folder, subfolder=sub, local_files_only=local_files_only)
 
 
-def _encode(vae, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+def _encode(vae, x: torch.Tensor, generator: torch.Generator | None, scaled: bool = True) -> torch.Tensor:
     out = vae.encode(x)
     # A KL autoencoder's latents are a sample: drawn from the run's own generator, not the global
     # one (whose state at this point differs between processes), so two runs of one config, or a
     # run and its resumption in a new process, train on the same latents.
     latents = out.latents if hasattr(out, "latents") else out.latent_dist.sample(generator=generator)
-    return latents * vae.config.scaling_factor
+    return latents * vae.config.scaling_factor if scaled else latents
+
+
+@torch.no_grad()
+def _encode_images(vae, images: torch.Tensor, device: torch.device, generator: torch.Generator | None = None,
+                   scaled: bool = True) -> torch.Tensor:
+    """Latents of every image (uint8 [N,3,R,R]), 64 at a time, kept on the CPU in float32."""
+    return torch.cat([_encode(vae, _pixels(images[i:i + 64]).to(device), generator, scaled).float().cpu()
+                      for i in range(0, len(images), 64)])
 
 
 class _DiffusionStage(_Stage):
@@ -308,12 +314,7 @@ class _DiffusionStage(_Stage):
                  scheduler):
         self.config, self.data, self.device = config, data, device
         self.vae, self.tokenizer, self.scheduler = vae.to(device).eval().requires_grad_(False), tokenizer, scheduler
-        latents = []
-        g = torch.Generator(device).manual_seed(config.seed)
-        with torch.no_grad():
-            for start in range(0, len(data), 64):
-                latents.append(_encode(self.vae, _pixels(data.images[start:start + 64]).to(device), g).float().cpu())
-        self.latents = torch.cat(latents)
+        self.latents = _encode_images(self.vae, data.images, device, torch.Generator(device).manual_seed(config.seed))
         self.ids = self._tokenize(data.prompts)
         self.empty_ids = self._tokenize([""])
 
