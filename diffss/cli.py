@@ -263,18 +263,24 @@ def _outside_package(output: str | Path, replace_shipped: bool, shipped: Path) -
 
 
 def cmd_train_generator(args: argparse.Namespace) -> int:
-    from diffss.generation.demo_generator import PRETRAINED_DIR, refine_decoder, train_demo_generator
+    from diffss.generation.demo_generator import PRETRAINED_DIR, refine_generator, train_demo_generator
 
     if args.preset != "demo":
         raise ValueError(f"unknown --preset {args.preset!r}; known: demo")
     output = _outside_package(args.output or Path(args.work_dir) / "weights", args.replace_shipped, PRETRAINED_DIR)
-    if args.decoder_of:
-        source = PRETRAINED_DIR if args.decoder_of == "shipped" else Path(args.decoder_of)
-        if not (source / "sd" / "vae" / "config.json").is_file():
-            raise ValueError(f"--decoder-of {args.decoder_of}: {source} is not a generator folder (no sd/vae/config.json)")
-        config = refine_decoder(source, output, work_dir=args.work_dir, seed=args.seed, steps_scale=args.steps_scale,
-                                batch_size=args.batch_size, device=args.device, progress=not args.quiet,
-                                pool_per_class=args.pool_per_class)
+    refine = [(stage, value) for stage, value in (("decoder", args.decoder_of), ("class-binding", args.class_binding_of))
+              if value]
+    if len(refine) > 1:
+        raise ValueError("give one of --decoder-of and --class-binding-of (run them one after the other)")
+    if refine:
+        stage, value = refine[0]
+        source = PRETRAINED_DIR if value == "shipped" else Path(value)
+        if not (source / "sd" / "vae" / "config.json").is_file() or not (source / "controlnet" / "config.json").is_file():
+            raise ValueError(f"--{stage}-of {value}: {source} is not a generator folder "
+                             "(no sd/vae/config.json and controlnet/config.json)")
+        config = refine_generator(source, output, stage, work_dir=args.work_dir, seed=args.seed,
+                                  steps_scale=args.steps_scale, batch_size=args.batch_size, device=args.device,
+                                  progress=not args.quiet, pool_per_class=args.pool_per_class)
     else:
         config = train_demo_generator(output_dir=output, work_dir=args.work_dir, seed=args.seed,
                                       steps_scale=args.steps_scale, pool_per_class=args.pool_per_class,
@@ -327,6 +333,11 @@ def cmd_demo_study(args: argparse.Namespace) -> int:
     from diffss.experiment.studies import demo_study, strength_sweep, summary_markdown
 
     cfg = _study_config(args)
+    if args.base_validation:  # the fold's base classes only: the fold's novel classes are never tested
+        from diffss.data.demo import base_class_root
+
+        validation_root = base_class_root(cfg.root, cfg.fold, Path(cfg.output_dir) / "base-classes")
+        cfg = dataclasses.replace(cfg, root=str(validation_root), fold=0)
     if args.strength_sweep and not args.conditions:
         raise SystemExit("--strength-sweep paints with the generator: name at least one of --conditions")
     device = None if cfg.device == "auto" else cfg.device
@@ -667,6 +678,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--decoder-of", default=None, metavar="GENERATOR",
                    help="only the decoder stage, on this generator folder's autoencoder ('shipped': the package's); "
                         "writes the generator with the new decoder (its UNet and ControlNet unchanged)")
+    p.add_argument("--class-binding-of", default=None, metavar="GENERATOR",
+                   help="only the class-binding stage, on this generator folder ('shipped': the package's): its "
+                        "text encoder, UNet and ControlNet trained on together; writes the bound generator")
     p.set_defaults(func=cmd_train_generator)
 
     p = sub.add_parser("pretrain-backbone", help="pretrain the small backbone on the demo world's pool (its ImageNet)")
@@ -708,6 +722,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--strength-sweep", type=float, nargs="+", default=None, metavar="S",
                    help="also: gain over the baseline against support-guidance strength S (e.g. 0.25 0.5 0.75 1), "
                         "1 real + 1 aux per condition -> gain_vs_strength.csv/.png")
+    p.add_argument("--base-validation", action="store_true",
+                   help="run on the fold's base classes only (a validation split: its first group of base classes "
+                        "tested, the others trained on), to choose settings without the fold's novel classes")
     p.set_defaults(func=cmd_demo_study)
 
     p = sub.add_parser("generator-probe", help="strength x steps sweep of the demo generator on base-class supports")

@@ -101,6 +101,36 @@ def test_demo_study_baseline_alone_with_chosen_real_shots(tmp_path, one_thread):
     assert list(zip(results["arm"], results["test"])) == [("none", "1 real")]
 
 
+def test_base_validation_never_touches_the_folds_novel_classes(tmp_path, one_thread):
+    """`diffss demo-study --base-validation`: a root of the fold's base classes (linked, not copied;
+    the source root is not written), whose fold 0 tests the first group of them; the study trains
+    and tests there only, so a setting chosen on it has never seen the fold's novel classes."""
+    from diffss.cli import main as cli_main
+    from diffss.data import load_dataset
+    from diffss.data.demo import base_class_root
+
+    root = build_demo_dataset(tmp_path / "demo", seed=0, num_classes=20, per_class=2)
+    before = sorted((p.relative_to(root), p.stat().st_mtime_ns) for p in root.rglob("*"))
+    novel = set(load_dataset("demo", root=root, fold=1, split="test", episodes=1).class_names[c]
+                for c in load_dataset("demo", root=root, fold=1, split="test", episodes=1).class_ids)
+    out = tmp_path / "study"
+    assert cli_main(["demo-study", "--root", str(root), "--output", str(out), "--fold", "1", "--base-validation",
+                     "--seeds", "0", "--steps", "2", "--image-size", "64", "--batch-size", "2", "--episodes", "4",
+                     "--conditions", "--no-oracle", "--xshot", "1", "--paper-aux-shot", "0", "--real-shots", "1"]) == 0
+    derived = out / "base-classes"
+    seen = {}
+    for split in ("train", "test"):
+        index = load_dataset("demo", root=derived, fold=0, split=split, episodes=1)
+        seen[split] = {index.class_names[c] for c in index.class_ids}
+    assert len(seen["test"]) == 4 and len(seen["train"]) == 11 and not (seen["test"] | seen["train"]) & novel
+    assert json.loads((out / "study_config.json").read_text())["root"] == str(derived)
+    assert pd.read_csv(out / "results.csv")["arm"].tolist() == ["none"]
+    assert sorted((p.relative_to(root), p.stat().st_mtime_ns) for p in root.rglob("*")) == before
+    assert base_class_root(root, 1, derived) == derived  # rebuilding in place works (links replaced)
+    with pytest.raises(Exception, match="no complete demo dataset"):
+        base_class_root(tmp_path / "empty", 1, tmp_path / "x")
+
+
 def test_oracle_autoencoded_arm_passes_the_oracle_through_the_generators_autoencoder(tmp_path, one_thread):
     """`--oracle-autoencoded`: the oracle's images, down to the generator's resolution, through its
     autoencoder and back, as a study arm of their own; resumed runs keep the images."""

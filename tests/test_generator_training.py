@@ -112,6 +112,40 @@ def test_resume_after_a_kill_ends_with_the_uninterrupted_weights(trained, pool, 
                         progress=False)
 
 
+def test_class_binding_trains_the_text_encoder_on_from_an_existing_generator(trained, pool, tmp_path):
+    """train_text_encoder + controlnet_init (the demo's class-binding stage): the run starts from
+    the given ControlNet, trains the text encoder with the UNet and ControlNet, exports all three,
+    and export_generator builds a generator with that text encoder; the sources stay untouched."""
+    from diffusers import ControlNetModel
+    from transformers import CLIPTextModel
+
+    from diffss.generation.demo_generator import export_generator
+    from diffss.generation.generator_training import _ControlNetStage, load_training_images, training_samples
+
+    _, sd, cn = trained
+    cfg = stage(pool, tmp_path / "bind", "controlnet", base=str(sd), steps=6, conditions=("seg", "hed"),
+                hed_model="random", train_base_unet=True, train_text_encoder=True, controlnet_init=str(cn))
+    start = _ControlNetStage(cfg, load_training_images(cfg, training_samples(cfg), progress=False), torch.device("cpu"))
+    source = ControlNetModel.from_pretrained(cn).state_dict()
+    assert all(torch.equal(v, source[k]) for k, v in start.controlnet.state_dict().items())
+    assert set(start.trainable) == {"controlnet", "unet", "text_encoder"}
+    text_before = (sd / "text_encoder" / "model.safetensors").read_bytes()
+    run = train_generator(cfg, progress=False)
+    early, late = _early_late(run, n=2)
+    assert np.isfinite([early, late]).all()
+    tuned = CLIPTextModel.from_pretrained(run / "text_encoder").state_dict()
+    original = CLIPTextModel.from_pretrained(sd, subfolder="text_encoder").state_dict()
+    assert any(not torch.equal(tuned[k], original[k]) for k in tuned), "the text encoder did not train"
+    assert (sd / "text_encoder" / "model.safetensors").read_bytes() == text_before
+    exported = CLIPTextModel.from_pretrained(export_generator(sd, run, tmp_path / "gen").base_model,
+                                             subfolder="text_encoder").state_dict()
+    assert all(torch.equal(exported[k], tuned[k].half()) for k in tuned)
+    with pytest.raises(ValueError, match="train_text_encoder"):
+        stage(pool, tmp_path / "x", "controlnet", base=str(sd), train_text_encoder=True)
+    with pytest.raises(ValueError, match="controlnet_init"):
+        stage(pool, tmp_path / "x", "text-to-image", base=str(sd), controlnet_init=str(cn))
+
+
 def _final_state(run: Path) -> dict:
     from diffss.core.checkpoint import CheckpointDir
 
@@ -182,6 +216,16 @@ def test_the_shipped_weights_command_runs(tmp_path):
     assert rc == 0
     history = pd.read_csv(tmp_path / "work" / "text-to-image" / "history.csv")
     assert len(history) == round(DEMO_PRESET["text-to-image"]["steps"] * 0.004)
+    # ... then class binding on the generator the stages made (its text encoder is the one written)
+    binding = tmp_path / "work" / "class-binding"
+    assert len(pd.read_csv(binding / "history.csv")) == round(DEMO_PRESET["class-binding"]["steps"] * 0.004)
+    assert json.loads((binding / "train_config.json").read_text())["controlnet_init"] == str(
+        tmp_path / "work" / "generator-staged" / "controlnet")
+    from safetensors.torch import load_file
+
+    bound, written = load_file(binding / "text_encoder" / "model.safetensors"), load_file(
+        out / "sd" / "text_encoder" / "model.safetensors")
+    assert all(torch.equal(bound[k].half(), written[k]) for k in bound)
     config = demo_generation_config(out, device="cpu", num_inference_steps=2)
     assert config.resolution == 64 and set(config.controlnets) == {"seg", "hed", "scribble"}
     image = AuxiliaryGenerator(config, "scribble").generate([Image.new("RGB", (64, 64))], ["striped star"], [0])[0]
@@ -259,3 +303,35 @@ def test_decoder_of_a_generator_keeps_its_unet_and_controlnet(tmp_path, capsys):
     capsys.readouterr()
     assert cli_main(["train-generator", "--decoder-of", str(tmp_path), "--output", str(tmp_path / "x")]) == 2
     assert "is not a generator folder" in capsys.readouterr().err and not (tmp_path / "x").exists()
+
+
+def test_class_binding_of_a_generator_trains_its_text_path_and_keeps_its_autoencoder(tmp_path, capsys):
+    """`diffss train-generator --class-binding-of shipped`: text encoder, UNet and ControlNet train
+    on from the shipped weights (all three change), the autoencoder is the shipped one, and the
+    result generates with the preset's settings."""
+    from safetensors.torch import load_file
+
+    from diffss.generation.shipped import PRETRAINED_DIR
+
+    out = tmp_path / "generator"
+    rc = cli_main(["--quiet", "train-generator", "--preset", "demo", "--class-binding-of", "shipped", "--device", "cpu",
+                   "--work-dir", str(tmp_path / "work"), "--output", str(out), "--steps-scale", "0.001",
+                   "--pool-per-class", "2", "--batch-size", "2"])
+    assert rc == 0
+    run = json.loads((tmp_path / "work" / "class-binding" / "train_config.json").read_text())
+    assert run["train_text_encoder"] and run["train_base_unet"] and run["controlnet_init"].endswith("controlnet")
+    for part in ("sd/vae/diffusion_pytorch_model.safetensors",):
+        a, b = load_file(PRETRAINED_DIR / part), load_file(out / part)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), part
+    for part in ("sd/text_encoder/model.safetensors", "sd/unet/diffusion_pytorch_model.safetensors",
+                 "controlnet/diffusion_pytorch_model.safetensors"):
+        a, b = load_file(PRETRAINED_DIR / part), load_file(out / part)
+        assert a.keys() == b.keys() and any(not torch.equal(a[k], b[k]) for k in a), f"{part} did not train"
+    config = demo_generation_config(out, device="cpu", num_inference_steps=2)
+    assert config.strength == DEMO_PRESET["generation"]["strength"]
+    image = AuxiliaryGenerator(config, "seg").generate([Image.new("RGB", (64, 64))], ["striped star"], [0])[0]
+    assert image.shape == (64, 64, 3)
+    capsys.readouterr()
+    assert cli_main(["train-generator", "--class-binding-of", "shipped", "--decoder-of", "shipped",
+                     "--output", str(tmp_path / "x")]) == 2
+    assert "one of --decoder-of and --class-binding-of" in capsys.readouterr().err and not (tmp_path / "x").exists()

@@ -79,8 +79,8 @@ def test_strength_config_round_trips_and_validates():
 
 def test_small_strength_keeps_the_support_and_its_class_large_strength_does_not(tmp_path, demo_root):
     """The shipped demo generator on fold 0 base-class supports: strength 0.3 stays close to
-    the support and paints its own class, not another; strength 1 (the paper's) strays and,
-    with this generator, paints another class's colours more than its own."""
+    the support and paints its own class, not another; strength 1 (the paper's) paints a new
+    image (far from the support, its look no longer the support's own)."""
     samples = base_supports(demo_root, fold=0, count=8)
     base = demo_generation_config(device="cpu")
     generator = AuxiliaryGenerator(dataclasses.replace(base, strength=1.0), "seg")
@@ -91,19 +91,22 @@ def test_small_strength_keeps_the_support_and_its_class_large_strength_does_not(
         scores[strength] = class_following(cfg, samples, tmp_path / "conditions", "seg", generator=generator)
     near, far = scores[0.3], scores[1.0]
     assert near["difference"] < 20 < far["difference"]
-    assert near["margin"] > 0.2 and near["margin"] > far["margin"] + 0.2
+    assert near["margin"] > 0.2
     assert near["appearance"] > far["appearance"] + 0.2
 
 
 def test_default_demo_generation_paints_the_supports_class_not_another(tmp_path, demo_root):
-    """The shipped default (support-guided) beats a class-blind generator's level: its own-class
-    contrast exceeds the contrast of the other classes of the support's group by > 0.2 (a
-    generator painting a wrong class in the mask scores a negative margin)."""
-    samples = base_supports(demo_root, fold=0, count=8)
+    """The shipped default (the support's object in a new scene, strength 0.9, after the
+    class-binding stage) paints the support's class, not another, and a new image: its own-class
+    contrast in the mask reaches the oracle's level and exceeds the contrast of the other classes
+    of the support's group (a generator painting a wrong class in the mask scores a negative
+    margin; here own 0.47, margin 0.45), while it departs from the support far more than a
+    near-copy does (difference 44 of 255; strength 0.3 from the support: < 20)."""
+    samples = base_supports(demo_root, fold=0, count=30)
     cfg = demo_generation_config(device="cpu")
-    assert cfg.strength_of(0) < 1.0
+    assert cfg.strength_of(0) == 0.9 and cfg.start == "new_scene"
     scores = class_following(cfg, samples, tmp_path / "conditions", "seg")
-    assert scores["own"] >= 0.2 and scores["margin"] > 0.2, scores
+    assert scores["own"] >= 0.2 and scores["margin"] > 0.25 and scores["difference"] > 30, scores
 
 
 def test_appearance_ranks_oracle_above_a_random_generator(demo_root, tiny):
@@ -233,15 +236,14 @@ def test_new_scene_start_keeps_the_object_and_draws_a_new_scene_per_seed():
 def test_keep_best_of_n_from_noise_paints_the_class_a_single_image_misses(tmp_path, demo_root):
     """Keep-best in the probe: of N images per support, the one with the best appearance is
     scored. Candidate 0 is the single image, so the kept one's appearance is never lower; and on
-    base-class supports at strength 1, where one image paints another class more than its own,
-    the kept one paints the support's class."""
+    base-class supports at strength 1 the kept one paints more of the support's class."""
     samples = base_supports(demo_root, fold=0, count=8)
     cfg = dataclasses.replace(demo_generation_config(device="cpu"), strength=1.0, num_inference_steps=4)
     generator = AuxiliaryGenerator(cfg, "seg")
     single = class_following(cfg, samples, tmp_path / "conditions", "seg", generator=generator)
     best = class_following(cfg, samples, tmp_path / "conditions", "seg", generator=generator, candidates=4)
     assert best["appearance"] >= single["appearance"]
-    assert best["own"] > single["own"] + 0.1 and best["margin"] > single["margin"] + 0.1, (single, best)
+    assert best["own"] > single["own"] + 0.05, (single, best)
     with pytest.raises(ValueError, match="candidates"):
         class_following(cfg, samples, tmp_path / "conditions", "seg", generator=generator, candidates=0)
 

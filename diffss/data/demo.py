@@ -350,6 +350,31 @@ def build_demo_dataset(root=DEFAULT_ROOT, seed: int = 0, num_classes: int = 20, 
     return root
 
 
+def base_class_root(root, fold: int, out) -> Path:
+    """A demo root of ``fold``'s base (training) classes only, at ``out``: the place to choose
+    settings on a fold without ever testing on its novel classes. Its class folders link to
+    ``root``'s (nothing is copied); its fold 0 tests the first of its groups (4 of the 15 base
+    classes of a 20-class demo) and trains on the others, all of them base classes of ``fold``.
+    ``root`` is only read; ``out`` is rewritten (links, ``classes.txt`` and the marker, written last)."""
+    root, out = Path(root), Path(out)
+    marker = read_marker(root)
+    if marker is None:
+        raise DatasetError(f"{root} holds no complete demo dataset ({root / MARKER} is missing)", root / MARKER)
+    base = build(root, fold=fold, split="train")
+    folders = read_lines(root / "classes.txt")
+    chosen = [folders[c - 1] for c in base.class_ids]
+    out.mkdir(parents=True, exist_ok=True)
+    (out / MARKER).unlink(missing_ok=True)
+    for folder in chosen:
+        link = out / folder
+        if link.is_symlink() or link.exists():
+            link.unlink()
+        link.symlink_to((root / folder).resolve(), target_is_directory=True)
+    write_text_atomic(out / "classes.txt", "\n".join(chosen) + "\n")
+    write_text_atomic(out / MARKER, json.dumps({**marker, "base_classes_of": {"root": str(root.resolve()), "fold": fold}}))
+    return out
+
+
 def build(root=None, fold: int = 0, split: str = "train", skip_bad: bool = False, data_seed: int | None = None,
           num_classes: int | None = None, per_class: int | None = None) -> SplitIndex:
     """Demo split of a complete build under ``root``. Reading never writes: a folder without the

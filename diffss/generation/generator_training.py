@@ -100,6 +100,14 @@ class GeneratorTrainConfig(JsonConfig):
     # text-to-image stage is short): learning where the mask is is then the UNet's job too.
     # A ControlNet for Stable Diffusion keeps the base frozen (False), as diffusers' recipe does.
     train_base_unet: bool = False
+    # controlnet stage with train_base_unet: the text encoder learns too (written to
+    # <output_dir>/text_encoder). A short text-to-image stage leaves the class prompts nearly alike
+    # (the demo's 20 prompts: cosine 0.996), so the UNet cannot tell the classes apart; frozen, the
+    # text encoder cannot learn it in the ControlNet stage either.
+    train_text_encoder: bool = False
+    # controlnet stage: start from this ControlNet (a folder or hub id) instead of a new one made
+    # from the base UNet: to train an existing generator on, as a new run with its own optimizer.
+    controlnet_init: str | None = None
 
     def __post_init__(self):
         if self.stage not in STAGES:
@@ -117,6 +125,10 @@ class GeneratorTrainConfig(JsonConfig):
             raise ValueError(f"GeneratorTrainConfig.learning_rate must be > 0, got {self.learning_rate}")
         if self.train_base_unet and self.stage != "controlnet":
             raise ValueError(f"GeneratorTrainConfig.train_base_unet applies to the controlnet stage, not {self.stage!r}")
+        if self.train_text_encoder and not (self.stage == "controlnet" and self.train_base_unet):
+            raise ValueError("GeneratorTrainConfig.train_text_encoder needs the controlnet stage with train_base_unet")
+        if self.controlnet_init and self.stage != "controlnet":
+            raise ValueError(f"GeneratorTrainConfig.controlnet_init applies to the controlnet stage, not {self.stage!r}")
         if self.stage != "autoencoder" and not self.base_model:
             raise ValueError(f"GeneratorTrainConfig.base_model is required for stage {self.stage!r}")
         from diffss.conditions import parse_kinds
@@ -195,6 +207,7 @@ def load_training_images(config: GeneratorTrainConfig, samples: list, progress: 
 # ---- the stages ----------------------------------------------------------------------------------
 
 BASE_UNET_DIR = "unet"  # in a controlnet stage's folder: the fine-tuned base UNet (train_base_unet)
+TEXT_ENCODER_DIR = "text_encoder"  # ... and the fine-tuned text encoder (train_text_encoder)
 
 
 def _step_generator(seed: int, step: int) -> torch.Generator:
@@ -322,6 +335,10 @@ class _DiffusionStage(_Stage):
         return self.tokenizer(prompts, max_length=self.tokenizer.model_max_length, padding="max_length",
                               truncation=True, return_tensors="pt").input_ids
 
+    def _prompt_ids(self, batch) -> torch.Tensor:
+        """Token ids of the batch's prompts, the dropped ones replaced by the empty prompt."""
+        return torch.where(batch["drop"][:, None], self.empty_ids, self.ids[batch["index"]]).to(self.device)
+
     def _noisy(self, batch, g):
         latents = self.latents[batch["index"]].to(self.device)
         noise = torch.randn(latents.shape, generator=g).to(self.device)
@@ -358,8 +375,7 @@ class _TextToImageStage(_DiffusionStage):
 
     def loss(self, batch, g):
         latents, noise, t, noisy = self._noisy(batch, g)
-        ids = torch.where(batch["drop"][:, None], self.empty_ids, self.ids[batch["index"]]).to(self.device)
-        hidden = self.text_encoder(ids)[0]
+        hidden = self.text_encoder(self._prompt_ids(batch))[0]
         return self._target_loss(self.unet(noisy, t, hidden).sample, latents, noise, t)
 
     def export(self, out):
@@ -370,7 +386,7 @@ class _TextToImageStage(_DiffusionStage):
 
 class _ControlNetStage(_DiffusionStage):
     def __init__(self, config, data, device):
-        from diffusers import DDPMScheduler, UNet2DConditionModel
+        from diffusers import ControlNetModel, DDPMScheduler, UNet2DConditionModel
         from transformers import CLIPTextModel, CLIPTokenizer
 
         from diffss.generation.small_sd import new_controlnet
@@ -378,31 +394,43 @@ class _ControlNetStage(_DiffusionStage):
         load = dict(local_files_only=config.local_files_only)
         base = config.base_model
         tokenizer = CLIPTokenizer.from_pretrained(base, subfolder="tokenizer", **load)
-        self.text_encoder = CLIPTextModel.from_pretrained(base, subfolder="text_encoder", **load).to(device)
-        self.unet = UNet2DConditionModel.from_pretrained(base, subfolder="unet", **load).to(device)
+        # float32 whatever the folder holds (the shipped demo generator is float16).
+        self.text_encoder = CLIPTextModel.from_pretrained(base, subfolder="text_encoder", **load).float().to(device)
+        self.unet = UNet2DConditionModel.from_pretrained(base, subfolder="unet", **load).float().to(device)
         for frozen in (self.text_encoder, self.unet):
             frozen.eval().requires_grad_(False)
         self.unet.requires_grad_(config.train_base_unet)
+        self.text_encoder.requires_grad_(config.train_text_encoder)
         scheduler = DDPMScheduler.from_pretrained(base, subfolder="scheduler", **load)
-        vae = _load_vae(base, config.local_files_only)
+        vae = _load_vae(base, config.local_files_only).float()
         downsampling = 2 ** (len(vae.config.block_out_channels) - 1)
         embedding = tuple(SmallSDSizes(**config.sizes).condition_channels)
         if len(embedding) - 1 != int(math.log2(downsampling)):  # SD 1.5: 8x, ControlNet's (16, 32, 96, 256)
             embedding = (16, 32, 96, 256)[-(int(math.log2(downsampling)) + 1):]
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(config.seed)
-            self.controlnet = new_controlnet(self.unet, embedding).to(device)
+        if config.controlnet_init:
+            self.controlnet = ControlNetModel.from_pretrained(config.controlnet_init, **load).float().to(device)
+        else:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(config.seed)
+                self.controlnet = new_controlnet(self.unet, embedding).to(device)
         super().__init__(config, data, device, vae, tokenizer, scheduler)
-        with torch.no_grad():  # prompts are fixed per example: encode them once
-            self.hidden = torch.cat([self.text_encoder(self.ids[i:i + 64].to(device))[0].cpu()
-                                     for i in range(0, len(self.ids), 64)])
-            self.empty_hidden = self.text_encoder(self.empty_ids.to(device))[0].cpu()
-        self.trainable = {"controlnet": self.controlnet, **({"unet": self.unet} if config.train_base_unet else {})}
+        if not config.train_text_encoder:
+            with torch.no_grad():  # prompts are fixed per example: encode them once
+                self.hidden = torch.cat([self.text_encoder(self.ids[i:i + 64].to(device))[0].cpu()
+                                         for i in range(0, len(self.ids), 64)])
+                self.empty_hidden = self.text_encoder(self.empty_ids.to(device))[0].cpu()
+        self.trainable = {"controlnet": self.controlnet, **({"unet": self.unet} if config.train_base_unet else {}),
+                          **({"text_encoder": self.text_encoder} if config.train_text_encoder else {})}
+
+    def _hidden(self, batch) -> torch.Tensor:
+        if self.config.train_text_encoder:
+            return self.text_encoder(self._prompt_ids(batch))[0]
+        hidden = torch.where(batch["drop"][:, None, None], self.empty_hidden, self.hidden[batch["index"]])
+        return hidden.to(self.device)
 
     def loss(self, batch, g):
         latents, noise, t, noisy = self._noisy(batch, g)
-        hidden = torch.where(batch["drop"][:, None, None], self.empty_hidden, self.hidden[batch["index"]])
-        hidden = hidden.to(self.device)
+        hidden = self._hidden(batch)
         control = self.data.controls[batch["index"], batch["kind"]].float().div(255.0).to(self.device)
         down, mid = self.controlnet(noisy, t, encoder_hidden_states=hidden, controlnet_cond=control,
                                     return_dict=False)
@@ -414,6 +442,8 @@ class _ControlNetStage(_DiffusionStage):
         self.controlnet.save_pretrained(out)
         if "unet" in self.trainable:
             self.unet.save_pretrained(out / BASE_UNET_DIR)
+        if "text_encoder" in self.trainable:
+            self.text_encoder.save_pretrained(out / TEXT_ENCODER_DIR)
 
 
 _STAGE_CLASSES = {"autoencoder": _AutoencoderStage, "text-to-image": _TextToImageStage, "controlnet": _ControlNetStage,
