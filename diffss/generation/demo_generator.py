@@ -47,7 +47,7 @@ DEMO_PRESET = {
     "decoder": {"steps": 1500, "batch_size": 16, "learning_rate": 2e-3, "sizes": {"vae_width": 48, "vae_blocks": 2}},
     # Class binding: the text encoder trains on with the UNet and ControlNet (a controlnet-stage run
     # from the generator made so far). Before it the 20 class prompts encoded almost alike (cosine
-    # 0.996) and, from pure noise, the generator painted another class's palette in the mask more
+    # 0.995) and, from pure noise, the generator painted another class's palette in the mask more
     # than the support's own (fold 0 base supports: own-class contrast 0.097, other classes' 0.133);
     # after 500 / 1500 / 3000 steps own 0.061 / 0.118 / 0.270, other 0.158 / 0.086 / 0.035.
     "class-binding": {"steps": 3000, "batch_size": 16, "learning_rate": 1e-3, "train_base_unet": True,

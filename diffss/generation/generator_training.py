@@ -102,7 +102,7 @@ class GeneratorTrainConfig(JsonConfig):
     train_base_unet: bool = False
     # controlnet stage with train_base_unet: the text encoder learns too (written to
     # <output_dir>/text_encoder). A short text-to-image stage leaves the class prompts nearly alike
-    # (the demo's 20 prompts: cosine 0.996), so the UNet cannot tell the classes apart; frozen, the
+    # (the demo's 20 prompts: cosine 0.995), so the UNet cannot tell the classes apart; frozen, the
     # text encoder cannot learn it in the ControlNet stage either.
     train_text_encoder: bool = False
     # controlnet stage: start from this ControlNet (a folder or hub id) instead of a new one made
@@ -403,13 +403,13 @@ class _ControlNetStage(_DiffusionStage):
         self.text_encoder.requires_grad_(config.train_text_encoder)
         scheduler = DDPMScheduler.from_pretrained(base, subfolder="scheduler", **load)
         vae = _load_vae(base, config.local_files_only).float()
-        downsampling = 2 ** (len(vae.config.block_out_channels) - 1)
-        embedding = tuple(SmallSDSizes(**config.sizes).condition_channels)
-        if len(embedding) - 1 != int(math.log2(downsampling)):  # SD 1.5: 8x, ControlNet's (16, 32, 96, 256)
-            embedding = (16, 32, 96, 256)[-(int(math.log2(downsampling)) + 1):]
-        if config.controlnet_init:
+        if config.controlnet_init:  # its condition embedding comes with it
             self.controlnet = ControlNetModel.from_pretrained(config.controlnet_init, **load).float().to(device)
         else:
+            downsampling = 2 ** (len(vae.config.block_out_channels) - 1)
+            embedding = tuple(SmallSDSizes(**config.sizes).condition_channels)
+            if len(embedding) - 1 != int(math.log2(downsampling)):  # SD 1.5: 8x, ControlNet's (16, 32, 96, 256)
+                embedding = (16, 32, 96, 256)[-(int(math.log2(downsampling)) + 1):]
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(config.seed)
                 self.controlnet = new_controlnet(self.unet, embedding).to(device)
