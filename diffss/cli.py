@@ -313,7 +313,7 @@ def _study_config(args: argparse.Namespace):
 
     values = {k: getattr(args, k) for k in ("root", "output_dir", "fold", "seeds", "steps", "image_size", "batch_size",
                                             "episodes", "device", "pretrained") if getattr(args, k, None) is not None}
-    for name in ("xshot", "paper_aux_shot", "train_aux_shot", "eval_aux_shot", "real_shots"):
+    for name in ("xshot", "paper_aux_shot", "train_aux_shot", "eval_aux_shot", "real_shots", "aux_draw"):
         if getattr(args, name, None) is not None:
             values[name] = getattr(args, name)
     return StudyConfig(**values)
@@ -715,6 +715,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-aux", type=int, default=4)
     p.add_argument("--xshot", type=int, nargs="+", default=[0, 1, 2, 4])
     p.add_argument("--paper-aux-shot", type=int, default=4, help="1 real + N aux at training and test (0: skip)")
+    p.add_argument("--aux-draw", choices=("first", "random"), default=None,
+                   help="which of a training support's aux images an episode shows: its best-ranked first, or a "
+                        "fresh random draw among all of them per episode (default: first)")
     p.add_argument("--oracle-autoencoded", action="store_true",
                    help="add the oracle's images through the generator's autoencoder (what the autoencoder alone costs)")
     p.add_argument("--real-shots", type=int, nargs="+", default=None,

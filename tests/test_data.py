@@ -506,6 +506,41 @@ def test_aux_supports_round_robin(demo_root, tmp_path):
         load_dataset("demo", root=demo_root, fold=0, split="test", shot=1, aux_shot=3, auxiliary=aux, episodes=2)
 
 
+def test_aux_draw_random_shows_every_image_reproducibly(demo_root, tmp_path):
+    """aux_draw="random": each training episode draws distinct aux images of its support, the same
+    ones for the same (seed, epoch, episode) (a resumed run), and over epochs all of them; test
+    episodes and aux_draw="first" take the best-ranked first."""
+    aux = AuxiliarySupports.from_table(write_aux_table(demo_root, tmp_path, fold=0, per_support=4), condition="seg")
+    pool = load_dataset("demo", root=demo_root, fold=0, split="test", episodes=1)
+
+    def episodes(draw, training=True):
+        return EpisodeDataset(pool.samples, pool.class_ids, pool.class_names, split="train" if training else "test",
+                              training=training, shot=1, aux_shot=2, auxiliary=aux, image_size=16, seed=3,
+                              episodes=None if training else 6, aux_draw=draw)
+
+    def files(ep):
+        return [name.rsplit("/", 1)[1] for name in ep["support_names"][1:]]
+
+    first, drawn, again = episodes("first"), episodes("random"), episodes("random")
+    shown, changed = set(), 0
+    for epoch in range(4):
+        for ds in (first, drawn, again):
+            ds.set_epoch(epoch)
+        for i in range(len(drawn)):
+            ep = drawn[i]
+            assert files(first[i]) == ["0.png", "1.png"]
+            assert ep["support_names"][1:] == again[i]["support_names"][1:]
+            assert len(set(files(ep))) == 2
+            assert all(n.startswith(f"aux/seg/{ep['support_names'][0].replace('/', '__')}/") for n in ep["support_names"][1:])
+            shown.update(files(ep))
+            changed += files(ep) != ["0.png", "1.png"]
+    assert shown == {"0.png", "1.png", "2.png", "3.png"} and changed > len(drawn)
+    test = episodes("random", training=False)
+    assert all(files(test[i]) == ["0.png", "1.png"] for i in range(len(test)))
+    with pytest.raises(ValueError, match="aux_draw must be one of"):
+        episodes("best")
+
+
 def test_aux_table_filters_and_errors(demo_root, tmp_path):
     table = write_aux_table(demo_root, tmp_path, fold=0, per_support=3, skip="dotted_ring/4")
     both = AuxiliarySupports.from_table(table)

@@ -105,7 +105,7 @@ def test_default_demo_generation_paints_the_supports_class_not_another(tmp_path,
     near-copy does (difference 44 of 255; strength 0.3 from the support: < 20)."""
     samples = base_supports(demo_root, fold=0, count=30)
     cfg = demo_generation_config(device="cpu")
-    assert cfg.strength_of(0) == 0.9 and cfg.start == "new_scene"
+    assert cfg.strength_of(0) == 0.9 and cfg.start == "new_scene" and cfg.candidates == 4
     scores = class_following(cfg, samples, tmp_path / "conditions", "seg")
     assert scores["own"] >= 0.2 and scores["margin"] > 0.25 and scores["difference"] > 30, scores
 

@@ -35,7 +35,8 @@ def load_dataset(name: str, root: str | os.PathLike | None = None, fold: int | N
                  shot: int = 1, episodes: int | None = None, seed: int = 0, image_size: int | None = None,
                  aux_shot: int = 0, auxiliary: AuxiliarySupports | str | os.PathLike | None = None,
                  skip_bad: bool = False, resize: str = "squash", original_labels: bool = False,
-                 query_sampling: str | None = None, aux_pairing: str = "round_robin", **kw) -> EpisodeDataset:
+                 query_sampling: str | None = None, aux_pairing: str = "round_robin", aux_draw: str = "first",
+                 **kw) -> EpisodeDataset:
     """Episodes of ``split`` ("train"/"test"; fss1000 also "val") of ``fold`` of dataset ``name``.
 
     ``episodes=None`` and ``image_size=None`` take the dataset's defaults (1000 test episodes, or
@@ -43,7 +44,8 @@ def load_dataset(name: str, root: str | os.PathLike | None = None, fold: int | N
     path. ``resize`` ("squash" | "pad"), ``original_labels`` and ``query_sampling`` (None: the
     dataset's; "file": HSNet's list) are the evaluation protocol's (:mod:`diffss.evaluation.protocol`).
     ``aux_pairing`` says which real support each aux image comes from ("round_robin" or "first",
-    DifFSS-BAM's; see ``EpisodeDataset``). ``kw`` goes to the builder: ``split_dir`` (pascal5i,
+    DifFSS-BAM's) and ``aux_draw`` which of its images ("first": best-ranked first; "random": a fresh
+draw per training episode); see ``EpisodeDataset``. ``kw`` goes to the builder: ``split_dir`` (pascal5i,
     fss1000), ``class_split``/``min_area`` (coco20i), ``num_folds`` (folder),
     ``data_seed``/``num_classes``/``per_class`` (demo: checked against the build, which only
     ``build_demo_dataset`` / ``diffss demo-data`` writes; loading never writes).
@@ -58,4 +60,5 @@ def load_dataset(name: str, root: str | os.PathLike | None = None, fold: int | N
         training=index.training, fold=fold, shot=shot, episodes=episodes, default_episodes=index.default_episodes,
         seed=seed, image_size=image_size if image_size is not None else index.default_image_size,
         aux_shot=aux_shot, auxiliary=auxiliary, skip_bad=skip_bad, query_sampling=query_sampling or index.query_sampling,
-        skipped=index.skipped, resize=resize, original_labels=original_labels, aux_pairing=aux_pairing)
+        skipped=index.skipped, resize=resize, original_labels=original_labels, aux_pairing=aux_pairing,
+        aux_draw=aux_draw)

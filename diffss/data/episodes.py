@@ -13,7 +13,11 @@ size (``query_mask_original``); ``collate_episodes`` batches those of different 
 
 Auxiliary supports are paired with real ones by ``aux_pairing``: ``"round_robin"`` (aux j comes
 from real support j % K, its (j // K)-th image) or ``"first"`` (DifFSS-BAM: every aux image comes
-from the first real support, paired with its mask).
+from the first real support, paired with its mask). A support's aux images are taken best-ranked
+first (the table's order) unless ``aux_draw="random"``: then every training episode draws them
+afresh among all of the support's kept images, from an rng seeded by (seed, epoch, index), so a
+support with several generated images shows a different one each epoch and a resumed run draws
+the same ones. Test episodes always take the best-ranked first.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ log = logging.getLogger(__name__)
 QUERY_SAMPLING = ("cycle", "class_balanced", "file")
 RESIZE_MODES = ("squash", "pad")
 AUX_PAIRING = ("round_robin", "first")
+AUX_DRAW = ("first", "random")
 
 
 def padded_shape(height: int, width: int, size: int) -> tuple[int, int]:
@@ -126,7 +131,8 @@ class EpisodeDataset(Dataset):
                  default_episodes: int | None = 1000, seed: int = 0, image_size: int = 400,
                  aux_shot: int = 0, auxiliary: AuxiliarySupports | None = None, skip_bad: bool = False,
                  query_sampling: str = "cycle", skipped: Sequence[tuple[Path, str]] = (),
-                 resize: str = "squash", original_labels: bool = False, aux_pairing: str = "round_robin"):
+                 resize: str = "squash", original_labels: bool = False, aux_pairing: str = "round_robin",
+                 aux_draw: str = "first"):
         if not isinstance(shot, (int, np.integer)) or shot < 1:
             raise ValueError(f"shot must be an int >= 1, got {shot!r}")
         if not isinstance(aux_shot, (int, np.integer)) or aux_shot < 0:
@@ -146,6 +152,9 @@ class EpisodeDataset(Dataset):
         if aux_pairing not in AUX_PAIRING:
             raise ValueError(f"aux_pairing must be one of {AUX_PAIRING}, got {aux_pairing!r}")
         self.aux_pairing = aux_pairing
+        if aux_draw not in AUX_DRAW:
+            raise ValueError(f"aux_draw must be one of {AUX_DRAW}, got {aux_draw!r}")
+        self.aux_draw = aux_draw
         self.dataset_name = dataset_name
         self.split = split
         self.training = split in ("train", "trn") if training is None else bool(training)
@@ -301,9 +310,16 @@ class EpisodeDataset(Dataset):
             images.append(image_tensor(img, size, resize))
             masks.append(mask_tensor(mask, size, resize))
             names.append(s.name)
+        draws: dict[int, np.ndarray] = {}
         for j in range(self.aux_shot):
             position, k = self._aux_source(j)
             real = supports[position]
+            if self.training and self.aux_draw == "random":
+                if position not in draws:  # one permutation per support: its aux images are distinct
+                    available = len(self.auxiliary.for_support(real.name, real.class_id))
+                    rng = np.random.default_rng([self.seed, self.epoch, int(index), 1 + position])
+                    draws[position] = rng.permutation(available)
+                k = int(draws[position][k])
             path = self.auxiliary.require(real.name, real.class_id, k + 1)[k]
             images.append(image_tensor(open_image(path, "RGB"), size, resize))
             masks.append(masks[position].clone())  # a generated image is paired with its support's mask
@@ -351,5 +367,6 @@ class EpisodeDataset(Dataset):
 
     def __repr__(self) -> str:
         return (f"EpisodeDataset({self.dataset_name}, split={self.split}, fold={self.fold}, shot={self.shot}, "
-                f"aux_shot={self.aux_shot}, aux_pairing={self.aux_pairing}, samples={len(self.samples)}, classes={len(self.class_ids)}, "
+                f"aux_shot={self.aux_shot}, aux_pairing={self.aux_pairing}, aux_draw={self.aux_draw}, "
+                f"samples={len(self.samples)}, classes={len(self.class_ids)}, "
                 f"episodes={len(self)}, skipped={len(self.skipped)})")

@@ -55,6 +55,7 @@ class StudyConfig:
     eval_aux_shot: int = 1
     xshot: tuple[int, ...] = ()
     paper_aux_shot: int = 0
+    aux_draw: str = "first"  # TrainConfig.aux_draw of every auxiliary arm
     device: str = "cpu"
 
     def __post_init__(self):
@@ -77,7 +78,8 @@ def _train_config(cfg: StudyConfig, seed: int, arm: str, aux_shot: int, table: s
     return TrainConfig(dataset=cfg.dataset, root=cfg.root, fold=cfg.fold, model=cfg.model, backbone=cfg.backbone,
                        pretrained=cfg.pretrained,
                        image_size=cfg.image_size, true_shot=1, aux_shot=aux_shot,
-                       auxiliary_table=table if aux_shot else None, steps=cfg.steps, batch_size=cfg.batch_size,
+                       auxiliary_table=table if aux_shot else None, aux_draw=cfg.aux_draw if aux_shot else "first",
+                       steps=cfg.steps, batch_size=cfg.batch_size,
                        lr=cfg.lr, seed=seed, device=cfg.device, output_dir=str(Path(cfg.output_dir) / "checkpoints" / name),
                        checkpoint_every=max(1, min(100, cfg.steps)))
 

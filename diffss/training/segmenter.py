@@ -25,7 +25,7 @@ from diffss.core.distributed import World, global_batch, make_global_batch
 from diffss.core.loop import CHECKPOINTS, STATE_NAME, TrainingRun, epoch_batches, run_steps  # noqa: F401 - CHECKPOINTS re-exported
 from diffss.data import AuxiliarySupports, load_dataset
 from diffss.data.auxiliary import MAX_DRIFT_REPLACED
-from diffss.data.episodes import AUX_PAIRING
+from diffss.data.episodes import AUX_DRAW, AUX_PAIRING
 from diffss.models import MODEL_REGISTRY, FewShotSegmenter, build_model, load_model, poly_lr_schedule, segmentation_loss
 from diffss.training.augment import AugmentedEpisodes, PairAugmentation, config_augmentation, validate_config_augmentations
 from diffss.training.recipes import RECIPES, recipe
@@ -107,6 +107,10 @@ class TrainConfig(JsonConfig):
     base_learner: str | None = None
     # which real support each aux image comes from: "round_robin" or "first" (DifFSS-BAM)
     aux_pairing: Literal[AUX_PAIRING] = "round_robin"
+    # which of a support's aux images a training episode shows: "first" (best-ranked first, as at
+    # test) or "random" (a fresh draw among all of them per episode: a support painted N times
+    # shows N images over the run, not the same one)
+    aux_draw: Literal[AUX_DRAW] = "first"
     # The recipe (TrainConfig.from_recipe sets these from diffss.training.recipes). The defaults are
     # the demo's fast CPU recipe. "auto": the model's own optimizer (HSNet: Adam; others: AdamW).
     optimizer: Literal[OPTIMIZERS] = "auto"
@@ -281,6 +285,7 @@ def train(config: TrainConfig, tracker: Any = None, progress: bool = True) -> Pa
         auxiliary=load_auxiliary(config.auxiliary_table, config.condition),
         skip_bad=config.skip_bad,
         aux_pairing=config.aux_pairing,
+        aux_draw=config.aux_draw,
     )
     dataset.validate(full_decode=False)  # before the first write: the run reads every training sample
     if dataset.skipped:
