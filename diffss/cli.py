@@ -337,7 +337,9 @@ def cmd_demo_study(args: argparse.Namespace) -> int:
         from diffss.data.demo import base_class_root
 
         validation_root = base_class_root(cfg.root, cfg.fold, Path(cfg.output_dir) / "base-classes")
-        cfg = dataclasses.replace(cfg, root=str(validation_root), fold=0)
+        cfg = dataclasses.replace(cfg, root=str(validation_root), fold=args.validation_fold)
+    elif args.validation_fold:
+        raise SystemExit("--validation-fold chooses which base classes --base-validation tests: give --base-validation")
     if args.strength_sweep and not args.conditions:
         raise SystemExit("--strength-sweep paints with the generator: name at least one of --conditions")
     device = None if cfg.device == "auto" else cfg.device
@@ -728,6 +730,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base-validation", action="store_true",
                    help="run on the fold's base classes only (a validation split: its first group of base classes "
                         "tested, the others trained on), to choose settings without the fold's novel classes")
+    p.add_argument("--validation-fold", type=int, default=0,
+                   help="with --base-validation: which group of the base classes is tested (0: the first; a "
+                        "20-class demo has groups 0-3, of 4, 4, 4 and 3 classes): a second group checks a choice")
     p.set_defaults(func=cmd_demo_study)
 
     p = sub.add_parser("generator-probe", help="strength x steps sweep of the demo generator on base-class supports")

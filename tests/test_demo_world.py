@@ -127,6 +127,17 @@ def test_base_validation_never_touches_the_folds_novel_classes(tmp_path, one_thr
     assert pd.read_csv(out / "results.csv")["arm"].tolist() == ["none"]
     assert sorted((p.relative_to(root), p.stat().st_mtime_ns) for p in root.rglob("*")) == before
     assert base_class_root(root, 1, derived) == derived  # rebuilding in place works (links replaced)
+    # --validation-fold 1: the second group of base classes is tested (a second check of a choice)
+    second = tmp_path / "study-1"
+    assert cli_main(["demo-study", "--root", str(root), "--output", str(second), "--fold", "1", "--base-validation",
+                     "--validation-fold", "1", "--seeds", "0", "--steps", "2", "--image-size", "64", "--batch-size",
+                     "2", "--episodes", "4", "--conditions", "--no-oracle", "--xshot", "1", "--paper-aux-shot", "0",
+                     "--real-shots", "1"]) == 0
+    tested = load_dataset("demo", root=second / "base-classes", fold=1, split="test", episodes=1)
+    assert json.loads((second / "study_config.json").read_text())["fold"] == 1
+    assert len(tested.class_ids) == 4 and not {tested.class_names[c] for c in tested.class_ids} & (seen["test"] | novel)
+    with pytest.raises(SystemExit, match="give --base-validation"):
+        cli_main(["demo-study", "--root", str(root), "--output", str(tmp_path / "x"), "--validation-fold", "1"])
     with pytest.raises(Exception, match="no complete demo dataset"):
         base_class_root(tmp_path / "empty", 1, tmp_path / "x")
 
