@@ -45,8 +45,8 @@ def load_dataset(name: str, root: str | os.PathLike | None = None, fold: int | N
     dataset's; "file": HSNet's list) are the evaluation protocol's (:mod:`diffss.evaluation.protocol`).
     ``aux_pairing`` says which real support each aux image comes from ("round_robin" or "first",
     DifFSS-BAM's) and ``aux_draw`` which of its images ("first": best-ranked first; "random": a fresh
-draw per training episode); see ``EpisodeDataset``. ``kw`` goes to the builder: ``split_dir`` (pascal5i,
-    fss1000), ``class_split``/``min_area`` (coco20i), ``num_folds`` (folder),
+    draw per training episode); see ``EpisodeDataset``. ``kw`` goes to the builder: ``split_dir``
+    (pascal5i, fss1000), ``class_split``/``min_area`` (coco20i), ``num_folds`` (folder),
     ``data_seed``/``num_classes``/``per_class`` (demo: checked against the build, which only
     ``build_demo_dataset`` / ``diffss demo-data`` writes; loading never writes).
     """

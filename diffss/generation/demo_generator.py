@@ -60,10 +60,10 @@ DEMO_PRESET = {
     # generator before class binding at the previous default (the support, 0.85), -2.84.
     # Then keep-best, the same validation over 4 seeds (1-shot baseline 62.78 +- 1.81): one image
     # per support, +0.58 (-0.87 -0.82 +2.77 +1.25); the best of 4 by appearance score, +2.01 (+0.97
-    # +1.58 +2.06 +3.41); the best of 8, +0.99 (+0.42 +1.10 +0.38 +2.04). So 4 candidates per support; an episode
-    # with one auxiliary image shows the best of them. Then guidance (best of 4): 3, +2.01; 7.5, +3.50
-    # (+2.23 +2.46 +3.25 +6.05); 10, +3.33 (+1.38 +1.59 +4.90 +5.45); on a second group of base
-    # classes (--validation-fold 1) 3, -0.60 and 7.5, -0.50. Guidance 7.5 it is.
+    # +1.58 +2.06 +3.41); the best of 8, +0.99 (+0.42 +1.10 +0.38 +2.04). So 4 candidates per
+    # support; an episode with one auxiliary image shows the best of them. Then guidance (best of
+    # 4): 3, +2.01; 7.5, +3.50 (+2.23 +2.46 +3.25 +6.05); 10, +3.33 (+1.38 +1.59 +4.90 +5.45); on a
+    # second group of base classes (--validation-fold 1) 3, -0.60 and 7.5, -0.50. Guidance 7.5 it is.
     "generation": {"num_inference_steps": 8, "guidance_scale": 7.5, "negative_prompt": "", "resolution": 64,
                    "strength": 0.9, "start": "new_scene", "candidates": 4},
 }
