@@ -50,6 +50,8 @@ DEMO_PRESET = {
     # 0.995) and, from pure noise, the generator painted another class's palette in the mask more
     # than the support's own (fold 0 base supports: own-class contrast 0.097, other classes' 0.133);
     # after 500 / 1500 / 3000 steps own 0.061 / 0.118 / 0.270, other 0.158 / 0.086 / 0.035.
+    # A second round of 3000 (`--class-binding-of shipped`) lifts own to 0.517 but not the
+    # base-class FSS gain (+2.79 / -0.57 on base groups 0 / 1, against +3.50 / -0.50): one round.
     "class-binding": {"steps": 3000, "batch_size": 16, "learning_rate": 1e-3, "train_base_unet": True,
                       "train_text_encoder": True},
     # Chosen on fold 0's base classes only, by a base-class FSS validation (`diffss demo-study
@@ -63,7 +65,9 @@ DEMO_PRESET = {
     # +1.58 +2.06 +3.41); the best of 8, +0.99 (+0.42 +1.10 +0.38 +2.04). So 4 candidates per
     # support; an episode with one auxiliary image shows the best of them. Then guidance (best of
     # 4): 3, +2.01; 7.5, +3.50 (+2.23 +2.46 +3.25 +6.05); 10, +3.33 (+1.38 +1.59 +4.90 +5.45); on a
-    # second group of base classes (--validation-fold 1) 3, -0.60 and 7.5, -0.50. Guidance 7.5 it is.
+    # second group of base classes (--validation-fold 1) 3, -0.60 and 7.5, -0.50; on groups 2 / 3,
+    # 3 gives -0.94 / -0.92 and 7.5 +1.61 / +3.05 (mean of the four groups -0.11 against +1.92).
+    # Guidance 7.5 it is.
     "generation": {"num_inference_steps": 8, "guidance_scale": 7.5, "negative_prompt": "", "resolution": 64,
                    "strength": 0.9, "start": "new_scene", "candidates": 4},
 }
