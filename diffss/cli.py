@@ -376,12 +376,14 @@ def cmd_generator_probe(args: argparse.Namespace) -> int:
         generator = AuxiliaryGenerator(base, kind)
         for steps, guidance, strength in itertools.product(args.steps, args.guidance or [base.guidance_scale],
                                                            args.strengths):
-            cfg = dataclasses.replace(base, strength=strength, num_inference_steps=steps, guidance_scale=guidance)
+            cfg = dataclasses.replace(base, strength=strength, num_inference_steps=steps, guidance_scale=guidance,
+                                      object_strength=args.object_strength)
             generator.config = cfg
             scores = class_following(cfg, samples, Path(args.output) / "conditions", kind, generator=generator,
                                      candidates=args.candidates)
             rows.append({"condition": kind, "start": cfg.start, "steps": steps, "guidance": guidance,
-                         "strength": strength, "candidates": args.candidates, **scores})
+                         "strength": strength, "object_strength": args.object_strength, "candidates": args.candidates,
+                         **scores})
             print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in rows[-1].items()}), flush=True)
     with atomic_path(Path(args.output) / "generator_probe.csv") as tmp:
         pd.DataFrame(rows).to_csv(tmp, index=False)
@@ -747,6 +749,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--start", choices=["support", "new_scene"], default=None, help="default: the generator's")
     p.add_argument("--candidates", type=int, default=1,
                    help="paint N per support and score the best by appearance (keep-best generation)")
+    p.add_argument("--object-strength", type=float, default=None,
+                   help="hold the object to the support until this level (GenerationConfig.object_strength)")
     p.add_argument("--generator", default=None, help="demo generator folder (default: the shipped weights)")
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=cmd_generator_probe)

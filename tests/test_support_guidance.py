@@ -20,6 +20,7 @@ from diffss.generation import AuxiliaryGenerator, GenerationConfig, build_tiny_d
 from diffss.generation.appearance import appearance_score, select_best  # noqa: E402
 from diffss.generation.demo_generator import base_supports, class_following, demo_generation_config  # noqa: E402
 from diffss.generation.oracle import demo_class_index  # noqa: E402
+from diffss.generation.pipeline import object_hold  # noqa: E402
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models, one thread, restored after
@@ -63,6 +64,80 @@ def test_strength_one_is_text_to_image_and_guidance_shares_the_modules(tiny):
         generator.generate(controls, ["cat", "dog"], seeds, strength=0.5)
     with pytest.raises(ValueError, match="strength"):
         generator.generate(controls, ["cat", "dog"], seeds, init_images=starts, strength=0.0)
+
+
+def test_object_hold_resets_the_object_to_the_noised_start_until_its_level(tiny):
+    """``object_strength``: after each step still above that level of the schedule, the latents
+    under the object's mask are the start image's, noised to the step's level; outside the mask,
+    and after that level, the denoiser's latents pass unchanged. The run is deterministic, an
+    item's pixels do not depend on its neighbours, and the scene is still painted."""
+    controls, starts = _controls(2)
+    masks = [np.zeros((64, 64), np.uint8) for _ in range(2)]
+    for m in masks:
+        m[16:48, 16:48] = 1
+    seeds = [21, 22]
+    free = AuxiliaryGenerator(dataclasses.replace(tiny, num_inference_steps=8), "seg")
+    plain = free.generate(controls, ["cat", "dog"], seeds, init_images=starts, strength=0.9)
+    held_cfg = dataclasses.replace(tiny, num_inference_steps=8, strength=0.9, object_strength=0.5)
+    held = AuxiliaryGenerator(held_cfg, "seg", pipeline=free.pipe)
+    out = held.generate(controls, ["cat", "dog"], seeds, init_images=starts, strength=0.9, object_masks=masks)
+    assert np.abs(out - plain)[np.stack(masks) == 1].mean() > 0.01  # the hold acts
+    again = held.generate(controls[1:], ["dog"], seeds[1:], init_images=starts[1:], strength=0.9,
+                          object_masks=masks[1:], pad_to=2)
+    assert np.array_equal(again[0], out[1])
+    with pytest.raises(ValueError, match="object mask"):
+        held.generate(controls, ["cat", "dog"], seeds, init_images=starts, strength=0.9)
+
+    # The callback itself. Strength 0.9 of 8 steps runs schedule indices 1..7; object_strength 0.5
+    # would start at index 4, so the results of loop steps 0..2 (indices 2..4) are held.
+    pipe = held.img2img_pipeline()
+    hold = object_hold(pipe, starts, masks, seeds, held_cfg, 0.9)["callback_on_step_end"]
+    pipe.scheduler.set_timesteps(8)
+    with torch.inference_mode():
+        clean = pipe.vae.encode(pipe.image_processor.preprocess(starts, height=64, width=64)).latent_dist.mode()
+    clean = clean * pipe.vae.config.scaling_factor
+    latents = torch.randn(clean.shape, generator=torch.Generator().manual_seed(0))
+    inside, outside = (slice(None), slice(None), slice(5, 11), slice(5, 11)), (slice(None), slice(None), slice(0, 3))
+    for step, is_held in ((0, True), (2, True), (3, False)):
+        result = hold(pipe, step, None, {"latents": latents.clone()})["latents"]
+        assert torch.equal(result[outside], latents[outside])
+        residual = result[inside] - pipe.scheduler.add_noise(clean, torch.zeros_like(clean),
+                                                             pipe.scheduler.timesteps[step + 2].repeat(2))[inside]
+        if is_held:  # what is left is the noise of the step's level, not the denoiser's latents
+            assert not torch.allclose(result[inside], latents[inside])
+            assert residual.std() < 1.05 * float((1 - pipe.scheduler.alphas_cumprod[
+                pipe.scheduler.timesteps[step + 2]]).sqrt()) + 1e-3
+        else:
+            assert torch.equal(result[inside], latents[inside])
+
+
+def test_object_hold_keeps_more_of_the_supports_look_on_the_demo(tmp_path, demo_root):
+    """With the shipped demo generator on base-class supports, holding the object until 0.3 of
+    the schedule keeps more of the support's look (appearance score) than repainting the whole
+    image at the default's 0.9, while the scene is still new (a large pixel difference)."""
+    samples = base_supports(demo_root, fold=0, count=8)
+    base = demo_generation_config(device="cpu")
+    generator = AuxiliaryGenerator(base, "seg")
+    scores = {}
+    for object_strength in (None, 0.3):
+        cfg = dataclasses.replace(base, object_strength=object_strength, candidates=None)
+        generator.config = cfg
+        scores[object_strength] = class_following(cfg, samples, tmp_path / "conditions", "seg", generator=generator)
+    assert scores[0.3]["appearance"] > scores[None]["appearance"] + 0.05, scores
+    assert scores[0.3]["difference"] > 25, scores
+
+
+def test_object_strength_round_trips_and_leaves_earlier_records_alone():
+    cfg = GenerationConfig(strength=0.9, object_strength=0.6)
+    assert GenerationConfig.from_json(cfg.to_json()) == cfg
+    assert cfg.output_signature()["object_strength"] == 0.6
+    off = GenerationConfig(strength=0.9)
+    # Off, the setting is in neither the file nor the signature: earlier images keep their versions.
+    assert "object_strength" not in off.to_dict() and "object_strength" not in off.output_signature()
+    with pytest.raises(ValueError, match="object_strength"):
+        GenerationConfig(strength=(0.5, 0.9), object_strength=0.6)
+    with pytest.raises(ValueError, match="support guidance"):
+        GenerationConfig(strength=(0.9, 1.0), object_strength=0.6)
 
 
 def test_strength_config_round_trips_and_validates():

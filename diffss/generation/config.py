@@ -79,6 +79,11 @@ class GenerationConfig(JsonConfig):
     # What a guided candidate starts from: the support as is, or its object (mask) in a new
     # scene (background and light drawn from the candidate's seed; diffss.generation.starts).
     start: Literal["support", "new_scene"] = "support"
+    # Hold the object: while the schedule is above this level, the latents inside the support's
+    # mask are reset to the start image's, noised to the current level, so the object is repainted
+    # over only the last ``object_strength`` share of the schedule and the rest over ``strength``
+    # (blended latent diffusion; diffss.generation.pipeline). None: the whole image over ``strength``.
+    object_strength: Strength | None = None
     # Class tokens: > 0 learns one textual-inversion token per support from that support alone
     # (this many steps) and prompts with "<token> <class name>" (0: the class name only).
     token_steps: Annotated[int, Field(ge=0)] = 0
@@ -93,9 +98,24 @@ class GenerationConfig(JsonConfig):
 
     OUTPUT_FIELDS = ("base_model", "controlnets", "prompt_template", "quality_suffix", "negative_prompt",
                      "scheduler", "num_inference_steps", "guidance_scale", "resolution",
-                     "controlnet_conditioning_scale", "seed", "strength", "candidates", "start", "token_steps", "hed_model")
+                     "controlnet_conditioning_scale", "seed", "strength", "candidates", "start", "token_steps", "hed_model",
+                     "object_strength")
     # Written sorted, as the files beside earlier images are (their bytes feed data versions).
     SORT_KEYS = True
+
+    def __post_init__(self):
+        strengths = self.strength if isinstance(self.strength, tuple) else (self.strength,)
+        if self.object_strength is not None and (self.object_strength >= min(strengths) or max(strengths) >= 1):
+            raise ValueError(f"GenerationConfig.object_strength ({self.object_strength}) needs support guidance "
+                             f"(every strength < 1) and must be below every strength ({self.strength}): the "
+                             "object is held to the support while the scene is repainted")
+
+    def to_dict(self) -> dict:
+        # Off, the newest setting is left out, so files and versions of earlier images stay the same.
+        data = super().to_dict()
+        if data.get("object_strength") is None:
+            data.pop("object_strength", None)
+        return data
 
     @classmethod
     def paper(cls, **overrides) -> "GenerationConfig":
@@ -146,7 +166,10 @@ class GenerationConfig(JsonConfig):
                                    controlnets={k: model_identity(v) for k, v in self.controlnets.items()})
 
     def output_signature(self) -> dict:
-        return {name: getattr(self, name) for name in self.OUTPUT_FIELDS}
+        signature = {name: getattr(self, name) for name in self.OUTPUT_FIELDS}
+        if signature["object_strength"] is None:  # as in to_dict: earlier images keep their versions
+            del signature["object_strength"]
+        return signature
 
 
 # Everything that is not an output field changes where or how fast images come, not which.

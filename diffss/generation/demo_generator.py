@@ -257,7 +257,9 @@ def class_following(config: GenerationConfig, samples, conditions_dir: str | os.
         raise ValueError(f"candidates must be >= 1, got {candidates}")
     generator = generator or AuxiliaryGenerator(config, kind)
     painted = [generator.generate(controls, [s.class_name for s in samples], [1000 * c + i for i in range(len(samples))],
-                                  init_images=begins, strength=config.strength_of(0)) for c in range(candidates)]
+                                  init_images=begins, strength=config.strength_of(0),
+                                  object_masks=masks if config.object_strength is not None else None)
+               for c in range(candidates)]
     scores: dict[str, list[float]] = {"own": [], "wrong": [], "appearance": [], "difference": []}
     for i, (sample, start, mask) in enumerate(zip(samples, starts, masks)):
         options = [(image[i] * 255).round().astype(np.uint8) for image in painted]

@@ -100,7 +100,7 @@ class AuxiliaryGenerator:
 
     def generate(self, controls: Sequence[Image.Image | Sequence[Image.Image]], class_names: Sequence[str],
                  seeds: Sequence[int], pad_to: int | None = None, init_images: Sequence[Image.Image] | None = None,
-                 strength: float = 1.0) -> np.ndarray:
+                 strength: float = 1.0, object_masks: Sequence[np.ndarray] | None = None) -> np.ndarray:
         """One pipeline call for ``len(seeds)`` images; returns ``[N,R,R,3]`` float32 in [0,1].
 
         ``controls[i]``: the condition image of item i (one per kind, in ``self.kinds`` order,
@@ -114,6 +114,10 @@ class AuxiliaryGenerator:
         support, ``R``x``R``) noised to that level, through diffusers' ControlNet img2img pipeline
         (the schedule's last ``strength`` share of ``num_inference_steps`` runs); 1 is plain
         text-to-image from pure noise (the paper's), whatever ``init_images`` says.
+
+        ``object_masks[i]`` (``R``x``R``, 1 = object; with ``config.object_strength``): item i's
+        object is held to its init image while the schedule is above ``object_strength``
+        (:func:`object_hold`).
         """
         n = len(seeds)
         if not (len(controls) == len(class_names) == n) or n == 0:
@@ -130,6 +134,8 @@ class AuxiliaryGenerator:
             controls, class_names, seeds = ([*x, *[x[-1]] * extra] for x in (controls, class_names, seeds))
             if guided:
                 init_images = [*init_images, *[init_images[-1]] * extra]
+            if object_masks is not None:
+                object_masks = [*object_masks, *[object_masks[-1]] * extra]
         elif pad_to is not None and pad_to < n:
             raise ValueError(f"pad_to ({pad_to}) is smaller than the {n} items given")
         cfg = self.config
@@ -147,14 +153,68 @@ class AuxiliaryGenerator:
                       height=cfg.resolution, width=cfg.resolution, num_inference_steps=cfg.num_inference_steps,
                       guidance_scale=cfg.guidance_scale, generator=generators,
                       controlnet_conditioning_scale=scale, output_type="np")
+        held = {}
+        if cfg.object_strength is not None:
+            if not guided or object_masks is None or len(object_masks) != total:
+                raise ValueError(f"object_strength {cfg.object_strength} needs support guidance (strength < 1, "
+                                 f"got {strength}) and one object mask per item")
+            held = object_hold(self.img2img_pipeline(), init_images, object_masks, seeds, cfg, strength)
         with torch.inference_mode():
             if guided:
                 out = self.img2img_pipeline()(image=list(init_images), control_image=image, strength=float(strength),
-                                              **common)
+                                              **held, **common)
             else:
                 out = self.pipe(image=image, **common)
         self.images_generated += n
         return np.asarray(out.images[:n], dtype=np.float32)
+
+
+def object_hold(pipe, init_images: Sequence[Image.Image], masks: Sequence[np.ndarray], seeds: Sequence[int],
+                config: GenerationConfig, strength: float) -> dict:
+    """The img2img call's step callback that holds each item's object (blended latent diffusion).
+
+    After every step whose result lies at or above the ``object_strength`` level of the schedule,
+    the latents under the object (its mask, area-downsampled to the latent grid, so edges blend) are
+    replaced by the init image's latents noised to that level; from there the object denoises
+    freely with the scene around it, as if its own schedule had started at ``object_strength``.
+    The noise of item i is drawn from its seed (not from the batch), so an item's image does not
+    depend on its neighbours. The latents are the autoencoder's deterministic encoding (a
+    ``latent_dist``'s mode)."""
+    import torch.nn.functional as F
+
+    if getattr(pipe.scheduler, "order", 1) != 1:
+        raise ValueError(f"object_strength needs a first-order scheduler, not {type(pipe.scheduler).__name__}")
+    vae = pipe.vae
+    pixels = pipe.image_processor.preprocess(list(init_images), height=config.resolution, width=config.resolution)
+    with torch.inference_mode():
+        encoded = vae.encode(pixels.to(vae.device, vae.dtype))
+    clean = getattr(encoded, "latents", None)
+    if clean is None:
+        clean = encoded.latent_dist.mode()
+    clean = clean * vae.config.scaling_factor
+    grid = torch.from_numpy(np.stack([np.asarray(m) == 1 for m in masks]).astype(np.float32))[:, None]
+    weight = F.interpolate(grid, size=clean.shape[-2:], mode="area").to(clean)
+    noise = torch.stack([torch.randn(clean.shape[1:], generator=torch.Generator("cpu").manual_seed(
+        (int(s) ^ OBJECT_NOISE_SALT) & (2**63 - 1))) for s in seeds]).to(clean)
+    # img2img runs schedule steps [first, N); the object's own schedule would start at last_held.
+    steps = config.num_inference_steps
+    first = steps - min(int(steps * float(strength)), steps)
+    last_held = steps - int(steps * float(config.object_strength))
+
+    def hold(pipeline, step, timestep, tensors):
+        scheduler = pipeline.scheduler
+        index = first + step + 1  # the schedule index the latents now sit at (first-order schedules)
+        if index > last_held or index >= len(scheduler.timesteps):
+            return tensors
+        noised = scheduler.add_noise(clean, noise, scheduler.timesteps[index].repeat(len(clean)))
+        tensors["latents"] = weight * noised + (1 - weight) * tensors["latents"]
+        return tensors
+
+    return {"callback_on_step_end": hold, "callback_on_step_end_tensor_inputs": ["latents"]}
+
+
+#: Separates the noise of a held object from the item's own (both drawn from the item's seed).
+OBJECT_NOISE_SALT = 0x5EED
 
 
 def to_pil(image: np.ndarray) -> Image.Image:

@@ -347,7 +347,8 @@ def generate_shard(samples: Sequence, condition: str | Sequence[str], out_dir: s
                 [aux_seed(dataset_name, s.name, s.class_id, k, config.seed) for s, k in chunk], pad_to=per_call,
                 init_images=[start_image(*squares[id(s)], config.start,
                                          aux_seed(dataset_name, s.name, s.class_id, k, config.seed))
-                             for s, k in chunk] if strength < 1.0 else None, strength=strength)
+                             for s, k in chunk] if strength < 1.0 else None, strength=strength,
+                object_masks=[squares[id(s)][1] for s, _ in chunk] if config.object_strength is not None else None)
             for (sample, k), image in zip(chunk, images):
                 row = base_row(sample, k)
                 aux = to_pil(image)
