@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from diffss.data import build_demo_dataset
+from diffss.data import build_demo_dataset, load_dataset
 from diffss.data.demo import distractor_classes, render, render_scene
 from diffss.experiment.studies import StudyConfig, summarize, support_check
 
@@ -140,6 +140,26 @@ def test_base_validation_never_touches_the_folds_novel_classes(tmp_path, one_thr
         cli_main(["demo-study", "--root", str(root), "--output", str(tmp_path / "x"), "--validation-fold", "1"])
     with pytest.raises(Exception, match="no complete demo dataset"):
         base_class_root(tmp_path / "empty", 1, tmp_path / "x")
+
+
+def test_random_draw_keeps_every_image_of_a_training_support(tmp_path, one_thread):
+    """`--aux-draw random` trains on a fresh draw among a training support's kept images, so its
+    training supports keep ``num_aux`` (not the one image 1 + 1 trains with, which would make the
+    draw a silent no-op); with "first" they keep what the arms train with."""
+    from diffss.experiment.studies import StudyConfig, generated_tables
+    from diffss.generation import GenerationConfig, build_tiny_diffusion
+
+    root = build_demo_dataset(tmp_path / "demo", seed=0, num_classes=4, per_class=4)
+    tiny = build_tiny_diffusion(tmp_path / "tiny")
+    generation = GenerationConfig(**{**tiny.to_dict(), "strength": 0.5, "candidates": 3})
+    kept = {}
+    for draw in ("first", "random"):
+        cfg = StudyConfig(root=str(root), output_dir=str(tmp_path / draw), seeds=(0,), paper_aux_shot=0,
+                          aux_draw=draw)
+        table = pd.read_parquet(generated_tables(cfg, generation, ["seg"], num_aux=2, progress=False)["seg"])
+        train = {s.name for s in load_dataset("demo", root=root, fold=0, split="train", episodes=1).samples}
+        kept[draw] = set(table[table["support_name"].isin(train)].groupby("support_name")["kept"].sum())
+    assert kept == {"first": {1}, "random": {2}}
 
 
 def test_oracle_autoencoded_arm_passes_the_oracle_through_the_generators_autoencoder(tmp_path, one_thread):

@@ -199,7 +199,8 @@ def generated_tables(cfg: StudyConfig, generation, conditions, num_aux: int, pro
                      subfolder: str | None = None) -> dict[str, Path]:
     """Auxiliary images with the generator of ``generation`` (a GenerationConfig) for each
     condition: ``num_aux`` per test support, ``train_num_aux`` (default: what the study's arms
-    train with, ``max(train_aux_shot, paper_aux_shot)``) per training support. ``shard`` ``"i/n"``:
+    train with, ``max(train_aux_shot, paper_aux_shot)``, or ``num_aux`` where more, when
+    ``aux_draw`` is "random": a draw needs images to choose from) per training support. ``shard`` ``"i/n"``:
     this process's part (n processes may share the folder). ``subfolder``: the tables go to
     ``auxiliary/<subfolder>/`` (one folder per generation setting); the conditions, which no
     generation setting changes, stay shared in ``auxiliary/<dataset>/conditions``. Returns
@@ -207,7 +208,8 @@ def generated_tables(cfg: StudyConfig, generation, conditions, num_aux: int, pro
     from diffss.data import load_dataset
     from diffss.generation import TABLE_NAME, generate_auxiliary
 
-    train_num_aux = train_num_aux or max(cfg.train_aux_shot, cfg.paper_aux_shot, 1)
+    train_num_aux = train_num_aux or max(cfg.train_aux_shot, cfg.paper_aux_shot, 1,
+                                         num_aux if cfg.aux_draw == "random" else 1)
     splits = {split: load_dataset(cfg.dataset, root=cfg.root, fold=cfg.fold, split=split, episodes=1).samples
               for split in ("test", "train")}
     auxiliary = Path(cfg.output_dir) / "auxiliary"
