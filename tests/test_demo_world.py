@@ -152,12 +152,12 @@ def test_random_draw_keeps_every_image_of_a_training_support(tmp_path, one_threa
     root = build_demo_dataset(tmp_path / "demo", seed=0, num_classes=4, per_class=4)
     tiny = build_tiny_diffusion(tmp_path / "tiny")
     generation = GenerationConfig(**{**tiny.to_dict(), "strength": 0.5, "candidates": 3})
+    train = {s.name for s in load_dataset("demo", root=root, fold=0, split="train", episodes=1).samples}
     kept = {}
     for draw in ("first", "random"):
         cfg = StudyConfig(root=str(root), output_dir=str(tmp_path / draw), seeds=(0,), paper_aux_shot=0,
                           aux_draw=draw)
         table = pd.read_parquet(generated_tables(cfg, generation, ["seg"], num_aux=2, progress=False)["seg"])
-        train = {s.name for s in load_dataset("demo", root=root, fold=0, split="train", episodes=1).samples}
         kept[draw] = set(table[table["support_name"].isin(train)].groupby("support_name")["kept"].sum())
     assert kept == {"first": {1}, "random": {2}}
 

@@ -102,6 +102,9 @@ class GenerationConfig(JsonConfig):
                      "object_strength")
     # Written sorted, as the files beside earlier images are (their bytes feed data versions).
     SORT_KEYS = True
+    # Output fields added after images were made: left out of the file and the signature while
+    # None (off), so the records and data versions of earlier images stay the same.
+    OMITTED_WHEN_OFF = ("object_strength",)
 
     def __post_init__(self):
         strengths = self.strength if isinstance(self.strength, tuple) else (self.strength,)
@@ -111,11 +114,7 @@ class GenerationConfig(JsonConfig):
                              "object is held to the support while the scene is repainted")
 
     def to_dict(self) -> dict:
-        # Off, the newest setting is left out, so files and versions of earlier images stay the same.
-        data = super().to_dict()
-        if data.get("object_strength") is None:
-            data.pop("object_strength", None)
-        return data
+        return _without_off(super().to_dict(), self.OMITTED_WHEN_OFF)
 
     @classmethod
     def paper(cls, **overrides) -> "GenerationConfig":
@@ -166,10 +165,11 @@ class GenerationConfig(JsonConfig):
                                    controlnets={k: model_identity(v) for k, v in self.controlnets.items()})
 
     def output_signature(self) -> dict:
-        signature = {name: getattr(self, name) for name in self.OUTPUT_FIELDS}
-        if signature["object_strength"] is None:  # as in to_dict: earlier images keep their versions
-            del signature["object_strength"]
-        return signature
+        return _without_off({name: getattr(self, name) for name in self.OUTPUT_FIELDS}, self.OMITTED_WHEN_OFF)
+
+
+def _without_off(data: dict, names: tuple[str, ...]) -> dict:
+    return {k: v for k, v in data.items() if not (k in names and v is None)}
 
 
 # Everything that is not an output field changes where or how fast images come, not which.
