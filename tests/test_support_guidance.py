@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
@@ -87,6 +88,10 @@ def test_object_hold_resets_the_object_to_the_noised_start_until_its_level(tiny)
     assert np.array_equal(again[0], out[1])
     with pytest.raises(ValueError, match="object mask"):
         held.generate(controls, ["cat", "dog"], seeds, init_images=starts, strength=0.9)
+    from diffusers import HeunDiscreteScheduler  # order 2: two model calls per schedule index
+
+    with pytest.raises(ValueError, match="first-order scheduler"):
+        object_hold(SimpleNamespace(scheduler=HeunDiscreteScheduler()), starts, masks, seeds, held_cfg, 0.9)
 
     # The callback itself. Strength 0.9 of 8 steps runs schedule indices 1..7; object_strength 0.5
     # would start at index 4, so the results of loop steps 0..2 (indices 2..4) are held.
