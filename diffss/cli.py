@@ -263,10 +263,12 @@ def _outside_package(output: str | Path, replace_shipped: bool, shipped: Path) -
 
 
 def cmd_train_generator(args: argparse.Namespace) -> int:
-    from diffss.generation.demo_generator import PRETRAINED_DIR, refine_generator, train_demo_generator
+    from diffss.generation.demo_generator import (DEMO_PRESET, PRETRAINED_DIR, at_resolution, refine_generator,
+                                                  train_demo_generator)
 
     if args.preset != "demo":
         raise ValueError(f"unknown --preset {args.preset!r}; known: demo")
+    preset = DEMO_PRESET if args.resolution is None else at_resolution(DEMO_PRESET, args.resolution)
     output = _outside_package(args.output or Path(args.work_dir) / "weights", args.replace_shipped, PRETRAINED_DIR)
     refine = [(stage, value) for stage, value in (("decoder", args.decoder_of), ("class-binding", args.class_binding_of))
               if value]
@@ -279,12 +281,13 @@ def cmd_train_generator(args: argparse.Namespace) -> int:
             raise ValueError(f"--{stage}-of {value}: {source} is not a generator folder "
                              "(no sd/vae/config.json and controlnet/config.json)")
         config = refine_generator(source, output, stage, work_dir=args.work_dir, seed=args.seed,
-                                  steps_scale=args.steps_scale, batch_size=args.batch_size, device=args.device,
-                                  progress=not args.quiet, pool_per_class=args.pool_per_class)
+                                  steps_scale=args.steps_scale, batch_size=args.batch_size, preset=preset,
+                                  device=args.device, progress=not args.quiet, pool_per_class=args.pool_per_class)
     else:
         config = train_demo_generator(output_dir=output, work_dir=args.work_dir, seed=args.seed,
                                       steps_scale=args.steps_scale, pool_per_class=args.pool_per_class,
-                                      batch_size=args.batch_size, device=args.device, progress=not args.quiet)
+                                      batch_size=args.batch_size, preset=preset, device=args.device,
+                                      progress=not args.quiet)
     print(f"demo generator: {Path(config.base_model).parent} (generation_config.json there)")
     return 0
 
@@ -678,6 +681,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps-scale", type=float, default=1.0, help="multiply every stage's steps (short trial runs)")
     p.add_argument("--pool-per-class", type=int, default=None, help="pool images per class (default: the preset's)")
     p.add_argument("--batch-size", type=int, default=None, help="override every stage's batch size")
+    p.add_argument("--resolution", type=int, default=None,
+                   help="train and paint at this many px instead of the preset's (64); with --class-binding-of, "
+                        "takes a generator's weights to the new size")
     p.add_argument("--device", default="auto")
     p.add_argument("--decoder-of", default=None, metavar="GENERATOR",
                    help="only the decoder stage, on this generator folder's autoencoder ('shipped': the package's); "

@@ -14,6 +14,7 @@ returns a :class:`GenerationConfig` for. The weights made this way ship in the p
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import os
@@ -71,6 +72,17 @@ DEMO_PRESET = {
     "generation": {"num_inference_steps": 8, "guidance_scale": 7.5, "negative_prompt": "", "resolution": 64,
                    "strength": 0.9, "start": "new_scene", "candidates": 4},
 }
+
+
+def at_resolution(preset: dict, resolution: int) -> dict:
+    """A copy of ``preset`` that trains and paints at ``resolution`` px instead of its own (the
+    networks are convolutional, so a refinement stage can take the shipped weights to another
+    size). A multiple of 8: the autoencoder halves the size three times."""
+    if resolution <= 0 or resolution % 8:
+        raise ValueError(f"resolution must be a positive multiple of 8 (the autoencoder's 3 halvings), got {resolution}")
+    out = copy.deepcopy(preset)
+    out["resolution"] = out["sizes"]["resolution"] = out["generation"]["resolution"] = resolution
+    return out
 
 
 def build_pretraining_pool(root: str | os.PathLike, per_class: int = DEMO_PRESET["pool_per_class"],
