@@ -335,3 +335,43 @@ def test_class_binding_of_a_generator_trains_its_text_path_and_keeps_its_autoenc
     assert cli_main(["train-generator", "--class-binding-of", "shipped", "--decoder-of", "shipped",
                      "--output", str(tmp_path / "x")]) == 2
     assert "one of --decoder-of and --class-binding-of" in capsys.readouterr().err and not (tmp_path / "x").exists()
+
+
+def test_class_binding_at_another_resolution_trains_and_paints_at_it(tmp_path, capsys):
+    """`diffss train-generator --class-binding-of shipped --resolution 96`: the stage trains on 96-px
+    images and the generator it writes paints at 96 px; the shipped preset stays at 64, and a size
+    the autoencoder cannot halve three times is refused before anything is written."""
+    out = tmp_path / "generator"
+    rc = cli_main(["--quiet", "train-generator", "--preset", "demo", "--class-binding-of", "shipped", "--device", "cpu",
+                   "--work-dir", str(tmp_path / "work"), "--output", str(out), "--steps-scale", "0.001",
+                   "--pool-per-class", "2", "--batch-size", "2", "--resolution", "96"])
+    assert rc == 0
+    run = json.loads((tmp_path / "work" / "class-binding" / "train_config.json").read_text())
+    assert run["resolution"] == 96 and run["sizes"]["resolution"] == 96
+    config = demo_generation_config(out, device="cpu", num_inference_steps=2)
+    assert config.resolution == 96 and DEMO_PRESET["generation"]["resolution"] == DEMO_PRESET["resolution"] == 64
+    image = AuxiliaryGenerator(config, "seg").generate([Image.new("RGB", (96, 96))], ["striped star"], [0])[0]
+    assert image.shape == (96, 96, 3)
+    capsys.readouterr()
+    assert cli_main(["train-generator", "--class-binding-of", "shipped", "--resolution", "100",
+                     "--output", str(tmp_path / "x"), "--work-dir", str(tmp_path / "w2")]) == 2
+    assert "multiple of 8" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists() and not (tmp_path / "w2").exists()
+
+
+def test_the_96_px_generator_is_the_shipped_one_taken_to_96_px():
+    """pretrained/demo-96: the shipped generator's architecture and autoencoder (class binding keeps
+    it), its text encoder, UNet and ControlNet trained on, and it paints at 96 px."""
+    from safetensors.torch import load_file
+
+    from diffss.generation.shipped import PRETRAINED_96_DIR, PRETRAINED_DIR
+
+    for part in ("sd/vae/diffusion_pytorch_model.safetensors", "sd/text_encoder/model.safetensors",
+                 "sd/unet/diffusion_pytorch_model.safetensors", "controlnet/diffusion_pytorch_model.safetensors"):
+        a, b = load_file(PRETRAINED_DIR / part), load_file(PRETRAINED_96_DIR / part)
+        assert a.keys() == b.keys() and all(a[k].shape == b[k].shape for k in a), part
+        assert all(torch.equal(a[k], b[k]) for k in a) == part.startswith("sd/vae"), part
+    config = demo_generation_config(PRETRAINED_96_DIR, device="cpu", num_inference_steps=2)
+    assert config.resolution == 96 and demo_generation_config().resolution == 64
+    image = AuxiliaryGenerator(config, "seg").generate([Image.new("RGB", (96, 96))], ["striped star"], [0])[0]
+    assert image.shape == (96, 96, 3)
