@@ -305,21 +305,25 @@ def test_decoder_of_a_generator_keeps_its_unet_and_controlnet(tmp_path, capsys):
     assert "is not a generator folder" in capsys.readouterr().err and not (tmp_path / "x").exists()
 
 
-def test_class_binding_of_a_generator_trains_its_text_path_and_keeps_its_autoencoder(tmp_path, capsys):
+@pytest.mark.parametrize("resolution", [None, 96])
+def test_class_binding_of_a_generator_trains_its_text_path_and_keeps_its_autoencoder(tmp_path, capsys, resolution):
     """`diffss train-generator --class-binding-of shipped`: text encoder, UNet and ControlNet train
     on from the shipped weights (all three change), the autoencoder is the shipped one, and the
-    result generates with the preset's settings."""
+    result generates with the preset's settings; with `--resolution 96` the stage trains on 96-px
+    images and the generator paints at 96 px, while the preset stays at 64."""
     from safetensors.torch import load_file
 
     from diffss.generation.shipped import PRETRAINED_DIR
 
     out = tmp_path / "generator"
+    size = resolution or DEMO_PRESET["resolution"]
     rc = cli_main(["--quiet", "train-generator", "--preset", "demo", "--class-binding-of", "shipped", "--device", "cpu",
                    "--work-dir", str(tmp_path / "work"), "--output", str(out), "--steps-scale", "0.001",
-                   "--pool-per-class", "2", "--batch-size", "2"])
+                   "--pool-per-class", "2", "--batch-size", "2", *(["--resolution", str(resolution)] if resolution else [])])
     assert rc == 0
     run = json.loads((tmp_path / "work" / "class-binding" / "train_config.json").read_text())
     assert run["train_text_encoder"] and run["train_base_unet"] and run["controlnet_init"].endswith("controlnet")
+    assert run["resolution"] == run["sizes"]["resolution"] == size
     for part in ("sd/vae/diffusion_pytorch_model.safetensors",):
         a, b = load_file(PRETRAINED_DIR / part), load_file(out / part)
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), part
@@ -328,31 +332,18 @@ def test_class_binding_of_a_generator_trains_its_text_path_and_keeps_its_autoenc
         a, b = load_file(PRETRAINED_DIR / part), load_file(out / part)
         assert a.keys() == b.keys() and any(not torch.equal(a[k], b[k]) for k in a), f"{part} did not train"
     config = demo_generation_config(out, device="cpu", num_inference_steps=2)
-    assert config.strength == DEMO_PRESET["generation"]["strength"]
-    image = AuxiliaryGenerator(config, "seg").generate([Image.new("RGB", (64, 64))], ["striped star"], [0])[0]
-    assert image.shape == (64, 64, 3)
-    capsys.readouterr()
+    assert config.strength == DEMO_PRESET["generation"]["strength"] and config.resolution == size
+    assert DEMO_PRESET["generation"]["resolution"] == DEMO_PRESET["resolution"] == 64
+    image = AuxiliaryGenerator(config, "seg").generate([Image.new("RGB", (size, size))], ["striped star"], [0])[0]
+    assert image.shape == (size, size, 3)
+
+
+def test_train_generator_refuses_two_refinements_and_a_size_the_autoencoder_cannot_halve(tmp_path, capsys):
+    """One refinement per run, and a resolution that is not a multiple of 8; both refused before
+    anything is written."""
     assert cli_main(["train-generator", "--class-binding-of", "shipped", "--decoder-of", "shipped",
                      "--output", str(tmp_path / "x")]) == 2
     assert "one of --decoder-of and --class-binding-of" in capsys.readouterr().err and not (tmp_path / "x").exists()
-
-
-def test_class_binding_at_another_resolution_trains_and_paints_at_it(tmp_path, capsys):
-    """`diffss train-generator --class-binding-of shipped --resolution 96`: the stage trains on 96-px
-    images and the generator it writes paints at 96 px; the shipped preset stays at 64, and a size
-    the autoencoder cannot halve three times is refused before anything is written."""
-    out = tmp_path / "generator"
-    rc = cli_main(["--quiet", "train-generator", "--preset", "demo", "--class-binding-of", "shipped", "--device", "cpu",
-                   "--work-dir", str(tmp_path / "work"), "--output", str(out), "--steps-scale", "0.001",
-                   "--pool-per-class", "2", "--batch-size", "2", "--resolution", "96"])
-    assert rc == 0
-    run = json.loads((tmp_path / "work" / "class-binding" / "train_config.json").read_text())
-    assert run["resolution"] == 96 and run["sizes"]["resolution"] == 96
-    config = demo_generation_config(out, device="cpu", num_inference_steps=2)
-    assert config.resolution == 96 and DEMO_PRESET["generation"]["resolution"] == DEMO_PRESET["resolution"] == 64
-    image = AuxiliaryGenerator(config, "seg").generate([Image.new("RGB", (96, 96))], ["striped star"], [0])[0]
-    assert image.shape == (96, 96, 3)
-    capsys.readouterr()
     assert cli_main(["train-generator", "--class-binding-of", "shipped", "--resolution", "100",
                      "--output", str(tmp_path / "x"), "--work-dir", str(tmp_path / "w2")]) == 2
     assert "multiple of 8" in capsys.readouterr().err
